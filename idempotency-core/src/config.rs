@@ -1,0 +1,424 @@
+//! What the middleware covers, how long it remembers, and what it stores.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What happens to a covered request when the store fails or times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FailureMode {
+    /// Refuse with 503 and `Retry-After`; the handler does not run. (Default.)
+    #[default]
+    Closed,
+    /// Run the handler without protection and log the outage at `error`.
+    Open,
+}
+
+/// Headers never stored for replay, besides `content-length` (always
+/// recomputed): cookies, dates, authentication and hop-by-hop headers.
+pub const DEFAULT_NEVER_REPLAYED: &[&str] = &[
+    "set-cookie",
+    "date",
+    "www-authenticate",
+    "proxy-authenticate",
+    "authentication-info",
+    "proxy-authentication-info",
+    "authorization",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "idempotent-replayed",
+];
+
+type StatusPredicate = Arc<dyn Fn(u16) -> bool + Send + Sync>;
+
+/// The middleware's settings, shared by the tower and actix adapters.
+/// Build it with [`IdempotencyConfig::builder`].
+#[derive(Clone)]
+pub struct IdempotencyConfig {
+    pub(crate) methods: Vec<String>,
+    pub(crate) require_key: bool,
+    pub(crate) ttl: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_stored_response: usize,
+    pub(crate) store_response: StatusPredicate,
+    pub(crate) never_replayed: Vec<String>,
+    pub(crate) failure_mode: FailureMode,
+    pub(crate) store_timeout: Duration,
+    pub(crate) scope_header: Option<String>,
+    pub(crate) complete_attempts: u32,
+    pub(crate) complete_backoff: Duration,
+}
+
+impl fmt::Debug for IdempotencyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyConfig")
+            .field("methods", &self.methods)
+            .field("require_key", &self.require_key)
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .field("max_request_body", &self.max_request_body)
+            .field("max_stored_response", &self.max_stored_response)
+            .field("never_replayed", &self.never_replayed)
+            .field("failure_mode", &self.failure_mode)
+            .field("store_timeout", &self.store_timeout)
+            .field("scope_header", &self.scope_header)
+            .field("complete_attempts", &self.complete_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            methods: vec!["POST".into(), "PATCH".into()],
+            require_key: true,
+            ttl: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+            max_request_body: 1024 * 1024,
+            max_stored_response: 1024 * 1024,
+            store_response: Arc::new(default_store_response),
+            never_replayed: DEFAULT_NEVER_REPLAYED
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            failure_mode: FailureMode::Closed,
+            store_timeout: Duration::from_secs(2),
+            scope_header: None,
+            complete_attempts: 4,
+            complete_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The default storage rule: 2xx, 3xx and 4xx other than 408, 409, 425 and
+/// 429 are stored and replayed; 5xx and those transient 4xx release the claim
+/// so that a retry runs the handler again.
+pub fn default_store_response(status: u16) -> bool {
+    match status {
+        200..=399 => true,
+        408 | 409 | 425 | 429 => false,
+        400..=499 => true,
+        _ => false,
+    }
+}
+
+impl IdempotencyConfig {
+    /// A builder whose defaults match the design: POST and PATCH covered, key
+    /// required, 24 h ttl, 30 s lease, 1 MiB request and stored-response
+    /// limits, fail-closed, 2 s store timeout.
+    pub fn builder() -> IdempotencyConfigBuilder {
+        IdempotencyConfigBuilder {
+            config: Self::default(),
+            error: None,
+        }
+    }
+
+    /// Whether requests with this method (uppercase, as on the wire) are covered.
+    pub fn covers(&self, method: &str) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+
+    /// Whether a response with this status is stored (else the claim is released).
+    pub fn stores_status(&self, status: u16) -> bool {
+        (self.store_response)(status)
+    }
+
+    /// Whether a response header (name in lowercase) is stored for replay.
+    pub fn replays_header(&self, lowercase_name: &str) -> bool {
+        lowercase_name != "content-length"
+            && !self.never_replayed.iter().any(|h| h == lowercase_name)
+    }
+
+    /// How long completed records replay.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// How long a claim holds without a heartbeat.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// The largest request body accepted on covered requests.
+    pub fn max_request_body(&self) -> usize {
+        self.max_request_body
+    }
+
+    /// The largest response body stored for replay.
+    pub fn max_stored_response(&self) -> usize {
+        self.max_stored_response
+    }
+
+    /// Fail-closed or fail-open.
+    pub fn failure_mode(&self) -> FailureMode {
+        self.failure_mode
+    }
+
+    /// The timeout of each store call.
+    pub fn store_timeout(&self) -> Duration {
+        self.store_timeout
+    }
+}
+
+/// Builds an [`IdempotencyConfig`]; [`build`](Self::build) checks it.
+#[derive(Debug)]
+#[must_use]
+pub struct IdempotencyConfigBuilder {
+    config: IdempotencyConfig,
+    error: Option<ConfigError>,
+}
+
+impl IdempotencyConfigBuilder {
+    /// The methods to cover (default POST and PATCH). Others pass through untouched.
+    pub fn methods<I, M>(mut self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: AsRef<str>,
+    {
+        let mut list = Vec::new();
+        for m in methods {
+            let m = m.as_ref();
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                self.error
+                    .get_or_insert(ConfigError::InvalidMethod(m.to_owned()));
+            }
+            list.push(m.to_ascii_uppercase());
+        }
+        self.config.methods = list;
+        self
+    }
+
+    /// Whether covered requests without a key are refused with 400 (default
+    /// `true`). With `false` they pass through unprotected.
+    pub fn require_key(mut self, required: bool) -> Self {
+        self.config.require_key = required;
+        self
+    }
+
+    /// How long a completed record replays (default 24 h).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = ttl;
+        self
+    }
+
+    /// How long a claim holds without a heartbeat (default 30 s). While the
+    /// handler runs, the lease is extended every half lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// The largest request body of a covered request (default 1 MiB); larger gets 413.
+    pub fn max_request_body(mut self, bytes: usize) -> Self {
+        self.config.max_request_body = bytes;
+        self
+    }
+
+    /// The largest response body stored for replay (default 1 MiB). A larger
+    /// one still reaches the client in full; its record completes as not
+    /// replayable.
+    pub fn max_stored_response(mut self, bytes: usize) -> Self {
+        self.config.max_stored_response = bytes;
+        self
+    }
+
+    /// Which statuses are stored and replayed; the others release the claim.
+    /// Default: [`default_store_response`].
+    pub fn store_response_when(
+        mut self,
+        predicate: impl Fn(u16) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.config.store_response = Arc::new(predicate);
+        self
+    }
+
+    /// Adds a response header that is never replayed.
+    pub fn never_replay_header(mut self, name: &str) -> Self {
+        if !valid_token(name) {
+            self.error
+                .get_or_insert(ConfigError::InvalidHeaderName(name.to_owned()));
+        }
+        self.config.never_replayed.push(name.to_ascii_lowercase());
+        self
+    }
+
+    /// Replaces the whole list of headers never replayed.
+    pub fn never_replay_headers<I, H>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = H>,
+        H: AsRef<str>,
+    {
+        self.config.never_replayed.clear();
+        for n in names {
+            self = self.never_replay_header(n.as_ref());
+        }
+        self
+    }
+
+    /// Fail-closed (default) or fail-open when the store is down.
+    pub fn failure_mode(mut self, mode: FailureMode) -> Self {
+        self.config.failure_mode = mode;
+        self
+    }
+
+    /// The timeout of each store call (default 2 s).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config.store_timeout = timeout;
+        self
+    }
+
+    /// Derive the scope from this request header (for example `authorization`
+    /// or `x-tenant-id`). Requests without it share one anonymous scope. The
+    /// adapters also take a closure over their own request type.
+    pub fn scope_header(mut self, name: &str) -> Self {
+        if !valid_token(name) {
+            self.error
+                .get_or_insert(ConfigError::InvalidHeaderName(name.to_owned()));
+        }
+        self.config.scope_header = Some(name.to_ascii_lowercase());
+        self
+    }
+
+    /// How often `complete` is tried when the store fails after the handler
+    /// ran (default 4), and the first backoff (default 50 ms, doubling).
+    pub fn complete_retries(mut self, attempts: u32, first_backoff: Duration) -> Self {
+        self.config.complete_attempts = attempts;
+        self.config.complete_backoff = first_backoff;
+        self
+    }
+
+    /// Checks and returns the config.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first setting that is out of range.
+    pub fn build(self) -> Result<IdempotencyConfig, ConfigError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let c = self.config;
+        if c.methods.is_empty() {
+            return Err(ConfigError::NoMethods);
+        }
+        if c.ttl.is_zero() {
+            return Err(ConfigError::ZeroDuration("ttl"));
+        }
+        if c.lease < Duration::from_millis(10) {
+            return Err(ConfigError::ZeroDuration("lease (at least 10ms)"));
+        }
+        if c.store_timeout.is_zero() {
+            return Err(ConfigError::ZeroDuration("store_timeout"));
+        }
+        if c.max_request_body == 0 {
+            return Err(ConfigError::ZeroLimit("max_request_body"));
+        }
+        if c.complete_attempts == 0 {
+            return Err(ConfigError::ZeroLimit("complete attempts"));
+        }
+        Ok(c)
+    }
+}
+
+fn valid_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No method is covered.
+    #[error("at least one method must be covered")]
+    NoMethods,
+    /// A method name is not a valid HTTP method token.
+    #[error("{0:?} is not an HTTP method")]
+    InvalidMethod(String),
+    /// A header name is not a valid HTTP header name.
+    #[error("{0:?} is not a valid header name")]
+    InvalidHeaderName(String),
+    /// A duration that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    ZeroDuration(&'static str),
+    /// A size or count that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    ZeroLimit(&'static str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = IdempotencyConfig::builder().build().unwrap();
+        assert!(c.covers("POST") && c.covers("PATCH") && !c.covers("GET") && !c.covers("PUT"));
+        assert!(c.require_key);
+        assert_eq!(c.ttl(), Duration::from_secs(86_400));
+        assert_eq!(c.lease(), Duration::from_secs(30));
+        assert_eq!(c.max_request_body(), 1 << 20);
+        assert_eq!(c.max_stored_response(), 1 << 20);
+        assert_eq!(c.failure_mode(), FailureMode::Closed);
+        assert_eq!(c.store_timeout(), Duration::from_secs(2));
+        for s in [200, 201, 204, 301, 304, 400, 404, 410, 422] {
+            assert!(c.stores_status(s), "{s}");
+        }
+        for s in [408, 409, 425, 429, 500, 502, 503] {
+            assert!(!c.stores_status(s), "{s}");
+        }
+        for h in [
+            "set-cookie",
+            "date",
+            "www-authenticate",
+            "connection",
+            "transfer-encoding",
+            "content-length",
+        ] {
+            assert!(!c.replays_header(h), "{h}");
+        }
+        assert!(c.replays_header("link") && c.replays_header("location"));
+    }
+
+    #[test]
+    fn bad_settings_are_typed_errors() {
+        assert_eq!(
+            IdempotencyConfig::builder()
+                .ttl(Duration::ZERO)
+                .build()
+                .unwrap_err(),
+            ConfigError::ZeroDuration("ttl")
+        );
+        assert!(matches!(
+            IdempotencyConfig::builder().methods(["PO ST"]).build(),
+            Err(ConfigError::InvalidMethod(_))
+        ));
+        assert_eq!(
+            IdempotencyConfig::builder()
+                .methods(Vec::<String>::new())
+                .build()
+                .unwrap_err(),
+            ConfigError::NoMethods
+        );
+        assert!(matches!(
+            IdempotencyConfig::builder()
+                .never_replay_header("bad header")
+                .build(),
+            Err(ConfigError::InvalidHeaderName(_))
+        ));
+        assert_eq!(
+            IdempotencyConfig::builder()
+                .max_request_body(0)
+                .build()
+                .unwrap_err(),
+            ConfigError::ZeroLimit("max_request_body")
+        );
+    }
+}

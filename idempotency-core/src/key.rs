@@ -1,0 +1,191 @@
+//! Parsing the `Idempotency-Key` request header.
+
+use std::fmt;
+
+/// The header that carries the client's key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The longest key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A validated idempotency key: 1..=255 printable ASCII characters.
+///
+/// Both the draft's quoted Structured-Field string (`"abc"`) and Stripe's bare
+/// form (`abc`) are accepted and mean the same key.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// The key as the client meant it (without Structured-Field quoting).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses one header value.
+    ///
+    /// # Errors
+    /// [`KeyError`] says what is wrong with the value.
+    pub fn parse(value: &[u8]) -> Result<Self, KeyError> {
+        let value = trim_ows(value);
+        if value.first() == Some(&b'"') {
+            let item: sfv::Item = sfv::Parser::new(value)
+                .parse()
+                .map_err(|e| KeyError::MalformedQuoted(e.to_string()))?;
+            if !item.params.is_empty() {
+                return Err(KeyError::MalformedQuoted(
+                    "parameters are not allowed on the key".into(),
+                ));
+            }
+            match item.bare_item {
+                sfv::BareItem::String(s) => Self::validate(s.as_str()),
+                _ => Err(KeyError::MalformedQuoted("not a string".into())),
+            }
+        } else {
+            let s = std::str::from_utf8(value).map_err(|_| KeyError::InvalidCharacter)?;
+            Self::validate(s)
+        }
+    }
+
+    fn validate(s: &str) -> Result<Self, KeyError> {
+        if s.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if s.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong(s.len()));
+        }
+        if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+            return Err(KeyError::InvalidCharacter);
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IdempotencyKey").field(&self.0).finish()
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+/// Why an `Idempotency-Key` header was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The request has no `Idempotency-Key` header and one is required.
+    #[error("the Idempotency-Key header is required for this request")]
+    Missing,
+    /// The request has more than one `Idempotency-Key` field.
+    #[error("the request has more than one Idempotency-Key header")]
+    Multiple,
+    /// The key is empty.
+    #[error("the Idempotency-Key is empty")]
+    Empty,
+    /// The key is longer than 255 characters.
+    #[error("the Idempotency-Key is {0} characters long; at most 255 are allowed")]
+    TooLong(usize),
+    /// The key has a character outside printable ASCII.
+    #[error("the Idempotency-Key may only contain printable ASCII characters")]
+    InvalidCharacter,
+    /// The key starts with a quote but is not a valid Structured-Field string.
+    #[error("the Idempotency-Key is not a valid quoted string: {0}")]
+    MalformedQuoted(String),
+}
+
+/// Finds and parses the key among a request's header values.
+///
+/// `values` yields every value of the `Idempotency-Key` field. `Ok(None)` means
+/// there was no such field.
+///
+/// # Errors
+/// [`KeyError::Multiple`] for more than one field, or the value's own error.
+pub fn parse_key<'a>(
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<IdempotencyKey>, KeyError> {
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyError::Multiple);
+    }
+    IdempotencyKey::parse(first).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_and_quoted_mean_the_same_key() {
+        let bare = IdempotencyKey::parse(b"abc-123").unwrap();
+        let quoted = IdempotencyKey::parse(b"\"abc-123\"").unwrap();
+        assert_eq!(bare, quoted);
+        assert_eq!(bare.as_str(), "abc-123");
+    }
+
+    #[test]
+    fn quoted_escapes_are_unescaped() {
+        let k = IdempotencyKey::parse(br#""a\"b\\c""#).unwrap();
+        assert_eq!(k.as_str(), r#"a"b\c"#);
+    }
+
+    #[test]
+    fn length_limits() {
+        assert_eq!(IdempotencyKey::parse(b""), Err(KeyError::Empty));
+        assert_eq!(IdempotencyKey::parse(b"\"\""), Err(KeyError::Empty));
+        let max = "k".repeat(255);
+        assert!(IdempotencyKey::parse(max.as_bytes()).is_ok());
+        let long = "k".repeat(256);
+        assert_eq!(
+            IdempotencyKey::parse(long.as_bytes()),
+            Err(KeyError::TooLong(256))
+        );
+    }
+
+    #[test]
+    fn non_printable_is_refused() {
+        assert_eq!(
+            IdempotencyKey::parse("ключ".as_bytes()),
+            Err(KeyError::InvalidCharacter)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"a\x01b"),
+            Err(KeyError::InvalidCharacter)
+        );
+    }
+
+    #[test]
+    fn malformed_quoted_is_refused() {
+        for bad in [&b"\"abc"[..], b"\"a\"b", b"\"abc\";p=1", b"\"a\\x\""] {
+            assert!(
+                matches!(
+                    IdempotencyKey::parse(bad),
+                    Err(KeyError::MalformedQuoted(_))
+                ),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn more_than_one_field_is_refused() {
+        let v = [&b"a"[..], b"a"];
+        assert_eq!(parse_key(v.into_iter()), Err(KeyError::Multiple));
+        assert_eq!(parse_key(std::iter::empty()), Ok(None));
+    }
+}

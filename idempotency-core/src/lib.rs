@@ -1,0 +1,77 @@
+//! The core of idempotent HTTP APIs: key parsing, scopes, fingerprints,
+//! policy, the record state machine, the store trait and its backends, and
+//! the problem responses. The adapters (`idempotency-tower`,
+//! `idempotency-actix`) only translate their framework's types and drive
+//! [`Idempotency`], so both behave the same by construction.
+//!
+//! # Quick start
+//!
+//! Most users never call this crate directly: they pick a store and a config
+//! here and hand both to an adapter.
+//!
+//! ```
+//! use std::time::Duration;
+//! use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
+//!
+//! let config = IdempotencyConfig::builder()
+//!     .ttl(Duration::from_secs(24 * 3600))
+//!     .lease(Duration::from_secs(30))
+//!     .scope_header("authorization")
+//!     .build()?;
+//! let engine = Idempotency::new(MemoryStore::new(), config);
+//! # let _ = engine;
+//! # Ok::<_, idempotency_core::ConfigError>(())
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **Concurrency.** `claim` is one atomic step in every store, so of any
+//!   number of concurrent requests with the same scope and key exactly one
+//!   runs the handler; the others get 409 (same request) or 422 (different
+//!   request) while it runs, and the stored response after.
+//! - **Fencing.** Every claim carries a random 128-bit token. `complete`,
+//!   `release` and `extend` change nothing unless the token still holds the
+//!   claim, so a request whose lease was taken over can never overwrite the
+//!   newer holder's record.
+//! - **Crashes.** A claim that is never completed (the process died) holds for
+//!   its lease (default 30 s), then the next retry of the *same* request takes
+//!   it over and runs the handler. A running handler extends its lease every
+//!   half lease. So a crash *during* the handler means the handler may run
+//!   again on retry: make the effect itself transactional where that matters
+//!   (see `inbox-consumer`).
+//! - **Store outages.** Each store call times out (default 2 s). Fail-closed
+//!   (default): the request gets 503 with `Retry-After` and the handler does
+//!   not run. Fail-open: the handler runs unprotected and the outage is logged
+//!   at `error`. If the store fails *after* the handler ran, `complete` is
+//!   retried with backoff; if it still fails the client gets its response, the
+//!   record stays in flight, retries get 409 until the lease passes, and then
+//!   the handler runs again.
+//! - **Nothing is lost or corrupted.** A record that cannot be decoded is
+//!   reported as an error and left untouched.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod fingerprint;
+pub mod key;
+pub mod problem;
+pub mod record;
+pub mod store;
+
+#[cfg(feature = "test-util")]
+pub mod conformance;
+
+pub use clock::{Clock, FakeClock, SystemClock};
+pub use config::{ConfigError, FailureMode, IdempotencyConfig, IdempotencyConfigBuilder};
+pub use engine::{Decision, Execution, Idempotency, Inspection, Pending, RequestHead};
+pub use fingerprint::{Fingerprint, RecordId, Scope};
+pub use key::{IdempotencyKey, KeyError};
+pub use problem::{Problem, ProblemKind};
+pub use record::{ClaimOutcome, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome};
+pub use store::memory::MemoryStore;
+pub use store::{BoxFuture, ClaimRequest, Store, StoreError};
+
+/// The response header that marks a replay.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";

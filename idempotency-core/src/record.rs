@@ -1,0 +1,237 @@
+//! What a store keeps: tokens, stored responses, and the answers of `claim`.
+
+use bytes::{Buf, BufMut, Bytes};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fingerprint::Fingerprint;
+use crate::store::StoreError;
+
+/// A random 128-bit token that fences `complete`, `release` and `extend`:
+/// only the holder of the current claim can change the record.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken(u128);
+
+impl LeaseToken {
+    /// A fresh random token (no global counter, so no hot key).
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// From stored bytes.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(u128::from_be_bytes(bytes))
+    }
+
+    /// The token as 16 big-endian bytes.
+    pub const fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    /// 32 lowercase hex characters.
+    pub fn to_hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseToken({:08x}…)", (self.0 >> 96) as u32)
+    }
+}
+
+/// A response as stored for replay: status, headers in order (names
+/// lowercase, repeated names kept), and the body.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    /// Header names (lowercase) and raw values, in the order the handler set them.
+    pub headers: Vec<(String, Bytes)>,
+    /// The full body.
+    pub body: Bytes,
+}
+
+impl fmt::Debug for StoredResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers.len())
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+/// What a completed record holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoredOutcome {
+    /// The response, replayed to every retry.
+    Response(StoredResponse),
+    /// The handler ran and answered `status`, but its body was larger than the
+    /// storable limit. A retry gets a problem response and never re-runs the handler.
+    NotReplayable {
+        /// The status the handler answered.
+        status: u16,
+    },
+}
+
+const FORMAT_VERSION: u8 = 1;
+
+impl StoredOutcome {
+    /// Encodes into the compact binary form every backend stores.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            StoredOutcome::Response(r) => {
+                let len = 1
+                    + 1
+                    + 2
+                    + 4
+                    + r.headers
+                        .iter()
+                        .map(|(n, v)| 2 + n.len() + 4 + v.len())
+                        .sum::<usize>()
+                    + r.body.len();
+                let mut buf = Vec::with_capacity(len);
+                buf.put_u8(FORMAT_VERSION);
+                buf.put_u8(0);
+                buf.put_u16(r.status);
+                buf.put_u32(r.headers.len() as u32);
+                for (name, value) in &r.headers {
+                    buf.put_u16(name.len() as u16);
+                    buf.put_slice(name.as_bytes());
+                    buf.put_u32(value.len() as u32);
+                    buf.put_slice(value);
+                }
+                buf.put_slice(&r.body);
+                buf
+            }
+            StoredOutcome::NotReplayable { status } => {
+                let mut buf = Vec::with_capacity(4);
+                buf.put_u8(FORMAT_VERSION);
+                buf.put_u8(1);
+                buf.put_u16(*status);
+                buf
+            }
+        }
+    }
+
+    /// Decodes what [`encode`](Self::encode) wrote. Header values and the body
+    /// share `bytes`' allocation, so nothing is copied.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] when the bytes are not a valid record.
+    pub fn decode(bytes: Bytes) -> Result<Self, StoreError> {
+        let mut b = bytes.clone();
+        let corrupt = |what: &str| StoreError::Corrupt(format!("stored response: {what}"));
+        if b.remaining() < 4 {
+            return Err(corrupt("truncated header"));
+        }
+        if b.get_u8() != FORMAT_VERSION {
+            return Err(corrupt("unknown format version"));
+        }
+        let kind = b.get_u8();
+        let status = b.get_u16();
+        match kind {
+            1 => return Ok(StoredOutcome::NotReplayable { status }),
+            0 => {}
+            _ => return Err(corrupt("unknown kind")),
+        }
+        if b.remaining() < 4 {
+            return Err(corrupt("truncated header count"));
+        }
+        let count = b.get_u32() as usize;
+        let mut headers = Vec::with_capacity(count.min(256));
+        for _ in 0..count {
+            if b.remaining() < 2 {
+                return Err(corrupt("truncated header name"));
+            }
+            let n = b.get_u16() as usize;
+            if b.remaining() < n + 4 {
+                return Err(corrupt("truncated header name"));
+            }
+            let name = String::from_utf8(b.copy_to_bytes(n).to_vec())
+                .map_err(|_| corrupt("header name is not UTF-8"))?;
+            let v = b.get_u32() as usize;
+            if b.remaining() < v {
+                return Err(corrupt("truncated header value"));
+            }
+            headers.push((name, b.copy_to_bytes(v)));
+        }
+        Ok(StoredOutcome::Response(StoredResponse {
+            status,
+            headers,
+            body: b,
+        }))
+    }
+}
+
+/// The record's state after `claim`, from the caller's point of view.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ClaimOutcome {
+    /// The caller holds the claim: run the handler, then `complete` or `release`.
+    Acquired(LeaseToken),
+    /// Another request holds the claim.
+    InFlight {
+        /// The fingerprint of the request that holds it.
+        fingerprint: Fingerprint,
+        /// When the holder's lease runs out, if it is not extended.
+        lease_remaining: Duration,
+    },
+    /// The request completed before.
+    Completed {
+        /// The fingerprint of the request that completed.
+        fingerprint: Fingerprint,
+        /// What it left.
+        outcome: Arc<StoredOutcome>,
+    },
+}
+
+/// What a fenced operation (`complete`, `release`, `extend`) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum TokenOutcome {
+    /// The token matched and the record changed.
+    Applied,
+    /// The record is held under another token (or gone): nothing changed.
+    Fenced,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_binary_and_repeated_headers() {
+        let r = StoredOutcome::Response(StoredResponse {
+            status: 201,
+            headers: vec![
+                ("link".into(), Bytes::from_static(b"</a>; rel=next")),
+                ("link".into(), Bytes::from_static(b"</b>; rel=prev")),
+                ("x-bin".into(), Bytes::from_static(&[0x80, 0xff, 0x09])),
+            ],
+            body: Bytes::from(vec![0u8, 1, 2, 255]),
+        });
+        assert_eq!(StoredOutcome::decode(Bytes::from(r.encode())).unwrap(), r);
+        let n = StoredOutcome::NotReplayable { status: 200 };
+        assert_eq!(StoredOutcome::decode(Bytes::from(n.encode())).unwrap(), n);
+    }
+
+    #[test]
+    fn truncated_input_is_a_typed_error() {
+        let r = StoredOutcome::Response(StoredResponse {
+            status: 200,
+            headers: vec![("a".into(), Bytes::from_static(b"b"))],
+            body: Bytes::new(),
+        })
+        .encode();
+        for cut in 0..r.len() - 1 {
+            assert!(
+                StoredOutcome::decode(Bytes::copy_from_slice(&r[..cut])).is_err(),
+                "{cut}"
+            );
+        }
+    }
+}

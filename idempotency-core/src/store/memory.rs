@@ -1,0 +1,353 @@
+//! The in-process store: one instance, bounded in entries, nothing survives a restart.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::{BoxFuture, ClaimRequest, Store, StoreError};
+use crate::clock::{Clock, SystemClock};
+use crate::fingerprint::{Fingerprint, RecordId};
+use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
+
+/// The default capacity: 100 000 records.
+pub const DEFAULT_CAPACITY: usize = 100_000;
+
+/// An in-process store for a single instance.
+///
+/// - `claim` is one step under one lock; no lock is ever held across an `.await`.
+/// - It holds at most `capacity` records. When full, it first drops expired
+///   records, then evicts the oldest *completed* records (counted in
+///   [`evictions`](Self::evictions) and logged at `warn`). It never evicts an
+///   in-flight record: when only those remain, `claim` fails with
+///   [`StoreError::Full`], which the middleware turns into 503 (fail-closed)
+///   or an unguarded run (fail-open).
+/// - Clones share the same records.
+#[derive(Clone)]
+pub struct MemoryStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    clock: Arc<dyn Clock>,
+    capacity: usize,
+    evictions: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inner {
+    records: HashMap<RecordId, Entry>,
+    /// Completed records in the order they completed, for eviction and
+    /// sweeping. Entries are checked against `Entry::seq` (stale ones skipped).
+    completed: VecDeque<(RecordId, u64)>,
+    seq: u64,
+}
+
+struct Entry {
+    fingerprint: Fingerprint,
+    state: State,
+    seq: u64,
+}
+
+enum State {
+    InFlight {
+        token: LeaseToken,
+        lease_until: u64,
+        expires_at: u64,
+    },
+    Completed {
+        outcome: Arc<StoredOutcome>,
+        expires_at: u64,
+    },
+}
+
+impl State {
+    fn expires_at(&self) -> u64 {
+        match self {
+            State::InFlight { expires_at, .. } | State::Completed { expires_at, .. } => *expires_at,
+        }
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("capacity", &self.shared.capacity)
+            .field("len", &self.len())
+            .field("evictions", &self.evictions())
+            .finish()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl MemoryStore {
+    /// A store of [`DEFAULT_CAPACITY`] records on the system clock.
+    pub fn new() -> Self {
+        Self::with_capacity(DEFAULT_CAPACITY)
+    }
+
+    /// A store of at most `capacity` records (at least 1).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self::with_clock(capacity, SystemClock)
+    }
+
+    /// A store on an injected clock (tests use [`FakeClock`](crate::clock::FakeClock)).
+    pub fn with_clock(capacity: usize, clock: impl Clock) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner::default()),
+                clock: Arc::new(clock),
+                capacity: capacity.max(1),
+                evictions: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// How many records it holds now (in flight, completed, and expired ones
+    /// not yet swept).
+    pub fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    /// Whether it holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many completed records were evicted before their ttl to make room.
+    pub fn evictions(&self) -> u64 {
+        self.shared.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Removes every expired record now; returns how many. The store also does
+    /// this by itself, a little on every claim and fully when it is full.
+    pub fn sweep_expired(&self) -> usize {
+        let now = self.shared.clock.now_millis();
+        let mut inner = self.lock();
+        let before = inner.records.len();
+        inner.records.retain(|_, e| e.state.expires_at() > now);
+        let removed = before - inner.records.len();
+        inner.compact_order();
+        removed
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic under this lock cannot leave a record half-written (every
+        // change is one insert or remove), so a poisoned lock is still usable.
+        self.shared.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn claim_now(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let now = self.shared.clock.now_millis();
+        let lease_until = now.saturating_add(millis(req.lease));
+        let fresh = || State::InFlight {
+            token: req.token,
+            lease_until,
+            expires_at: lease_until.saturating_add(millis(req.ttl)),
+        };
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        inner.sweep_front(now);
+        if let Some(entry) = inner.records.get_mut(req.id) {
+            let expired = entry.state.expires_at() <= now;
+            match &entry.state {
+                _ if expired => {}
+                State::InFlight {
+                    lease_until: held, ..
+                } => {
+                    if *held > now || entry.fingerprint != *req.fingerprint {
+                        return Ok(ClaimOutcome::InFlight {
+                            fingerprint: entry.fingerprint,
+                            lease_remaining: Duration::from_millis(held.saturating_sub(now)),
+                        });
+                    }
+                    // Lease passed, same request: take over with the new token.
+                }
+                State::Completed { outcome, .. } => {
+                    return Ok(ClaimOutcome::Completed {
+                        fingerprint: entry.fingerprint,
+                        outcome: Arc::clone(outcome),
+                    });
+                }
+            }
+            entry.fingerprint = *req.fingerprint;
+            entry.state = fresh();
+            return Ok(ClaimOutcome::Acquired(req.token));
+        }
+        if inner.records.len() >= self.shared.capacity {
+            self.make_room(inner, now)?;
+        }
+        inner.seq += 1;
+        let seq = inner.seq;
+        inner.records.insert(
+            *req.id,
+            Entry {
+                fingerprint: *req.fingerprint,
+                state: fresh(),
+                seq,
+            },
+        );
+        Ok(ClaimOutcome::Acquired(req.token))
+    }
+
+    fn make_room(&self, inner: &mut Inner, now: u64) -> Result<(), StoreError> {
+        inner.records.retain(|_, e| e.state.expires_at() > now);
+        inner.compact_order();
+        while inner.records.len() >= self.shared.capacity {
+            let Some((id, seq)) = inner.completed.pop_front() else {
+                return Err(StoreError::Full {
+                    capacity: self.shared.capacity,
+                });
+            };
+            if inner.is_current_completed(&id, seq) {
+                inner.records.remove(&id);
+                let n = self.shared.evictions.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    evictions = n,
+                    capacity = self.shared.capacity,
+                    "memory store full: evicted the oldest completed record before its ttl"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn with_token(
+        &self,
+        id: &RecordId,
+        token: LeaseToken,
+        change: impl FnOnce(&mut Inner, u64) -> (),
+    ) -> TokenOutcome {
+        let now = self.shared.clock.now_millis();
+        let mut inner = self.lock();
+        match inner.records.get(id) {
+            Some(Entry {
+                state:
+                    State::InFlight {
+                        token: held,
+                        expires_at,
+                        ..
+                    },
+                ..
+            }) if *held == token && *expires_at > now => {
+                change(&mut inner, now);
+                TokenOutcome::Applied
+            }
+            _ => TokenOutcome::Fenced,
+        }
+    }
+}
+
+impl Inner {
+    fn is_current_completed(&self, id: &RecordId, seq: u64) -> bool {
+        matches!(self.records.get(id), Some(e) if e.seq == seq && matches!(e.state, State::Completed { .. }))
+    }
+
+    /// Drops expired completed records at the front of the completion order:
+    /// a little amortized sweeping on every claim.
+    fn sweep_front(&mut self, now: u64) {
+        for _ in 0..4 {
+            let Some(&(id, seq)) = self.completed.front() else {
+                return;
+            };
+            match self.records.get(&id) {
+                Some(e) if e.seq == seq => {
+                    if e.state.expires_at() > now {
+                        return;
+                    }
+                    self.records.remove(&id);
+                }
+                _ => {}
+            }
+            self.completed.pop_front();
+        }
+    }
+
+    fn compact_order(&mut self) {
+        let records = &self.records;
+        self.completed
+            .retain(|(id, seq)| matches!(records.get(id), Some(e) if e.seq == *seq));
+    }
+}
+
+impl Store for MemoryStore {
+    fn claim<'a>(
+        &'a self,
+        req: ClaimRequest<'a>,
+    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
+        let result = self.claim_now(&req);
+        Box::pin(std::future::ready(result))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        outcome: Arc<StoredOutcome>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        let result = self.with_token(id, token, |inner, now| {
+            inner.seq += 1;
+            let seq = inner.seq;
+            if let Some(e) = inner.records.get_mut(id) {
+                e.seq = seq;
+                e.state = State::Completed {
+                    outcome,
+                    expires_at: now.saturating_add(millis(ttl)),
+                };
+            }
+            inner.completed.push_back((*id, seq));
+        });
+        Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn release<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        let result = self.with_token(id, token, |inner, _| {
+            inner.records.remove(id);
+        });
+        Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn extend<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        let result = self.with_token(id, token, |inner, now| {
+            if let Some(Entry {
+                state:
+                    State::InFlight {
+                        lease_until,
+                        expires_at,
+                        ..
+                    },
+                ..
+            }) = inner.records.get_mut(id)
+            {
+                let ttl_after_lease = expires_at.saturating_sub(*lease_until);
+                *lease_until = now.saturating_add(millis(lease));
+                *expires_at = lease_until.saturating_add(ttl_after_lease);
+            }
+        });
+        Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+}
