@@ -53,6 +53,21 @@ pub struct StoredResponse {
     pub body: Bytes,
 }
 
+impl StoredResponse {
+    /// The headers of a replay, in order: the stored ones, then
+    /// `content-length` (recomputed from the body) and `idempotent-replayed: true`.
+    /// Every adapter sends exactly these.
+    pub fn replay_headers(&self) -> impl Iterator<Item = (&str, Bytes)> + '_ {
+        self.headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.clone()))
+            .chain([
+                ("content-length", Bytes::from(self.body.len().to_string())),
+                (crate::IDEMPOTENT_REPLAYED, Bytes::from_static(b"true")),
+            ])
+    }
+}
+
 impl fmt::Debug for StoredResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoredResponse")

@@ -1,1 +1,72 @@
-//! placeholder
+//! A [tower] layer that makes POST and PATCH handlers safe under retries,
+//! for axum and anything else built on tower.
+//!
+//! A client retries a request with the same `Idempotency-Key`: the handler
+//! runs once, and the retry gets the first response back with
+//! `Idempotent-Replayed: true`. A concurrent duplicate gets 409, the same key
+//! with a different request 422. All decisions come from
+//! [`idempotency_core`]; this crate only converts tower's types.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use axum::{routing::post, Router};
+//! use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
+//! use idempotency_tower::IdempotencyLayer;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = IdempotencyConfig::builder().scope_header("authorization").build()?;
+//! let engine = Idempotency::new(MemoryStore::new(), config);
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|| async { "paid" }))
+//!     .layer(IdempotencyLayer::new(engine));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Behaviour
+//!
+//! | situation | answer |
+//! |---|---|
+//! | method not covered (default: POST, PATCH covered) | passes through untouched |
+//! | covered, no key (required by default) | 400 problem+json, handler not run |
+//! | key not 1..=255 printable ASCII, repeated, or a malformed quoted string | 400 |
+//! | body over the limit (default 1 MiB) | 413, handler not run |
+//! | first request | handler runs once; its response is stored and returned |
+//! | retry, same request | stored status, headers and body, `Idempotent-Replayed: true` |
+//! | same key, different method/path/query/content-type/body | 422 |
+//! | same key while the first still runs | 409 with `Retry-After` |
+//! | store down or slower than its timeout | 503 with `Retry-After` (or fail-open) |
+//!
+//! # Guarantees
+//!
+//! - **Concurrency**: of any number of concurrent requests with one scope and
+//!   key, exactly one runs the handler (the store's `claim` is atomic).
+//! - **Client disconnects**: the handler runs in a task of its own, so a
+//!   client that goes away does not cancel it; its response is stored and
+//!   the retry replays it.
+//! - **Slow handlers** keep their claim: the lease is extended every half lease.
+//! - **Crashes**: a claim left by a dead process is taken over by the next
+//!   retry once its lease passes; the handler may then run again.
+//! - **Large responses**: a body over the storable limit still reaches the
+//!   client in full; the record completes as not replayable and a retry gets
+//!   410 problem+json, never a second run.
+//! - **Store outages**: see [`idempotency_core`]'s guarantees. Store errors are
+//!   logged with their cause and never shown to the client.
+//!
+//! The inner service must be `Clone + Send + 'static` with `Send` futures and
+//! bodies (as axum's `Router` is), because covered requests run in a spawned
+//! tokio task.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod body;
+mod future;
+mod layer;
+mod service;
+
+pub use body::{RequestBody, ResponseBody};
+pub use future::ResponseFuture;
+pub use layer::IdempotencyLayer;
+pub use service::IdempotencyService;
