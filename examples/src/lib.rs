@@ -1,0 +1,167 @@
+//! What the example binaries share: the command line, the payment ledger, and
+//! store selection. The framework-specific code lives in each binary.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use idempotency_core::{Idempotency, IdempotencyConfig};
+use serde::{Deserialize, Serialize};
+
+/// The payments API's command line (DESIGN section 7).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(about = "A payments API whose POST /payments is safe under retries")]
+pub struct PaymentsArgs {
+    /// Where to serve.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    /// The idempotency store: memory, sqlite://PATH, redis://..., postgres://...
+    #[arg(long, default_value = "memory")]
+    pub store: String,
+    /// How long completed records replay (2s, 500ms, 24h).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// How long an in-flight claim holds without a heartbeat.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+    /// The payment handler sleeps this long (to show in-flight conflicts).
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub handler_delay: Duration,
+    /// Serve the same routes without the middleware (a baseline for load tests).
+    #[arg(long)]
+    pub no_idempotency: bool,
+}
+
+/// Why the example could not start.
+pub type StartError = Box<dyn std::error::Error + Send + Sync>;
+
+impl PaymentsArgs {
+    /// The engine for these flags, connected to its store; `None` with
+    /// `--no-idempotency`. The scope is the `Authorization` header's value.
+    pub async fn engine(&self) -> Result<Option<Idempotency>, StartError> {
+        if self.no_idempotency {
+            return Ok(None);
+        }
+        let config = IdempotencyConfig::builder()
+            .ttl(self.ttl)
+            .lease(self.lease)
+            .scope_header("authorization")
+            .build()?;
+        let store = connect_store(&self.store).await?;
+        Ok(Some(Idempotency::from_arc(store, config)))
+    }
+}
+
+/// Connects the store named by `url`.
+pub async fn connect_store(
+    url: &str,
+) -> Result<std::sync::Arc<dyn idempotency_core::Store>, StartError> {
+    match url {
+        "memory" => Ok(std::sync::Arc::new(idempotency_core::MemoryStore::new())),
+        other => Err(format!("unsupported store URL {other:?}: use memory").into()),
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// The body of `POST /payments`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPayment {
+    /// The amount in minor units.
+    pub amount: i64,
+    /// The currency code.
+    pub currency: String,
+}
+
+/// A created payment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Payment {
+    /// Unique id.
+    pub id: String,
+    /// The amount in minor units.
+    pub amount: i64,
+    /// The currency code.
+    pub currency: String,
+}
+
+/// The payments this process created.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    payments: Mutex<Vec<Payment>>,
+}
+
+impl Ledger {
+    /// Validates and records a payment. `Err` is the body of a 400
+    /// `application/problem+json` response.
+    pub fn create(&self, body: &[u8]) -> Result<Payment, String> {
+        let new: NewPayment = serde_json::from_slice(body).map_err(|e| {
+            invalid(format!(
+                "expected JSON {{\"amount\": <integer>, \"currency\": \"<string>\"}}: {e}"
+            ))
+        })?;
+        if new.amount <= 0 {
+            return Err(invalid("amount must be a positive integer".into()));
+        }
+        if new.currency.is_empty() || new.currency.len() > 16 {
+            return Err(invalid("currency must be 1 to 16 characters".into()));
+        }
+        let payment = Payment {
+            id: format!("pay_{:024x}", rand::random::<u128>() >> 32),
+            amount: new.amount,
+            currency: new.currency,
+        };
+        self.payments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(payment.clone());
+        Ok(payment)
+    }
+
+    /// Every payment so far, as JSON.
+    pub fn list_json(&self) -> String {
+        let list = self.payments.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::to_string(&*list).unwrap_or_else(|_| "[]".into())
+    }
+}
+
+fn invalid(detail: String) -> String {
+    serde_json::json!({
+        "type": "urn:payments:problem:invalid-payment",
+        "title": "Invalid payment",
+        "status": 400,
+        "detail": detail,
+    })
+    .to_string()
+}
+
+/// The media type of problem responses.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}
