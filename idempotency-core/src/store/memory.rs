@@ -226,7 +226,7 @@ impl MemoryStore {
         &self,
         id: &RecordId,
         token: LeaseToken,
-        change: impl FnOnce(&mut Inner, u64) -> (),
+        change: impl FnOnce(&mut Inner, u64),
     ) -> TokenOutcome {
         let now = self.shared.clock.now_millis();
         let mut inner = self.lock();

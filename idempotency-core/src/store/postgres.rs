@@ -1,0 +1,473 @@
+//! The PostgreSQL store (feature `postgres`): many instances share one view of
+//! the records, and the records are as durable as the database.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), idempotency_core::StoreError> {
+//! use std::time::Duration;
+//! use idempotency_core::store::postgres::PostgresStore;
+//!
+//! let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/app").await?;
+//! let purger = store.spawn_purger(Duration::from_secs(60), 1000);
+//! # let _ = purger;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! The records live in the table `idempotency_records` of their own schema
+//! (default [`DEFAULT_SCHEMA`], see [`PostgresOptions::schema`]), which also
+//! holds this crate's `_sqlx_migrations` table, so the store's migrations
+//! never mix with the application's. The migration is embedded and runs on
+//! [`PostgresStore::connect`] (serialized by an advisory lock, so many
+//! instances may start at once) or through [`PostgresStore::migrate`].
+//!
+//! # Guarantees
+//!
+//! - **Concurrency.** `claim` is one statement: a snapshot read of the row
+//!   and an `INSERT ... ON CONFLICT (id) DO UPDATE` in one CTE. When the row
+//!   is absent, expired, or in flight with its lease passed for the same
+//!   request, the upsert decides on the *locked, latest* row version whether
+//!   to take it, so of any number of concurrent claimers exactly one acquires
+//!   and every other gets the winner's row in the same round trip. A replay
+//!   or a conflict never reaches the upsert: it is answered from the snapshot
+//!   without writing (no row lock, no transaction id, no WAL flush).
+//!   `complete`, `release` and `extend` are single statements guarded by the
+//!   token.
+//! - **Round trips.** A fresh request is 2 statements (claim, complete), a
+//!   replay 1, each one network round trip once the connection has prepared
+//!   them. (sqlx's pool also checks a connection with a bare `Sync` when it
+//!   returns to the pool, in the background, off the request's path.)
+//! - **Time.** All times come from the database's `now()`.
+//! - **Crashes.** Each statement commits on its own. A service instance that
+//!   dies mid-request leaves an in-flight row: retries of the same request
+//!   get 409 until its lease passes, then one of them takes it over.
+//!   Committed records survive a database restart (with the server's default
+//!   `synchronous_commit = on`).
+//! - **Outages.** A call to an unreachable database fails with
+//!   [`StoreError::Backend`] (the `sqlx` error as its source); the middleware
+//!   answers 503 (fail-closed) or runs unguarded (fail-open). The pool opens
+//!   new connections by itself once the database is back.
+//! - **Expiry.** Expired rows are ignored by every operation at once and
+//!   deleted later by [`PostgresStore::purge_expired`] (in batches, with
+//!   `FOR UPDATE SKIP LOCKED`, so several instances may purge at once) or the
+//!   task of [`PostgresStore::spawn_purger`].
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+
+use super::{BoxFuture, ClaimRequest, Store, StoreError};
+use crate::fingerprint::{Fingerprint, RecordId};
+use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
+
+const BACKEND: &str = "postgres";
+
+/// The default schema of the records table.
+pub const DEFAULT_SCHEMA: &str = "idempotency";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Durations are capped at about 31 years.
+const MAX_MILLIS: u64 = 1_000_000_000_000;
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis().min(u128::from(MAX_MILLIS))).unwrap_or(i64::MAX)
+}
+
+fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+    StoreError::backend(BACKEND, e)
+}
+
+/// A schema name that is not a plain SQL identifier.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid schema name {0:?}: use 1 to 63 ASCII letters, digits and `_`, not starting with a digit")]
+pub struct InvalidSchema(pub String);
+
+fn valid_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.len() <= 63
+}
+
+/// How [`PostgresStore::connect_with`] connects.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    schema: String,
+    max_connections: u32,
+    migrate: bool,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            schema: DEFAULT_SCHEMA.to_owned(),
+            max_connections: 10,
+            migrate: true,
+        }
+    }
+}
+
+impl PostgresOptions {
+    /// Schema [`DEFAULT_SCHEMA`], at most 10 connections, migrate on connect.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The schema that holds the records table (created when missing).
+    /// Services, or tests, that must not share records use different schemas.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The pool's size (default 10).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Whether to run the embedded migration on connect (default `true`).
+    pub fn migrate_on_connect(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+}
+
+struct Queries {
+    claim: String,
+    complete: String,
+    release: String,
+    extend: String,
+    purge: String,
+}
+
+impl Queries {
+    fn new(schema: &str) -> Self {
+        let t = format!("\"{schema}\".idempotency_records");
+        let ms = "* interval '1 millisecond'";
+        // Takeable: expired, or in flight with the lease passed for the same request.
+        let take = "(r.expires_at <= now() OR (r.outcome IS NULL AND r.lease_until <= now() AND r.fingerprint = excluded.fingerprint))";
+        let keep =
+            |col: &str| format!("{col} = CASE WHEN {take} THEN excluded.{col} ELSE r.{col} END");
+        let remaining = |lease_until: &str| {
+            format!("GREATEST(0, CEIL(EXTRACT(EPOCH FROM ({lease_until} - now())) * 1000))::int8")
+        };
+        // The snapshot answers replays and conflicts without writing. The
+        // upsert runs only when the snapshot shows the row absent or
+        // takeable; it then decides on the locked latest version, and a
+        // loser (a concurrent claimer won first) leaves the row unchanged and
+        // gets it back, marked by a token that is not its own.
+        let claim = format!(
+            "WITH existing AS (
+                SELECT fingerprint, outcome, lease_until,
+                       (expires_at <= now() OR (outcome IS NULL AND lease_until <= now() AND fingerprint = $2)) AS takeable
+                FROM {t} WHERE id = $1
+            ), claimed AS (
+                INSERT INTO {t} AS r (id, fingerprint, token, lease_until, expires_at, outcome)
+                SELECT $1, $2, $3, now() + $4::int8 {ms}, now() + ($4::int8 + $5::int8) {ms}, NULL
+                WHERE NOT EXISTS (SELECT 1 FROM existing WHERE NOT takeable)
+                ON CONFLICT (id) DO UPDATE SET
+                    {fingerprint}, {token}, {lease_until}, {expires_at},
+                    outcome = CASE WHEN {take} THEN NULL ELSE r.outcome END
+                RETURNING r.token = $3 AS acquired, r.fingerprint, r.outcome, {claimed_remaining} AS remaining
+            )
+            SELECT acquired, fingerprint, outcome, remaining FROM claimed
+            UNION ALL
+            SELECT false, fingerprint, outcome, {existing_remaining} FROM existing WHERE NOT takeable",
+            fingerprint = keep("fingerprint"),
+            token = keep("token"),
+            lease_until = keep("lease_until"),
+            expires_at = keep("expires_at"),
+            claimed_remaining = remaining("r.lease_until"),
+            existing_remaining = remaining("lease_until"),
+        );
+        let held = "id = $1 AND token = $2 AND outcome IS NULL AND expires_at > now()";
+        Self {
+            claim,
+            complete: format!(
+                "UPDATE {t} SET outcome = $3, expires_at = now() + $4::int8 {ms} WHERE {held}"
+            ),
+            release: format!("DELETE FROM {t} WHERE {held}"),
+            extend: format!(
+                "UPDATE {t} SET lease_until = now() + $3::int8 {ms},
+                    expires_at = now() + $3::int8 {ms} + (expires_at - lease_until)
+                 WHERE {held}"
+            ),
+            purge: format!(
+                "DELETE FROM {t} WHERE id IN (
+                    SELECT id FROM {t} WHERE expires_at <= now()
+                    ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ),
+        }
+    }
+}
+
+/// A store in PostgreSQL. Cheap to clone: clones share the pool.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    schema: Arc<str>,
+    queries: Arc<Queries>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/database`)
+    /// with [`PostgresOptions::default`] and runs the migration.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the URL is invalid, the database cannot
+    /// be reached or the migration fails.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// Connects to `url` with `options`.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect); also [`InvalidSchema`] (as the source)
+    /// when the schema name is not a plain identifier.
+    pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        let connect = PgConnectOptions::from_str(url).map_err(backend)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            // The pool already checks each connection when it is returned;
+            // a second check on acquire would cost a round trip per call.
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(connect)
+            .await
+            .map_err(backend)?;
+        let store = Self::from_pool(pool, &options.schema)?;
+        if options.migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    /// A store over a pool you built, its table in `schema`. Nothing is sent
+    /// yet: call [`migrate`](Self::migrate) unless the table exists.
+    ///
+    /// # Errors
+    /// [`InvalidSchema`] (as the source of [`StoreError::Backend`]).
+    pub fn from_pool(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
+        if !valid_identifier(schema) {
+            return Err(backend(InvalidSchema(schema.to_owned())));
+        }
+        Ok(Self {
+            pool,
+            queries: Arc::new(Queries::new(schema)),
+            schema: Arc::from(schema),
+        })
+    }
+
+    /// Creates the schema when missing and runs the embedded migration in
+    /// it. Safe to run from many instances at once.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        // A one-connection pool of its own whose `search_path` is the schema,
+        // so the migration and its `_sqlx_migrations` table land there.
+        let options = (*self.pool.connect_options())
+            .clone()
+            .options([("search_path", format!("\"{}\"", self.schema))]);
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(backend)?;
+        let result = async {
+            // `CREATE SCHEMA IF NOT EXISTS` races with itself; serialize it.
+            // The lock is the session's, held until the pool closes.
+            sqlx::query("SELECT pg_advisory_lock(7355608112233)")
+                .execute(&pool)
+                .await?;
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
+                .execute(&pool)
+                .await?;
+            MIGRATOR
+                .run(&pool)
+                .await
+                .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
+        }
+        .await;
+        pool.close().await;
+        result.map_err(backend)
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema that holds the records table.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Deletes up to `batch` expired records; returns how many. Several
+    /// instances may purge at once (rows locked by another purger are
+    /// skipped). Call it until it returns less than `batch` to purge all.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(&self.queries.purge)
+            .bind(i64::from(batch.max(1)))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Purges expired records every `every`, in batches of `batch`, until
+    /// the returned handle is aborted (or the runtime stops). Failures are
+    /// logged at `warn` and retried on the next tick.
+    pub fn spawn_purger(&self, every: Duration, batch: u32) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        super::spawn_purger(BACKEND, every, batch, move || {
+            let store = store.clone();
+            async move { store.purge_expired(batch).await }
+        })
+    }
+
+    async fn claim_now(&self, req: ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let row = sqlx::query(&self.queries.claim)
+            .bind(req.id.as_bytes().as_slice())
+            .bind(req.fingerprint.as_bytes().as_slice())
+            .bind(req.token.to_bytes().to_vec())
+            .bind(millis(req.lease))
+            .bind(millis(req.ttl))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?
+            .ok_or_else(|| StoreError::Corrupt("postgres claim returned no row".into()))?;
+        parse_claim(&row, req.token).map_err(backend)
+    }
+
+    async fn fenced(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<TokenOutcome, StoreError> {
+        let done = query.execute(&self.pool).await.map_err(backend)?;
+        Ok(if done.rows_affected() == 1 {
+            TokenOutcome::Applied
+        } else {
+            TokenOutcome::Fenced
+        })
+    }
+}
+
+fn parse_claim(row: &PgRow, token: LeaseToken) -> Result<ClaimOutcome, sqlx::Error> {
+    if row.try_get::<bool, _>("acquired")? {
+        return Ok(ClaimOutcome::Acquired(token));
+    }
+    let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+    let fingerprint = <[u8; 32]>::try_from(fingerprint)
+        .map(Fingerprint::from_bytes)
+        .map_err(|_| sqlx::Error::Decode("stored fingerprint is not 32 bytes".into()))?;
+    match row.try_get::<Option<Vec<u8>>, _>("outcome")? {
+        Some(bytes) => Ok(ClaimOutcome::Completed {
+            fingerprint,
+            outcome: Arc::new(
+                StoredOutcome::decode(Bytes::from(bytes))
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            ),
+        }),
+        None => {
+            let remaining: i64 = row.try_get("remaining")?;
+            Ok(ClaimOutcome::InFlight {
+                fingerprint,
+                lease_remaining: Duration::from_millis(u64::try_from(remaining).unwrap_or(0)),
+            })
+        }
+    }
+}
+
+impl Store for PostgresStore {
+    fn claim<'a>(
+        &'a self,
+        req: ClaimRequest<'a>,
+    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
+        Box::pin(self.claim_now(req))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        outcome: Arc<StoredOutcome>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        Box::pin(async move {
+            let query = sqlx::query(&self.queries.complete)
+                .bind(id.as_bytes().as_slice())
+                .bind(token.to_bytes().to_vec())
+                .bind(outcome.encode())
+                .bind(millis(ttl));
+            self.fenced(query).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        Box::pin(async move {
+            let query = sqlx::query(&self.queries.release)
+                .bind(id.as_bytes().as_slice())
+                .bind(token.to_bytes().to_vec());
+            self.fenced(query).await
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        Box::pin(async move {
+            let query = sqlx::query(&self.queries.extend)
+                .bind(id.as_bytes().as_slice())
+                .bind(token.to_bytes().to_vec())
+                .bind(millis(lease));
+            self.fenced(query).await
+        })
+    }
+
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        for ok in ["idempotency", "_t1", "A_b_9"] {
+            assert!(valid_identifier(ok), "{ok}");
+        }
+        for bad in ["", "1a", "a-b", "a\"b", "a;drop", "é", &"a".repeat(64)] {
+            assert!(!valid_identifier(bad), "{bad}");
+        }
+    }
+}

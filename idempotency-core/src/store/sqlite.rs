@@ -1,0 +1,412 @@
+//! The SQLite store (feature `sqlite`): the embedded, durable store for one
+//! machine. Records survive restarts; several processes on the machine may
+//! share the file.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), idempotency_core::StoreError> {
+//! use idempotency_core::store::sqlite::SqliteStore;
+//!
+//! let store = SqliteStore::connect("sqlite://idempotency.db").await?;
+//! # let _ = store;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The file is created when missing, put in WAL mode, and migrated on
+//! [`SqliteStore::connect`] (or through [`SqliteStore::migrate`]). Give the
+//! store a file of its own: its `_sqlx_migrations` table would confuse an
+//! application's own sqlx migrations.
+//!
+//! # Guarantees
+//!
+//! - **Concurrency.** A claim first reads the row (readers never block in WAL
+//!   mode) and answers replays and conflicts from it. Only when the row is
+//!   absent or takeable does it run one `INSERT ... ON CONFLICT (id) DO
+//!   UPDATE ... WHERE <takeable>`, which SQLite executes under its single
+//!   writer lock: that statement alone decides who acquires, so of any number
+//!   of concurrent claimers, from one process or several sharing the file,
+//!   exactly one acquires. A claimer whose upsert changed nothing lost a race
+//!   and reads again. `complete`, `release` and `extend` are single statements
+//!   guarded by the token. Writers wait for each other up to the busy timeout
+//!   (default 5 s), then fail with [`StoreError::Backend`].
+//! - **Time.** Leases and expiry use SQLite's clock (`unixepoch('subsec')`),
+//!   one clock for every process on the machine.
+//! - **Crashes.** Each statement commits on its own (WAL, `synchronous =
+//!   FULL`): a committed record survives a crash of the process or of the
+//!   machine. A process that dies mid-request leaves an in-flight row that
+//!   retries of the same request take over once its lease passes.
+//! - **Outages.** There is no server to lose; a full disk or a locked file
+//!   fails the call with [`StoreError::Backend`].
+//! - **Scope.** One machine: do not put the file on a network file system,
+//!   and use Redis or PostgreSQL for instances on several machines.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+
+use super::{BoxFuture, ClaimRequest, Store, StoreError};
+use crate::fingerprint::{Fingerprint, RecordId};
+use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
+
+const BACKEND: &str = "sqlite";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Durations are capped at about 31 years.
+const MAX_MILLIS: u64 = 1_000_000_000_000;
+
+/// SQLite's clock in ms; stable within one statement.
+const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
+/// How many times a claim that keeps losing races reads and retries before
+/// it gives up.
+const CLAIM_ATTEMPTS: usize = 16;
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis().min(u128::from(MAX_MILLIS))).unwrap_or(i64::MAX)
+}
+
+fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+    StoreError::backend(BACKEND, e)
+}
+
+/// A claim lost the race for a row [`CLAIM_ATTEMPTS`] times in a row (the
+/// row kept changing between the read and the write).
+#[derive(Debug, thiserror::Error)]
+#[error("the claim lost the race for its row {0} times in a row")]
+pub struct Contended(pub usize);
+
+/// How [`SqliteStore::connect_with`] opens the file.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    max_connections: u32,
+    busy_timeout: Duration,
+    migrate: bool,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 4,
+            busy_timeout: Duration::from_secs(5),
+            migrate: true,
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// At most 4 connections, a 5 s busy timeout, migrate on connect.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The pool's size (default 4). Reads run in parallel; writes take
+    /// turns under SQLite's writer lock.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a writer waits for the lock held by another (default 5 s).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// Whether to run the embedded migration on connect (default `true`).
+    pub fn migrate_on_connect(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+}
+
+struct Queries {
+    read: String,
+    upsert: String,
+    complete: String,
+    release: String,
+    extend: String,
+    purge: String,
+}
+
+impl Queries {
+    fn new() -> Self {
+        let t = "idempotency_records";
+        let held = format!("id = ?1 AND token = ?2 AND outcome IS NULL AND expires_at > {NOW}");
+        Self {
+            read: format!(
+                "SELECT fingerprint, outcome, MAX(0, lease_until - {NOW}) AS remaining,
+                    (expires_at <= {NOW} OR (outcome IS NULL AND lease_until <= {NOW} AND fingerprint = ?2)) AS takeable
+                 FROM {t} WHERE id = ?1"
+            ),
+            upsert: format!(
+                "INSERT INTO {t} (id, fingerprint, token, lease_until, expires_at, outcome)
+                 VALUES (?1, ?2, ?3, {NOW} + ?4, {NOW} + ?4 + ?5, NULL)
+                 ON CONFLICT (id) DO UPDATE SET
+                    fingerprint = excluded.fingerprint, token = excluded.token,
+                    lease_until = excluded.lease_until, expires_at = excluded.expires_at,
+                    outcome = NULL
+                 WHERE {t}.expires_at <= {NOW}
+                    OR ({t}.outcome IS NULL AND {t}.lease_until <= {NOW} AND {t}.fingerprint = excluded.fingerprint)
+                 RETURNING 1"
+            ),
+            complete: format!(
+                "UPDATE {t} SET outcome = ?3, expires_at = {NOW} + ?4 WHERE {held}"
+            ),
+            release: format!("DELETE FROM {t} WHERE {held}"),
+            extend: format!(
+                "UPDATE {t} SET lease_until = {NOW} + ?3, expires_at = {NOW} + ?3 + (expires_at - lease_until)
+                 WHERE {held}"
+            ),
+            purge: format!(
+                "DELETE FROM {t} WHERE id IN (
+                    SELECT id FROM {t} WHERE expires_at <= {NOW} ORDER BY expires_at LIMIT ?1)"
+            ),
+        }
+    }
+}
+
+/// A store in a SQLite file. Cheap to clone: clones share the pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    queries: Arc<Queries>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("pool_size", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the file named by `url`:
+    /// `sqlite://PATH` (relative), `sqlite:///ABSOLUTE/PATH`, or a bare path,
+    /// with [`SqliteOptions::default`], and runs the migration.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the file cannot be opened or migrated.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, SqliteOptions::default()).await
+    }
+
+    /// Opens `url` with `options`.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn connect_with(url: &str, options: SqliteOptions) -> Result<Self, StoreError> {
+        let connect = if url.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(url).map_err(backend)?
+        } else {
+            SqliteConnectOptions::new().filename(url)
+        }
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(options.busy_timeout);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(connect)
+            .await
+            .map_err(backend)?;
+        let store = Self::from_pool(pool);
+        if options.migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    /// A store over a pool you opened (set WAL and a busy timeout on it).
+    /// Call [`migrate`](Self::migrate) unless the table exists.
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        Self {
+            pool,
+            queries: Arc::new(Queries::new()),
+        }
+    }
+
+    /// Runs the embedded migration. Several processes opening a new file at
+    /// once may collide here; the loser retries.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the migration fails.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut last = None;
+        for attempt in 0..5u32 {
+            match MIGRATOR.run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+        }
+        Err(match last {
+            Some(e) => backend(e),
+            None => backend("migration did not run"),
+        })
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Deletes up to `batch` expired records; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(&self.queries.purge)
+            .bind(i64::from(batch.max(1)))
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Purges expired records every `every`, in batches of `batch`, until
+    /// the returned handle is aborted. Failures are logged at `warn`.
+    pub fn spawn_purger(&self, every: Duration, batch: u32) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        super::spawn_purger(BACKEND, every, batch, move || {
+            let store = store.clone();
+            async move { store.purge_expired(batch).await }
+        })
+    }
+
+    async fn claim_now(&self, req: ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let id = req.id.as_bytes().as_slice();
+        let fingerprint = req.fingerprint.as_bytes().as_slice();
+        for _ in 0..CLAIM_ATTEMPTS {
+            let row = sqlx::query(&self.queries.read)
+                .bind(id)
+                .bind(fingerprint)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+            if let Some(row) = row {
+                let takeable: bool = row.try_get("takeable").map_err(backend)?;
+                if !takeable {
+                    return parse_existing(&row);
+                }
+            }
+            let acquired = sqlx::query(&self.queries.upsert)
+                .bind(id)
+                .bind(fingerprint)
+                .bind(req.token.to_bytes().to_vec())
+                .bind(millis(req.lease))
+                .bind(millis(req.ttl))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+            if acquired.is_some() {
+                return Ok(ClaimOutcome::Acquired(req.token));
+            }
+            // Someone changed the row between the read and the upsert.
+        }
+        Err(backend(Contended(CLAIM_ATTEMPTS)))
+    }
+
+    async fn fenced<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> Result<TokenOutcome, StoreError> {
+        let done = query.execute(&self.pool).await.map_err(backend)?;
+        Ok(if done.rows_affected() == 1 {
+            TokenOutcome::Applied
+        } else {
+            TokenOutcome::Fenced
+        })
+    }
+}
+
+fn parse_existing(row: &SqliteRow) -> Result<ClaimOutcome, StoreError> {
+    let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(backend)?;
+    let fingerprint = <[u8; 32]>::try_from(fingerprint)
+        .map(Fingerprint::from_bytes)
+        .map_err(|_| StoreError::Corrupt("sqlite: stored fingerprint is not 32 bytes".into()))?;
+    match row
+        .try_get::<Option<Vec<u8>>, _>("outcome")
+        .map_err(backend)?
+    {
+        Some(bytes) => Ok(ClaimOutcome::Completed {
+            fingerprint,
+            outcome: Arc::new(StoredOutcome::decode(Bytes::from(bytes))?),
+        }),
+        None => {
+            let remaining: i64 = row.try_get("remaining").map_err(backend)?;
+            Ok(ClaimOutcome::InFlight {
+                fingerprint,
+                lease_remaining: Duration::from_millis(u64::try_from(remaining).unwrap_or(0)),
+            })
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn claim<'a>(
+        &'a self,
+        req: ClaimRequest<'a>,
+    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
+        Box::pin(self.claim_now(req))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        outcome: Arc<StoredOutcome>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        Box::pin(async move {
+            let query = sqlx::query(&self.queries.complete)
+                .bind(id.as_bytes().as_slice())
+                .bind(token.to_bytes().to_vec())
+                .bind(outcome.encode())
+                .bind(millis(ttl));
+            self.fenced(query).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        Box::pin(async move {
+            let query = sqlx::query(&self.queries.release)
+                .bind(id.as_bytes().as_slice())
+                .bind(token.to_bytes().to_vec());
+            self.fenced(query).await
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        Box::pin(async move {
+            let query = sqlx::query(&self.queries.extend)
+                .bind(id.as_bytes().as_slice())
+                .bind(token.to_bytes().to_vec())
+                .bind(millis(lease));
+            self.fenced(query).await
+        })
+    }
+
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+}
