@@ -1,1 +1,182 @@
-//! placeholder
+//! Exactly-once *effects* for at-least-once brokers.
+//!
+//! RabbitMQ and NATS JetStream deliver each message at least once: after a
+//! lost ack, a crash, a consumer restart or a publisher retry, the same
+//! message comes again. An [`Inbox`] remembers which messages a consumer has
+//! processed, by `(consumer name, message id)`, and runs the business handler
+//! only for messages it has not seen.
+//!
+//! # Quick start: PostgreSQL and RabbitMQ (transactional mode)
+//!
+//! ```no_run
+//! # #[cfg(all(feature = "postgres", feature = "rabbitmq"))]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use inbox_consumer::{rabbitmq, HandlerError, Inbox, InboxConfig};
+//! use lapin::{options::BasicConsumeOptions, types::FieldTable, Connection, ConnectionProperties};
+//!
+//! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+//! let inbox = Inbox::postgres(pool, InboxConfig::builder("ledger").build()?).await?;
+//!
+//! let amqp = Connection::connect("amqp://127.0.0.1:5672/%2f", ConnectionProperties::default()).await?;
+//! let channel = amqp.create_channel().await?;
+//! let consumer = channel
+//!     .basic_consume("payments".into(), "ledger".into(), BasicConsumeOptions::default(), FieldTable::default())
+//!     .await?;
+//!
+//! let inbox = &inbox;
+//! rabbitmq::consume(consumer, |message| async move {
+//!     inbox
+//!         .process(&message, |tx, message| {
+//!             Box::pin(async move {
+//!                 // The effect commits in the inbox's transaction, or not at all.
+//!                 sqlx::query("INSERT INTO ledger_entries (account, amount, message_id) VALUES ($1, $2, $3)")
+//!                     .bind("acct-1")
+//!                     .bind(100_i64)
+//!                     .bind(message.id())
+//!                     .execute(&mut **tx)
+//!                     .await?;
+//!                 Ok::<_, HandlerError>(())
+//!             })
+//!         })
+//!         .await
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Quick start: any idempotency store (lease mode)
+//!
+//! ```
+//! use inbox_consumer::{Inbox, InboxConfig, InboxMessage, Outcome};
+//! use idempotency_core::MemoryStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let inbox = Inbox::lease(MemoryStore::new(), InboxConfig::builder("mailer").build()?);
+//! let message = InboxMessage::new(Some("msg-1".into()), &b"{}"[..]);
+//! for _ in 0..3 {
+//!     inbox.process(&message, |_message| Box::pin(async { /* send the mail */ Ok(()) })).await;
+//! }
+//! assert_eq!(inbox.metrics().processed, 1);
+//! assert_eq!(inbox.metrics().duplicate, 2);
+//! # Ok(()) }
+//! ```
+//!
+//! # Outcomes and what the adapters do with them
+//!
+//! | [`Outcome`] | meaning | RabbitMQ | JetStream |
+//! |---|---|---|---|
+//! | `Processed` | the handler ran, its effect committed | ack | ack |
+//! | `Duplicate` | processed before, handler not run | ack | ack |
+//! | `InFlightElsewhere` | another consumer holds the lease (lease mode) | nack, requeue | nak with delay |
+//! | `Failed { attempt }` | the handler failed, attempt counted | nack, requeue | nak with backoff |
+//! | `Unavailable` | the inbox's own database or store failed | nack, requeue | nak with delay |
+//! | `Dead { reason }` | never to be processed | reject, no requeue (→ DLX) | term |
+//!
+//! Attempts are counted outside the handler's transaction, so a rollback does
+//! not erase them. After `max_attempts` (default 5) failures the message is
+//! dead. A [`HandlerError::permanent`] failure (an undecodable payload) is
+//! counted and dead at once. A message without an id is dead with
+//! [`DeadReason::MissingId`] unless a key extractor is configured. A handler
+//! that panics is counted as a failed attempt.
+//!
+//! # Guarantees
+//!
+//! ## Transactional mode (PostgreSQL, SQLite)
+//!
+//! **Promises.**
+//! - *Exactly-once effect* for effects written through the transaction the
+//!   handler gets: the inbox row and the effect commit together or not at all.
+//! - *Crashes.* Before the commit: both roll back and the redelivery processes
+//!   the message. After the commit, before the ack: the redelivery finds the
+//!   row, is [`Outcome::Duplicate`], and is acked.
+//! - *Concurrency.* Two consumers given the same message at once: the second
+//!   insert waits on the primary key until the first transaction ends, then
+//!   sees the row (duplicate) or, if the first rolled back, processes it. The
+//!   handler's effect never commits twice.
+//! - *Poison messages* stop after `max_attempts` and are dead-lettered; the
+//!   messages behind them flow.
+//! - *Retention.* [`Inbox::purge`] deletes processed rows older than the
+//!   retention (default 7 days) in batches, safely from many instances
+//!   (`FOR UPDATE SKIP LOCKED` on PostgreSQL); rows of messages in flight are
+//!   uncommitted, so it cannot see them.
+//!
+//! **Does not promise.**
+//! - Anything about side effects *outside* the transaction (an HTTP call, an
+//!   email): those run again when the transaction rolls back.
+//! - Dedup beyond the retention window: a message redelivered after its row
+//!   was purged runs again. Keep the retention above the broker's redelivery
+//!   horizon.
+//! - Counting a crash as an attempt: a process killed mid-handler rolls back
+//!   without a trace, so a message that kills the process every time is only
+//!   stopped by the broker (quorum queue `x-delivery-limit`, JetStream
+//!   `max_deliver`). Panics are caught and counted.
+//! - Ordering: a requeued message may be overtaken.
+//!
+//! ## Lease mode (any [`idempotency_core::Store`]: memory, Redis)
+//!
+//! **At-least-once with deduplication.** The effect and the "done" mark are two
+//! writes in two systems, so there is a window between them.
+//!
+//! **Promises.**
+//! - Duplicates that arrive after the mark are acked without running the
+//!   handler, for the retention (the mark's TTL).
+//! - Of concurrent copies, one runs; the others get
+//!   [`Outcome::InFlightElsewhere`] while its lease holds (extended by a
+//!   heartbeat every half lease).
+//! - Attempts and dead marks as in transactional mode.
+//!
+//! **Does not promise.**
+//! - A crash after the effect and before the mark: the claim lapses after its
+//!   lease, the redelivery takes it over, and the effect runs again.
+//! - A handler that outlives its lease while the heartbeat cannot reach the
+//!   store may be taken over and run twice ([`InboxMetrics::lease_lost`]
+//!   counts it).
+//! - With the memory store, anything across processes or restarts.
+//!
+//! ## Store outages (both modes)
+//!
+//! The handler does not run; the outcome is [`Outcome::Unavailable`] and the
+//! message is requeued, not counted as an attempt.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+mod inbox;
+mod lease;
+pub mod message;
+pub mod metrics;
+pub mod outcome;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod transactional;
+
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
+
+pub use config::{ConfigError, InboxConfig, InboxConfigBuilder};
+pub use error::InboxError;
+pub use inbox::Inbox;
+pub use lease::Lease;
+pub use message::InboxMessage;
+pub use metrics::InboxMetrics;
+pub use outcome::{DeadReason, Disposition, FailureKind, HandlerError, Outcome};
+
+#[cfg(feature = "postgres")]
+pub use transactional::{migrate_postgres, PgTransactional};
+#[cfg(feature = "sqlite")]
+pub use transactional::{migrate_sqlite, SqliteTransactional};
+
+/// An inbox in transactional mode on PostgreSQL.
+#[cfg(feature = "postgres")]
+pub type PgInbox = Inbox<PgTransactional>;
+/// An inbox in transactional mode on SQLite.
+#[cfg(feature = "sqlite")]
+pub type SqliteInbox = Inbox<SqliteTransactional>;
+/// An inbox in lease mode over the store `S`.
+pub type LeaseInbox<S> = Inbox<Lease<S>>;
+
+/// The boxed future a handler returns (`Box::pin(async move { .. })`).
+pub use idempotency_core::BoxFuture;

@@ -1,0 +1,23 @@
+//! The inbox's own errors (its database or store), as opposed to the handler's.
+
+use crate::config::ConfigError;
+
+/// Why the inbox itself failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboxError {
+    /// The config is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The inbox's database failed.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[error("the inbox database failed")]
+    Database(#[from] sqlx::Error),
+    /// The inbox's embedded migrations failed.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[error("the inbox migrations failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The lease-mode store failed.
+    #[error("the inbox store failed")]
+    Store(#[from] idempotency_core::StoreError),
+}
