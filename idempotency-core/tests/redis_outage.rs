@@ -1,0 +1,87 @@
+//! Redis goes away mid-run and comes back on the same port: calls fail with
+//! a typed StoreError (never hang, never panic), and succeed again without
+//! recreating the store. Uses a private `redis-server` it starts and kills.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use idempotency_core::store::redis::RedisStore;
+use idempotency_core::{
+    ClaimOutcome, ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoreError,
+};
+
+async fn claim(store: &RedisStore) -> Result<ClaimOutcome, StoreError> {
+    let id = RecordId::from_parts(b"outage", &rand::random::<[u8; 16]>());
+    let fp = Fingerprint::compute("POST", "/outage", None, None, b"");
+    store
+        .claim(ClaimRequest {
+            id: &id,
+            fingerprint: &fp,
+            token: LeaseToken::random(),
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(60),
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_typed_and_recovers_without_a_new_store() {
+    let Some(mut server) = common::RedisServer::start("redis_outage") else {
+        return;
+    };
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    assert!(matches!(claim(&store).await, Ok(ClaimOutcome::Acquired(_))));
+
+    server.kill();
+    // Every call during the outage fails by itself, quickly, with the redis
+    // error as its source.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(5), claim(&store))
+            .await
+            .expect("a call during the outage hung");
+        match result {
+            Err(
+                e @ StoreError::Backend {
+                    backend: "redis", ..
+                },
+            ) => {
+                let source = std::error::Error::source(&e).expect("the redis error is kept");
+                assert!(
+                    source.downcast_ref::<redis::RedisError>().is_some(),
+                    "{source:?}"
+                );
+            }
+            other => panic!("during the outage: {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    server.restart().expect("restart redis-server");
+    // The same store, no reconnect call: it recovers by itself (and reloads
+    // its scripts, which the new server does not have).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match claim(&store).await {
+            Ok(ClaimOutcome::Acquired(_)) => break,
+            Ok(other) => panic!("after the outage: {other:?}"),
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "still failing 10 s after Redis came back: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // And keeps working.
+    for _ in 0..10 {
+        assert!(matches!(claim(&store).await, Ok(ClaimOutcome::Acquired(_))));
+    }
+}
