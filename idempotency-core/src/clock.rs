@@ -57,3 +57,34 @@ impl Clock for FakeClock {
         self.now.load(Ordering::SeqCst)
     }
 }
+
+/// Wall-clock time that follows tokio's clock: under `tokio::time::pause()`
+/// it moves only with `tokio::time::advance` (or auto-advance), together with
+/// the lease heartbeat's timers. For tests of slow handlers.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    origin_millis: u64,
+    origin: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// Starts now. Call inside a tokio runtime.
+    pub fn new() -> Self {
+        Self {
+            origin_millis: SystemClock.now_millis(),
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_millis(&self) -> u64 {
+        self.origin_millis + self.origin.elapsed().as_millis() as u64
+    }
+}

@@ -63,7 +63,7 @@ pub mod store;
 #[cfg(feature = "test-util")]
 pub mod conformance;
 
-pub use clock::{Clock, FakeClock, SystemClock};
+pub use clock::{Clock, FakeClock, SystemClock, TokioClock};
 pub use config::{ConfigError, FailureMode, IdempotencyConfig, IdempotencyConfigBuilder};
 pub use engine::{Decision, Execution, Idempotency, Inspection, Pending, RequestHead};
 pub use fingerprint::{Fingerprint, RecordId, Scope};

@@ -1,0 +1,81 @@
+//! The suite's tower adapter: an axum `Router` behind `IdempotencyLayer`.
+
+use crate::{Adapter, Backend, SuiteRequest, SuiteResponse};
+use axum::body::Body;
+use axum::Router;
+use http_body_util::BodyExt;
+use idempotency_core::Idempotency;
+use idempotency_tower::IdempotencyLayer;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+/// axum + `idempotency-tower`.
+#[derive(Clone, Debug)]
+pub struct TowerAdapter {
+    router: Router,
+}
+
+async fn serve(backend: Arc<Backend>, req: axum::extract::Request) -> axum::response::Response {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let suite_req = SuiteRequest {
+        method: parts.method.as_str().to_owned(),
+        uri: parts.uri.to_string(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect(),
+        body,
+    };
+    let res = backend.handle(suite_req).await;
+    let mut builder = http::Response::builder().status(res.status);
+    for (n, v) in &res.headers {
+        builder = builder.header(n.as_str(), v.as_slice());
+    }
+    builder
+        .body(Body::from(res.body))
+        .unwrap_or_else(|_| http::Response::new(Body::empty()))
+}
+
+impl Adapter for TowerAdapter {
+    async fn build(engine: Idempotency, backend: Arc<Backend>) -> Self {
+        let router = Router::new()
+            .fallback(move |req: axum::extract::Request| serve(Arc::clone(&backend), req))
+            .layer(IdempotencyLayer::new(engine));
+        Self { router }
+    }
+
+    async fn send(&self, req: SuiteRequest) -> SuiteResponse {
+        let mut builder = http::Request::builder()
+            .method(req.method.as_str())
+            .uri(req.uri.as_str());
+        for (n, v) in &req.headers {
+            builder = builder.header(n.as_str(), v.as_slice());
+        }
+        let request = builder
+            .body(Body::from(req.body))
+            .expect("suite request is valid HTTP");
+        let res = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        let (parts, body) = res.into_parts();
+        let body = body.collect().await.expect("body reads").to_bytes();
+        SuiteResponse {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+            body,
+        }
+    }
+}
