@@ -1,1 +1,94 @@
-fn main() {}
+//! In-process HTTP overhead of `idempotency-tower` on axum (memory store):
+//! a bare handler vs the same handler behind the layer, with a 1 KiB JSON
+//! body, on the fresh-key path and on the replay path. Prints the difference
+//! of medians measured in the same run.
+
+use axum::body::Body;
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion};
+use http_body_util::BodyExt;
+use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
+use idempotency_tower::IdempotencyLayer;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tower::ServiceExt;
+
+fn json_body() -> Bytes {
+    // 1 KiB of JSON.
+    let mut s = String::from("{\"amount\":100,\"currency\":\"EUR\",\"note\":\"");
+    while s.len() < 1022 {
+        s.push('x');
+    }
+    s.push_str("\"}");
+    Bytes::from(s)
+}
+
+async fn handler(body: Bytes) -> (http::StatusCode, [(http::HeaderName, &'static str); 2], Bytes) {
+    (
+        http::StatusCode::CREATED,
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::LOCATION, "/payments/pay_1"),
+        ],
+        Bytes::copy_from_slice(&body[..64]),
+    )
+}
+
+fn request(key: &str, body: &Bytes) -> http::Request<Body> {
+    http::Request::post("/payments")
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .header("content-length", body.len())
+        .body(Body::from(body.clone()))
+        .expect("valid request")
+}
+
+async fn send(router: &Router, req: http::Request<Body>) {
+    let res = router.clone().oneshot(req).await.expect("infallible");
+    let body = res.into_body().collect().await.expect("body");
+    std::hint::black_box(body);
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let body = json_body();
+    assert_eq!(body.len(), 1024);
+    let bare = Router::new().route("/payments", post(handler));
+    let engine = Idempotency::new(MemoryStore::with_capacity(10_000_000), IdempotencyConfig::default());
+    let layered = Router::new()
+        .route("/payments", post(handler))
+        .layer(IdempotencyLayer::new(engine));
+    let counter = AtomicU64::new(0);
+    let mut group = c.benchmark_group("axum");
+    for (name, router) in [("bare", &bare), ("layer", &layered)] {
+        group.bench_function(BenchmarkId::new("fresh", name), |b| {
+            b.to_async(&rt).iter(|| {
+                let key = format!("k-{}", counter.fetch_add(1, Ordering::Relaxed));
+                send(router, request(&key, &body))
+            });
+        });
+    }
+    rt.block_on(send(&layered, request("replayed", &body)));
+    for (name, router) in [("bare", &bare), ("layer", &layered)] {
+        group.bench_function(BenchmarkId::new("replay", name), |b| {
+            b.to_async(&rt).iter(|| send(router, request("replayed", &body)));
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1))
+        .configure_from_args();
+    bench(&mut c);
+    c.final_summary();
+    benches::print_overhead("axum", &["fresh", "replay"]);
+}

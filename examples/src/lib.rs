@@ -53,14 +53,12 @@ impl PaymentsArgs {
     }
 }
 
-/// Connects the store named by `url`.
+/// Connects the store named by `url`: `memory`, `sqlite://PATH`,
+/// `redis://...` or `postgres://...` (migrations run on connect).
 pub async fn connect_store(
     url: &str,
 ) -> Result<std::sync::Arc<dyn idempotency_core::Store>, StartError> {
-    match url {
-        "memory" => Ok(std::sync::Arc::new(idempotency_core::MemoryStore::new())),
-        other => Err(format!("unsupported store URL {other:?}: use memory").into()),
-    }
+    Ok(idempotency_core::store::connect(url).await?)
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).

@@ -1,0 +1,55 @@
+//! Helpers shared by the benches: reading criterion's medians back to print
+//! differences and ratios measured in the same run.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+/// criterion's output folder for this run.
+pub fn criterion_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("criterion")
+}
+
+/// The median of one benchmark in nanoseconds, if it ran in this run.
+pub fn median_ns(group: &str, function: &str, param: &str) -> Option<f64> {
+    let path = criterion_dir().join(group).join(function).join(param).join("new/estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    // {"mean":{...},"median":{"confidence_interval":{...},"point_estimate":123.4,...
+    let median = &text[text.find("\"median\"")?..];
+    let pe = &median[median.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
+    let end = pe.find([',', '}'])?;
+    pe[..end].trim().parse().ok()
+}
+
+/// Prints `layer - bare` for each function of `group`.
+pub fn print_overhead(group: &str, functions: &[&str]) {
+    println!("\n== {group}: added by the middleware (difference of medians) ==");
+    for f in functions {
+        match (median_ns(group, f, "bare"), median_ns(group, f, "layer")) {
+            (Some(bare), Some(layer)) => println!(
+                "{group}/{f}: bare {:.2} µs, layer {:.2} µs, added {:.2} µs",
+                bare / 1000.0,
+                layer / 1000.0,
+                (layer - bare) / 1000.0
+            ),
+            _ => println!("{group}/{f}: not measured in this run"),
+        }
+    }
+}
+
+/// Prints `subject / baseline` ratios.
+pub fn print_ratio(group: &str, baseline: (&str, &str), subjects: &[(&str, &str)]) {
+    let Some(base) = median_ns(group, baseline.0, baseline.1) else {
+        println!("{group}: baseline {}/{} not measured in this run", baseline.0, baseline.1);
+        return;
+    };
+    println!("\n== {group}: ratios to {}/{} ({:.1} µs) ==", baseline.0, baseline.1, base / 1000.0);
+    for (f, p) in subjects {
+        match median_ns(group, f, p) {
+            Some(v) => println!("{group}/{f}/{p}: {:.1} µs = {:.2}×", v / 1000.0, v / base),
+            None => println!("{group}/{f}/{p}: not measured in this run"),
+        }
+    }
+}
