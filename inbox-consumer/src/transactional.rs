@@ -291,8 +291,9 @@ mod pg {
                 sqlx::query("SET search_path TO inbox_consumer")
                     .execute(&mut *conn)
                     .await?;
+                // `run_direct`: `run` makes this future not `Send` in generic contexts.
                 sqlx::migrate!("./migrations/postgres")
-                    .run(&mut *conn)
+                    .run_direct(&mut *conn)
                     .await?;
                 sqlx::query("RESET search_path").execute(&mut *conn).await?;
                 Ok::<_, InboxError>(())
