@@ -180,6 +180,9 @@ impl MemoryStore {
                     });
                 }
             }
+            // A new generation: queue entries of the old one are now stale.
+            inner.seq += 1;
+            entry.seq = inner.seq;
             entry.fingerprint = *req.fingerprint;
             entry.state = fresh();
             return Ok(ClaimOutcome::Acquired(req.token));
@@ -349,5 +352,117 @@ impl Store for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FakeClock;
+    use crate::record::StoredResponse;
+    use bytes::Bytes;
+
+    fn id(n: u8) -> RecordId {
+        RecordId::from_parts(b"scope", &[n])
+    }
+
+    const FP: Fingerprint = Fingerprint::from_bytes([7; 32]);
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn outcome() -> Arc<StoredOutcome> {
+        Arc::new(StoredOutcome::Response(StoredResponse {
+            status: 201,
+            headers: vec![],
+            body: Bytes::from_static(b"ok"),
+        }))
+    }
+
+    fn claim(store: &MemoryStore, n: u8) -> Result<ClaimOutcome, StoreError> {
+        store.claim_now(&ClaimRequest {
+            id: &id(n),
+            fingerprint: &FP,
+            token: LeaseToken::random(),
+            lease: Duration::from_secs(30),
+            ttl: HOUR,
+        })
+    }
+
+    async fn claim_and_complete(store: &MemoryStore, n: u8) {
+        let Ok(ClaimOutcome::Acquired(token)) = claim(store, n) else {
+            panic!("claim {n} not acquired")
+        };
+        let done = store
+            .complete(&id(n), token, outcome(), HOUR)
+            .await
+            .expect("complete");
+        assert_eq!(done, TokenOutcome::Applied);
+    }
+
+    #[tokio::test]
+    async fn full_store_evicts_oldest_completed_first_and_counts() {
+        let store = MemoryStore::with_clock(3, FakeClock::new());
+        claim_and_complete(&store, 1).await;
+        claim_and_complete(&store, 2).await;
+        assert!(matches!(claim(&store, 3), Ok(ClaimOutcome::Acquired(_)))); // in flight
+        assert_eq!(store.evictions(), 0);
+        // Full: a new claim evicts record 1 (the oldest completed), not 3 (in flight).
+        assert!(matches!(claim(&store, 4), Ok(ClaimOutcome::Acquired(_))));
+        assert_eq!(store.evictions(), 1);
+        assert!(
+            matches!(claim(&store, 1), Ok(ClaimOutcome::Acquired(_))),
+            "1 was evicted"
+        );
+        assert_eq!(store.evictions(), 2, "claiming 1 again evicted 2");
+        assert!(
+            matches!(claim(&store, 3), Ok(ClaimOutcome::InFlight { .. })),
+            "3 was never evicted"
+        );
+        assert_eq!(store.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn full_of_in_flight_records_refuses_new_claims() {
+        let store = MemoryStore::with_clock(2, FakeClock::new());
+        claim(&store, 1).expect("1");
+        claim(&store, 2).expect("2");
+        assert!(matches!(
+            claim(&store, 3),
+            Err(StoreError::Full { capacity: 2 })
+        ));
+        assert_eq!(store.evictions(), 0);
+        // The held records are untouched.
+        assert!(matches!(
+            claim(&store, 1),
+            Ok(ClaimOutcome::InFlight { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn expired_records_are_swept_before_anything_is_evicted() {
+        let clock = FakeClock::new();
+        let store = MemoryStore::with_clock(2, clock.clone());
+        claim_and_complete(&store, 1).await;
+        claim_and_complete(&store, 2).await;
+        clock.advance(HOUR + Duration::from_secs(1));
+        assert_eq!(store.sweep_expired(), 2);
+        assert!(store.is_empty());
+        claim_and_complete(&store, 3).await;
+        claim_and_complete(&store, 4).await;
+        clock.advance(HOUR + Duration::from_secs(1));
+        assert!(matches!(claim(&store, 5), Ok(ClaimOutcome::Acquired(_))));
+        assert_eq!(
+            store.evictions(),
+            0,
+            "expired records made room, nothing live was evicted"
+        );
+    }
+
+    #[tokio::test]
+    async fn abandoned_in_flight_records_expire_after_lease_plus_ttl() {
+        let clock = FakeClock::new();
+        let store = MemoryStore::with_clock(10, clock.clone());
+        claim(&store, 1).expect("claim");
+        clock.advance(Duration::from_secs(30) + HOUR + Duration::from_secs(1));
+        assert_eq!(store.sweep_expired(), 1);
     }
 }
