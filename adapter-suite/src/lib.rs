@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![allow(missing_docs)]
 
+pub mod actix_adapter;
 pub mod cases;
 pub mod tower_adapter;
 

@@ -1,0 +1,139 @@
+//! The suite's actix adapter: an actix-web `App` behind `IdempotencyMiddleware`,
+//! driven in process through `actix_web::test::init_service`.
+
+use crate::{Adapter, Backend, SuiteRequest, SuiteResponse};
+use actix_http::Request;
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, Service, ServiceResponse};
+use actix_web::error::PayloadError;
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{test, web, App, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use futures_util::future::LocalBoxFuture;
+use futures_util::stream::Stream;
+use idempotency_actix::IdempotencyMiddleware;
+use idempotency_core::Idempotency;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+
+type Call = dyn Fn(Request) -> LocalBoxFuture<'static, SuiteResponse>;
+
+/// The chunk size of streamed request bodies: a body without a
+/// `Content-Length` arrives in pieces, as from a chunked upload.
+const CHUNK: usize = 256;
+
+/// actix-web + `idempotency-actix`. Not `Send`: actix apps live on one
+/// worker thread.
+#[derive(Clone)]
+pub struct ActixAdapter {
+    call: Rc<Call>,
+}
+
+impl std::fmt::Debug for ActixAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActixAdapter").finish_non_exhaustive()
+    }
+}
+
+/// Serves one request with the framework-neutral backend.
+async fn serve(backend: web::Data<Backend>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let suite_req = SuiteRequest {
+        method: req.method().as_str().to_owned(),
+        uri: req.uri().to_string(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect(),
+        body,
+    };
+    let res = backend.handle(suite_req).await;
+    let mut out = HttpResponse::build(
+        StatusCode::from_u16(res.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    );
+    for (n, v) in &res.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            out.append_header((n, v));
+        }
+    }
+    out.body(res.body)
+}
+
+/// Converts a response, reading its whole body.
+pub async fn read_response<B: MessageBody>(res: ServiceResponse<B>) -> SuiteResponse {
+    let status = res.status().as_u16();
+    let headers = res
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect();
+    let body = match actix_web::body::to_bytes(res.into_body()).await {
+        Ok(b) => b,
+        Err(_) => panic!("body reads"),
+    };
+    SuiteResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Builds the actix request of a suite request. A body with a declared
+/// `Content-Length` is one chunk; without, it is streamed in [`CHUNK`]s.
+pub fn to_request(req: SuiteRequest) -> Request {
+    let method = Method::from_bytes(req.method.as_bytes()).expect("suite method is valid");
+    let mut builder = test::TestRequest::default().method(method).uri(&req.uri);
+    let mut declared = false;
+    for (n, v) in &req.headers {
+        declared |= n == "content-length";
+        let name = HeaderName::from_bytes(n.as_bytes()).expect("suite header name is valid");
+        let value = HeaderValue::from_bytes(v).expect("suite header value is valid");
+        builder = builder.append_header((name, value));
+    }
+    let request = builder.to_request();
+    let payload = if declared {
+        Payload::from(req.body)
+    } else {
+        let chunks: Vec<Result<Bytes, PayloadError>> = req
+            .body
+            .chunks(CHUNK)
+            .map(|c| Ok(req.body.slice_ref(c)))
+            .collect();
+        let stream: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> =
+            Box::pin(futures_util::stream::iter(chunks));
+        Payload::from(stream)
+    };
+    request.replace_payload(payload).0
+}
+
+impl Adapter for ActixAdapter {
+    async fn build(engine: Idempotency, backend: Arc<Backend>) -> Self {
+        let app = test::init_service(
+            App::new()
+                .app_data(web::Data::from(backend))
+                .wrap(IdempotencyMiddleware::new(engine))
+                .default_service(web::to(serve)),
+        )
+        .await;
+        let app = Rc::new(app);
+        let call = move |req: Request| -> LocalBoxFuture<'static, SuiteResponse> {
+            let app = Rc::clone(&app);
+            Box::pin(async move {
+                let res = app.call(req).await.expect("the app answers");
+                read_response(res).await
+            })
+        };
+        Self {
+            call: Rc::new(call),
+        }
+    }
+
+    async fn send(&self, req: SuiteRequest) -> SuiteResponse {
+        (self.call)(to_request(req)).await
+    }
+}
