@@ -3,7 +3,7 @@
 
 use crate::{Adapter, Backend, SuiteRequest, SuiteResponse};
 use actix_http::Request;
-use actix_web::body::MessageBody;
+use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceResponse};
 use actix_web::error::PayloadError;
 use actix_web::http::header::{HeaderName, HeaderValue};
@@ -64,14 +64,23 @@ async fn serve(backend: web::Data<Backend>, req: HttpRequest, body: web::Bytes) 
     out.body(res.body)
 }
 
-/// Converts a response, reading its whole body.
+/// Converts a response, reading its whole body. Like actix's HTTP/1 encoder,
+/// it adds the `Content-Length` of a sized body when the headers have none
+/// (actix computes it on the wire, where axum puts it in the header map), so
+/// the suite sees what a client sees.
 pub async fn read_response<B: MessageBody>(res: ServiceResponse<B>) -> SuiteResponse {
     let status = res.status().as_u16();
-    let headers = res
+    let mut headers: Vec<(String, Vec<u8>)> = res
         .headers()
         .iter()
         .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
         .collect();
+    let wire_length = !matches!(status, 100..=199 | 204 | 304);
+    if let (BodySize::Sized(n), true) = (res.response().body().size(), wire_length) {
+        if !headers.iter().any(|(name, _)| name == "content-length") {
+            headers.push(("content-length".to_owned(), n.to_string().into_bytes()));
+        }
+    }
     let body = match actix_web::body::to_bytes(res.into_body()).await {
         Ok(b) => b,
         Err(_) => panic!("body reads"),
