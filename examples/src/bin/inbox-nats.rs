@@ -1,0 +1,144 @@
+//! Consumes ledger messages from NATS JetStream into PostgreSQL, each
+//! message's effect exactly once (inbox-consumer, transactional mode).
+//!
+//! ```text
+//! cargo run --release -p examples --bin inbox-nats
+//! ```
+//!
+//! Stream `PAYMENTS` (subjects `payments.>`; created when missing, used as it
+//! is when present), durable pull consumer named after `--consumer`. The id is
+//! the `Nats-Msg-Id` header, else the stream sequence. Each message is JSON
+//! `{"account": "<string>", "amount": <integer>}`; its effect is one row in
+//! `ledger_entries(account, amount, message_id)`, which has no unique
+//! constraint of its own: the inbox alone prevents doubles.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use clap::Parser;
+use futures_util::StreamExt;
+use inbox_consumer::{nats, HandlerError, Inbox, InboxConfig, PgInbox};
+use serde::Deserialize;
+use sqlx::postgres::PgPoolOptions;
+
+const STREAM: &str = "PAYMENTS";
+const SUBJECTS: &str = "payments.>";
+
+/// Consume a JetStream stream into a PostgreSQL ledger, once per message.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The NATS URL.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// The PostgreSQL URL (the ledger and the inbox live there).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    database: String,
+    /// The consumer name: the durable pull consumer's name and the scope of message ids.
+    #[arg(long, default_value = "ledger")]
+    consumer: String,
+    /// How long the handler sleeps inside the transaction, before the insert.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    handler_delay: Duration,
+}
+
+#[derive(Deserialize)]
+struct Payment {
+    account: String,
+    amount: i64,
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,inbox_consumer=debug".into()),
+        )
+        .init();
+    let args = Args::parse();
+
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&args.database)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS ledger_entries \
+         (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    let inbox = Inbox::postgres(pool, InboxConfig::builder(args.consumer.clone()).build()?).await?;
+    spawn_purger(inbox.clone());
+
+    let js = jetstream::new(async_nats::connect(&args.nats).await?);
+    // Created when missing; an existing stream is used as it is.
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: STREAM.to_owned(),
+            subjects: vec![SUBJECTS.to_owned()],
+            ..Default::default()
+        })
+        .await?;
+    let consumer = stream
+        .get_or_create_consumer(
+            &args.consumer,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(args.consumer.clone()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut messages = consumer.messages().await?;
+    tracing::info!(stream = STREAM, consumer = %args.consumer, "consuming");
+
+    let delay = args.handler_delay;
+    loop {
+        let msg = tokio::select! {
+            next = messages.next() => match next {
+                Some(msg) => msg?,
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let message = nats::message(&msg);
+        let outcome = inbox
+            .process(&message, move |tx, message| {
+                Box::pin(async move {
+                    let p: Payment = serde_json::from_slice(message.payload())
+                        .map_err(HandlerError::permanent)?;
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    sqlx::query(
+                        "INSERT INTO ledger_entries (account, amount, message_id) VALUES ($1, $2, $3)",
+                    )
+                    .bind(p.account)
+                    .bind(p.amount)
+                    .bind(message.id())
+                    .execute(&mut **tx)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await;
+        // Ack only now, after the commit.
+        nats::settle(&msg, &outcome).await?;
+    }
+    tracing::info!(metrics = ?inbox.metrics(), "stopped");
+    Ok(())
+}
+
+/// Purges processed rows past the retention once an hour.
+fn spawn_purger(inbox: PgInbox) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            if let Err(e) = inbox.purge().await {
+                tracing::warn!(error = %e, "purge failed");
+            }
+        }
+    });
+}

@@ -1,0 +1,146 @@
+//! Consumes ledger messages from a RabbitMQ queue into PostgreSQL, each
+//! message's effect exactly once (inbox-consumer, transactional mode).
+//!
+//! ```text
+//! cargo run --release -p examples --bin inbox-rabbitmq -- --queue payments
+//! ```
+//!
+//! Each message is JSON `{"account": "<string>", "amount": <integer>}` with
+//! the AMQP `message_id` property; its effect is one row in
+//! `ledger_entries(account, amount, message_id)`, a table with no unique
+//! constraint of its own: the inbox alone prevents doubles.
+
+use std::time::Duration;
+
+use clap::Parser;
+use futures_util::StreamExt;
+use inbox_consumer::{rabbitmq, HandlerError, Inbox, InboxConfig, PgInbox};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use serde::Deserialize;
+use sqlx::postgres::PgPoolOptions;
+
+/// Consume a RabbitMQ queue into a PostgreSQL ledger, once per message.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The durable queue to consume (declared, durable and without arguments, when missing).
+    #[arg(long, default_value = "payments")]
+    queue: String,
+    /// The RabbitMQ URL.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp: String,
+    /// The PostgreSQL URL (the ledger and the inbox live there).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    database: String,
+    /// The consumer name: the scope of message ids in the inbox.
+    #[arg(long, default_value = "ledger")]
+    consumer: String,
+    /// How long the handler sleeps inside the transaction, before the insert.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    handler_delay: Duration,
+}
+
+#[derive(Deserialize)]
+struct Payment {
+    account: String,
+    amount: i64,
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,inbox_consumer=debug".into()),
+        )
+        .init();
+    let args = Args::parse();
+
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&args.database)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS ledger_entries \
+         (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    let inbox = Inbox::postgres(pool, InboxConfig::builder(args.consumer.clone()).build()?).await?;
+    spawn_purger(inbox.clone());
+
+    let amqp = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
+    let channel = amqp.create_channel().await?;
+    channel
+        .queue_declare(
+            args.queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel.basic_qos(32, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            args.queue.as_str().into(),
+            args.consumer.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = %args.queue, consumer = %args.consumer, "consuming");
+
+    let delay = args.handler_delay;
+    loop {
+        let delivery = tokio::select! {
+            next = consumer.next() => match next {
+                Some(delivery) => delivery?,
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let message = rabbitmq::message(&delivery);
+        let outcome = inbox
+            .process(&message, move |tx, message| {
+                Box::pin(async move {
+                    let p: Payment = serde_json::from_slice(message.payload())
+                        .map_err(HandlerError::permanent)?;
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    sqlx::query(
+                        "INSERT INTO ledger_entries (account, amount, message_id) VALUES ($1, $2, $3)",
+                    )
+                    .bind(p.account)
+                    .bind(p.amount)
+                    .bind(message.id())
+                    .execute(&mut **tx)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await;
+        // Ack only now, after the commit.
+        rabbitmq::settle(&delivery, &outcome).await?;
+    }
+    tracing::info!(metrics = ?inbox.metrics(), "stopped");
+    Ok(())
+}
+
+/// Purges processed rows past the retention once an hour.
+fn spawn_purger(inbox: PgInbox) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            if let Err(e) = inbox.purge().await {
+                tracing::warn!(error = %e, "purge failed");
+            }
+        }
+    });
+}
