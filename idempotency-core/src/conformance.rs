@@ -713,6 +713,85 @@ mod tests {
     use super::*;
     use crate::MemoryStore;
 
+    /// A broken store: every claim acquires (not atomic).
+    struct AlwaysAcquires(MemoryStore);
+
+    /// A broken store: `complete` claims success for any token (no fencing).
+    struct IgnoresTokens(MemoryStore);
+
+    macro_rules! delegate {
+        ($t:ty, claim = $claim:expr, complete = $complete:expr) => {
+            impl Store for $t {
+                fn claim<'a>(
+                    &'a self,
+                    req: ClaimRequest<'a>,
+                ) -> crate::store::BoxFuture<'a, Result<ClaimOutcome, crate::StoreError>> {
+                    let f: fn(ClaimOutcome, LeaseToken) -> ClaimOutcome = $claim;
+                    Box::pin(async move { Ok(f(self.0.claim(req).await?, req.token)) })
+                }
+                fn complete<'a>(
+                    &'a self,
+                    id: &'a RecordId,
+                    token: LeaseToken,
+                    outcome: Arc<StoredOutcome>,
+                    ttl: Duration,
+                ) -> crate::store::BoxFuture<'a, Result<TokenOutcome, crate::StoreError>> {
+                    let f: fn(TokenOutcome) -> TokenOutcome = $complete;
+                    Box::pin(async move { Ok(f(self.0.complete(id, token, outcome, ttl).await?)) })
+                }
+                fn release<'a>(
+                    &'a self,
+                    id: &'a RecordId,
+                    token: LeaseToken,
+                ) -> crate::store::BoxFuture<'a, Result<TokenOutcome, crate::StoreError>> {
+                    self.0.release(id, token)
+                }
+                fn extend<'a>(
+                    &'a self,
+                    id: &'a RecordId,
+                    token: LeaseToken,
+                    lease: Duration,
+                ) -> crate::store::BoxFuture<'a, Result<TokenOutcome, crate::StoreError>> {
+                    self.0.extend(id, token, lease)
+                }
+                fn backend(&self) -> &'static str {
+                    "broken"
+                }
+            }
+        };
+    }
+
+    delegate!(
+        AlwaysAcquires,
+        claim = |_, token| ClaimOutcome::Acquired(token),
+        complete = |o| o
+    );
+    delegate!(
+        IgnoresTokens,
+        claim = |o, _| o,
+        complete = |_| TokenOutcome::Applied
+    );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[should_panic(expected = "concurrent claimers acquired")]
+    async fn the_suite_catches_a_non_atomic_claim() {
+        Conformance::new(AlwaysAcquires(MemoryStore::new()))
+            .concurrent_claims_acquire_once()
+            .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "a stale complete was applied")]
+    async fn the_suite_catches_missing_fencing() {
+        let clock = FakeClock::new();
+        Conformance::with_fake_clock(
+            IgnoresTokens(MemoryStore::with_clock(100, clock.clone())),
+            clock,
+        )
+        .stale_token_is_fenced()
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn memory_store_on_a_fake_clock_conforms() {
         let clock = FakeClock::new();

@@ -361,3 +361,22 @@ async fn bad_options_are_typed_errors() {
     let source = std::error::Error::source(&err).expect("source").to_string();
     assert!(source.contains("invalid schema name"), "{source}");
 }
+
+#[tokio::test]
+async fn asynchronous_commit_is_opt_in() {
+    let Some(url) = common::service_url("DATABASE_URL", "asynchronous_commit_is_opt_in") else {
+        return;
+    };
+    let show = |store: PostgresStore| async move {
+        sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+            .fetch_one(store.pool())
+            .await
+            .expect("show")
+    };
+    let durable = PostgresStore::connect(&url).await.expect("connect");
+    assert_eq!(show(durable).await, "on");
+    let fast = PostgresStore::connect_with(&url, PostgresOptions::new().synchronous_commit(false))
+        .await
+        .expect("connect");
+    assert_eq!(show(fast).await, "off");
+}

@@ -18,7 +18,7 @@
 //! with the fields `s` (state: `i` in flight, `c` completed), `f`
 //! (fingerprint), `t` (token), `l` (lease end, ms on Redis's clock), `x` (how
 //! long an abandoned claim is kept after its lease, ms) and `o` (the encoded
-//! outcome). The key expires by itself (`PEXPIREAT`/`PEXPIRE`) when the record
+//! outcome; a completed record keeps its last `t`, `l` and `x`, unused). The key expires by itself (`PEXPIREAT`/`PEXPIRE`) when the record
 //! does, so nothing needs purging.
 //!
 //! # Guarantees
@@ -66,8 +66,9 @@ pub const DEFAULT_PREFIX: &str = "idempotency:";
 /// doubles (and in `PEXPIREAT`).
 const MAX_MILLIS: u64 = 1_000_000_000_000;
 
-/// Enables effects replication on Redis 5 and 6 (a no-op on 7), so that
-/// scripts may write after calling `TIME`; then reads Redis's clock in ms.
+/// Enables effects replication on Redis 5 and 6 (a no-op on 7; it must come
+/// before the script's first write), so that scripts may write after calling
+/// `TIME`; then reads Redis's clock in ms.
 const NOW: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -76,11 +77,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 // KEYS[1] the record; ARGV: fingerprint, token, lease ms, ttl ms.
 // Returns {'a'} | {'i', fingerprint, lease remaining ms} | {'c', fingerprint, outcome}.
+// A replay returns before reading the clock: one HMGET, nothing else.
 const CLAIM: &str = r"
 local rec = redis.call('HMGET', KEYS[1], 's', 'f', 'l', 'o')
 if rec[1] == 'c' then
   return {'c', rec[2], rec[4]}
 end
+__NOW__
 if rec[1] == 'i' then
   local lease_until = tonumber(rec[3])
   if lease_until > now or rec[2] ~= ARGV[1] then
@@ -98,7 +101,6 @@ const COMPLETE: &str = r"
 local rec = redis.call('HMGET', KEYS[1], 's', 't')
 if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2])
-redis.call('HDEL', KEYS[1], 't', 'l', 'x')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
@@ -115,6 +117,7 @@ return 1
 const EXTEND: &str = r"
 local rec = redis.call('HMGET', KEYS[1], 's', 't', 'x')
 if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
+__NOW__
 local lease_until = now + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'l', lease_until)
 redis.call('PEXPIREAT', KEYS[1], lease_until + tonumber(rec[3]))
@@ -130,7 +133,7 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let timed = |body: &str| Script::new(&format!("{NOW}{body}"));
+        let timed = |body: &str| Script::new(&body.replace("__NOW__", NOW));
         Self {
             claim: timed(CLAIM),
             complete: Script::new(COMPLETE),

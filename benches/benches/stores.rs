@@ -1,0 +1,409 @@
+//! The shared stores against one raw round trip measured in the same run:
+//! Redis against `PING`, PostgreSQL against `SELECT 1` (through the store's
+//! own connection or pool). For each: the store's claim + complete (a fresh
+//! request), its claim of a completed record (a replay), and the full request
+//! through the tower layer on axum against the bare handler (1 KiB JSON).
+//!
+//! Targets: Redis fresh ≤ 2.2× PING and replay ≤ 1.2×; PostgreSQL fresh ≤
+//! 2.5× SELECT 1 and replay ≤ 1.3×. For the layer the figure is what it adds
+//! to the bare handler, divided by the raw round trip.
+//!
+//! `REDIS_URL` and `DATABASE_URL` are read at run time; a backend whose
+//! variable is unset is skipped with a note.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion};
+use http_body_util::BodyExt;
+use idempotency_core::{
+    ClaimOutcome, ClaimRequest, Fingerprint, Idempotency, IdempotencyConfig, LeaseToken, RecordId,
+    Store, StoredOutcome, StoredResponse,
+};
+use idempotency_tower::IdempotencyLayer;
+use tower::ServiceExt;
+
+fn json_body() -> Bytes {
+    let mut s = String::from("{\"amount\":100,\"currency\":\"EUR\",\"note\":\"");
+    while s.len() < 1022 {
+        s.push('x');
+    }
+    s.push_str("\"}");
+    Bytes::from(s)
+}
+
+async fn handler(
+    body: Bytes,
+) -> (
+    http::StatusCode,
+    [(http::HeaderName, &'static str); 2],
+    Bytes,
+) {
+    (
+        http::StatusCode::CREATED,
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::LOCATION, "/payments/pay_1"),
+        ],
+        Bytes::copy_from_slice(&body[..64]),
+    )
+}
+
+fn request(key: &str, body: &Bytes) -> http::Request<Body> {
+    http::Request::post("/payments")
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .header("content-length", body.len())
+        .body(Body::from(body.clone()))
+        .expect("valid request")
+}
+
+async fn send(router: &Router, req: http::Request<Body>) {
+    let res = router.clone().oneshot(req).await.expect("infallible");
+    let body = res.into_body().collect().await.expect("body");
+    std::hint::black_box(body);
+}
+
+fn outcome() -> Arc<StoredOutcome> {
+    Arc::new(StoredOutcome::Response(StoredResponse {
+        status: 201,
+        headers: vec![
+            (
+                "content-type".into(),
+                Bytes::from_static(b"application/json"),
+            ),
+            ("location".into(), Bytes::from_static(b"/payments/pay_1")),
+        ],
+        body: Bytes::from(vec![b'x'; 64]),
+    }))
+}
+
+fn fingerprint() -> Fingerprint {
+    Fingerprint::compute("POST", "/payments", None, Some(b"application/json"), b"{}")
+}
+
+async fn claim(store: &dyn Store, id: &RecordId) -> ClaimOutcome {
+    store
+        .claim(ClaimRequest {
+            id,
+            fingerprint: &fingerprint(),
+            token: LeaseToken::random(),
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(600),
+        })
+        .await
+        .expect("claim")
+}
+
+async fn fresh(store: &dyn Store, n: u64, run: u128) {
+    let id = RecordId::from_parts(&run.to_be_bytes(), &n.to_be_bytes());
+    let ClaimOutcome::Acquired(token) = claim(store, &id).await else {
+        panic!("not acquired");
+    };
+    let _ = store
+        .complete(&id, token, outcome(), Duration::from_secs(600))
+        .await
+        .expect("complete");
+}
+
+/// Benches one backend: `raw` (one round trip), `store` fresh/replay and
+/// `http` bare/layer.
+fn bench_backend<R, F>(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    group_name: &str,
+    raw_name: &str,
+    raw: R,
+    store: Arc<dyn Store>,
+) where
+    R: Fn() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let run: u128 = rand_run();
+    let counter = AtomicU64::new(0);
+    let replayed = RecordId::from_parts(&run.to_be_bytes(), b"replayed");
+    rt.block_on(async {
+        let ClaimOutcome::Acquired(token) = claim(&*store, &replayed).await else {
+            panic!("not acquired");
+        };
+        let _ = store
+            .complete(&replayed, token, outcome(), Duration::from_secs(600))
+            .await
+            .expect("complete");
+    });
+    let body = json_body();
+    let bare = Router::new().route("/payments", post(handler));
+    let config = IdempotencyConfig::builder()
+        .ttl(Duration::from_secs(600))
+        .build()
+        .expect("config");
+    let layered = Router::new()
+        .route("/payments", post(handler))
+        .layer(IdempotencyLayer::new(Idempotency::from_arc(
+            Arc::clone(&store),
+            config,
+        )));
+    let replay_key = format!("replayed-{run:x}");
+    rt.block_on(send(&layered, request(&replay_key, &body)));
+
+    let mut group = c.benchmark_group(group_name);
+    group.bench_function(BenchmarkId::new("raw", raw_name), |b| {
+        b.to_async(rt).iter(&raw)
+    });
+    group.bench_function(BenchmarkId::new("store", "fresh"), |b| {
+        b.to_async(rt)
+            .iter(|| fresh(&*store, counter.fetch_add(1, Ordering::Relaxed), run))
+    });
+    group.bench_function(BenchmarkId::new("store", "replay"), |b| {
+        b.to_async(rt).iter(|| async {
+            std::hint::black_box(claim(&*store, &replayed).await);
+        })
+    });
+    group.bench_function(BenchmarkId::new("http", "bare"), |b| {
+        b.to_async(rt).iter(|| {
+            let key = format!("k-{run:x}-{}", counter.fetch_add(1, Ordering::Relaxed));
+            send(&bare, request(&key, &body))
+        })
+    });
+    group.bench_function(BenchmarkId::new("http", "layer-fresh"), |b| {
+        b.to_async(rt).iter(|| {
+            let key = format!("k-{run:x}-{}", counter.fetch_add(1, Ordering::Relaxed));
+            send(&layered, request(&key, &body))
+        })
+    });
+    group.bench_function(BenchmarkId::new("http", "layer-replay"), |b| {
+        b.to_async(rt)
+            .iter(|| send(&layered, request(&replay_key, &body)))
+    });
+    group.finish();
+
+    // The same comparisons, interleaved with the raw round trip so that load
+    // from other processes on the machine hits both sides alike.
+    let n = 1000;
+    let next_key = || format!("k-{run:x}-{}", counter.fetch_add(1, Ordering::Relaxed));
+    let (raw_a, fresh_t) = interleaved(rt, n, &raw, || {
+        fresh(&*store, counter.fetch_add(1, Ordering::Relaxed), run)
+    });
+    let (raw_b, replay_t) = interleaved(rt, n, &raw, || async {
+        std::hint::black_box(claim(&*store, &replayed).await);
+    });
+    let (bare_a, layer_fresh) = interleaved(
+        rt,
+        n,
+        || send(&bare, request(&next_key(), &body)),
+        || send(&layered, request(&next_key(), &body)),
+    );
+    let (bare_b, layer_replay) = interleaved(
+        rt,
+        n,
+        || send(&bare, request(&next_key(), &body)),
+        || send(&layered, request(&replay_key, &body)),
+    );
+    let raw_t = (raw_a + raw_b) / 2.0;
+    let us = |ns: f64| ns / 1000.0;
+    println!("\n== {group_name}, interleaved medians of {n} ==");
+    println!("raw {raw_name}: {:.1} µs / {:.1} µs", us(raw_a), us(raw_b));
+    println!(
+        "store fresh (claim+complete): {:.1} µs = {:.2}× {raw_name}",
+        us(fresh_t),
+        fresh_t / raw_a
+    );
+    println!(
+        "store replay (claim): {:.1} µs = {:.2}× {raw_name}",
+        us(replay_t),
+        replay_t / raw_b
+    );
+    println!(
+        "http fresh: bare {:.1} µs, layer {:.1} µs, adds {:.1} µs = {:.2}× {raw_name}",
+        us(bare_a),
+        us(layer_fresh),
+        us(layer_fresh - bare_a),
+        (layer_fresh - bare_a) / raw_t
+    );
+    println!(
+        "http replay: bare {:.1} µs, layer {:.1} µs, adds {:.1} µs = {:.2}× {raw_name}",
+        us(bare_b),
+        us(layer_replay),
+        us(layer_replay - bare_b),
+        (layer_replay - bare_b) / raw_t
+    );
+}
+
+/// Medians of `a` and `b` measured interleaved (a, b, a, b, ...), so that
+/// load from other processes on the machine hits both alike.
+fn interleaved<FA, FB, A, B>(rt: &tokio::runtime::Runtime, n: usize, a: FA, b: FB) -> (f64, f64)
+where
+    FA: Fn() -> A,
+    FB: Fn() -> B,
+    A: std::future::Future<Output = ()>,
+    B: std::future::Future<Output = ()>,
+{
+    let mut ta = Vec::with_capacity(n);
+    let mut tb = Vec::with_capacity(n);
+    rt.block_on(async {
+        for _ in 0..n {
+            let t = std::time::Instant::now();
+            a().await;
+            ta.push(t.elapsed().as_nanos() as f64);
+            let t = std::time::Instant::now();
+            b().await;
+            tb.push(t.elapsed().as_nanos() as f64);
+        }
+    });
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(&mut ta), median(&mut tb))
+}
+
+fn rand_run() -> u128 {
+    u128::from_be_bytes(LeaseToken::random().to_bytes())
+}
+
+fn report(group: &str, raw_name: &str, fresh_target: f64, replay_target: f64) {
+    let m = |f: &str, p: &str| benches::median_ns(group, f, p);
+    let (Some(raw), Some(fresh), Some(replay), Some(bare), Some(lf), Some(lr)) = (
+        m("raw", raw_name),
+        m("store", "fresh"),
+        m("store", "replay"),
+        m("http", "bare"),
+        m("http", "layer-fresh"),
+        m("http", "layer-replay"),
+    ) else {
+        println!("{group}: not measured in this run");
+        return;
+    };
+    let verdict = |ratio: f64, target: f64| if ratio <= target { "ok" } else { "OVER TARGET" };
+    let us = |ns: f64| ns / 1000.0;
+    println!(
+        "\n== {group}: one raw round trip ({raw_name}) = {:.1} µs ==",
+        us(raw)
+    );
+    for (what, v, target) in [
+        ("store claim+complete (fresh)", fresh, fresh_target),
+        ("store claim (replay)", replay, replay_target),
+    ] {
+        let r = v / raw;
+        println!(
+            "{what}: {:.1} µs = {r:.2}× {raw_name} (target ≤ {target}×: {})",
+            us(v),
+            verdict(r, target)
+        );
+    }
+    println!("http bare handler: {:.1} µs", us(bare));
+    for (what, v, target) in [
+        ("http layer, fresh", lf, fresh_target),
+        ("http layer, replay", lr, replay_target),
+    ] {
+        let added = v - bare;
+        let r = added / raw;
+        println!(
+            "{what}: {:.1} µs, adds {:.1} µs = {r:.2}× {raw_name} (target ≤ {target}×: {})",
+            us(v),
+            us(added),
+            verdict(r, target)
+        );
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .configure_from_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let mut ran = Vec::new();
+    match std::env::var("REDIS_URL") {
+        Ok(url) => {
+            ran.push("redis");
+            use idempotency_core::store::redis::RedisStore;
+            let store = rt
+                .block_on(RedisStore::connect(&url))
+                .expect("redis")
+                .with_prefix(format!("bench-{:x}:", rand_run()));
+            let conn = store.connection().clone();
+            let raw = move || {
+                let mut conn = conn.clone();
+                async move {
+                    let pong: String = redis::cmd("PING")
+                        .query_async(&mut conn)
+                        .await
+                        .expect("ping");
+                    std::hint::black_box(pong);
+                }
+            };
+            bench_backend(&mut c, &rt, "redis", "ping", raw, Arc::new(store));
+        }
+        Err(_) => println!("skipping the redis benches: REDIS_URL is not set"),
+    }
+
+    match std::env::var("DATABASE_URL") {
+        Ok(url) => {
+            ran.push("postgres");
+            use idempotency_core::store::postgres::PostgresStore;
+            let store = rt.block_on(PostgresStore::connect(&url)).expect("postgres");
+            let pool = store.pool().clone();
+            let raw = move || {
+                let pool = pool.clone();
+                async move {
+                    let one: i32 = sqlx::query_scalar("SELECT 1")
+                        .fetch_one(&pool)
+                        .await
+                        .expect("select 1");
+                    std::hint::black_box(one);
+                }
+            };
+            bench_backend(&mut c, &rt, "postgres", "select1", raw, Arc::new(store));
+
+            // The same with asynchronous commit: no WAL flush per commit.
+            use idempotency_core::store::postgres::PostgresOptions;
+            ran.push("postgres-async-commit");
+            let store = rt
+                .block_on(PostgresStore::connect_with(
+                    &url,
+                    PostgresOptions::new().synchronous_commit(false),
+                ))
+                .expect("postgres");
+            let pool = store.pool().clone();
+            let raw = move || {
+                let pool = pool.clone();
+                async move {
+                    let one: i32 = sqlx::query_scalar("SELECT 1")
+                        .fetch_one(&pool)
+                        .await
+                        .expect("select 1");
+                    std::hint::black_box(one);
+                }
+            };
+            bench_backend(
+                &mut c,
+                &rt,
+                "postgres-async-commit",
+                "select1",
+                raw,
+                Arc::new(store),
+            );
+        }
+        Err(_) => println!("skipping the postgres benches: DATABASE_URL is not set"),
+    }
+
+    c.final_summary();
+    if ran.contains(&"redis") {
+        report("redis", "ping", 2.2, 1.2);
+    }
+    if ran.contains(&"postgres") {
+        report("postgres", "select1", 2.5, 1.3);
+        report("postgres-async-commit", "select1", 2.5, 1.3);
+    }
+}
