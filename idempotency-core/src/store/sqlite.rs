@@ -77,7 +77,7 @@ fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError
     StoreError::backend(BACKEND, e)
 }
 
-/// A claim lost the race for a row [`CLAIM_ATTEMPTS`] times in a row (the
+/// A claim lost the race for a row 16 times in a row (the
 /// row kept changing between the read and the write).
 #[derive(Debug, thiserror::Error)]
 #[error("the claim lost the race for its row {0} times in a row")]
