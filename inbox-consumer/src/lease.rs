@@ -221,9 +221,11 @@ impl<S: Store> Inbox<Lease<S>> {
         let lease = self.config().lease();
         let run = run_guarded(handler);
         tokio::pin!(run);
-        let mut beat = tokio::time::interval(lease / 2);
+        // The first beat after half a lease (an immediate first tick would cost a
+        // trip through the timer on every message).
+        let half = lease / 2;
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        beat.tick().await;
         let mut lost = false;
         loop {
             tokio::select! {
