@@ -14,7 +14,11 @@ pub fn criterion_dir() -> PathBuf {
 
 /// The median of one benchmark in nanoseconds, if it ran in this run.
 pub fn median_ns(group: &str, function: &str, param: &str) -> Option<f64> {
-    let path = criterion_dir().join(group).join(function).join(param).join("new/estimates.json");
+    let path = criterion_dir()
+        .join(group)
+        .join(function)
+        .join(param)
+        .join("new/estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
     // {"mean":{...},"median":{"confidence_interval":{...},"point_estimate":123.4,...
     let median = &text[text.find("\"median\"")?..];
@@ -42,10 +46,18 @@ pub fn print_overhead(group: &str, functions: &[&str]) {
 /// Prints `subject / baseline` ratios.
 pub fn print_ratio(group: &str, baseline: (&str, &str), subjects: &[(&str, &str)]) {
     let Some(base) = median_ns(group, baseline.0, baseline.1) else {
-        println!("{group}: baseline {}/{} not measured in this run", baseline.0, baseline.1);
+        println!(
+            "{group}: baseline {}/{} not measured in this run",
+            baseline.0, baseline.1
+        );
         return;
     };
-    println!("\n== {group}: ratios to {}/{} ({:.1} µs) ==", baseline.0, baseline.1, base / 1000.0);
+    println!(
+        "\n== {group}: ratios to {}/{} ({:.1} µs) ==",
+        baseline.0,
+        baseline.1,
+        base / 1000.0
+    );
     for (f, p) in subjects {
         match median_ns(group, f, p) {
             Some(v) => println!("{group}/{f}/{p}: {:.1} µs = {:.2}×", v / 1000.0, v / base),

@@ -115,7 +115,7 @@ pub enum Decision {
     /// This request holds the claim: run the handler, then complete or release.
     Execute(Execution),
     /// It completed before: send the stored response with `Idempotent-Replayed: true`.
-    Replay(StoredResponse),
+    Replay(Replay),
     /// Refuse: 409, 410, 422 or 503.
     Reject(Problem),
     /// The store failed and the config is fail-open: run the handler unprotected.
@@ -278,7 +278,7 @@ impl Idempotency {
                 match &*outcome {
                     StoredOutcome::Response(r) => {
                         tracing::debug!(decision = "replayed", status = r.status, "idempotency");
-                        Decision::Replay(r.clone())
+                        Decision::Replay(Replay(Arc::clone(&outcome)))
                     }
                     StoredOutcome::NotReplayable { status } => {
                         tracing::debug!(
@@ -335,6 +335,28 @@ fn key_reused() -> Problem {
         ProblemKind::KeyReused,
         "This Idempotency-Key was already used for a request with a different method, path, query, content type or body. Use a new key for a new operation.",
     )
+}
+
+/// A stored response to replay. It shares the store's copy (no clone of
+/// headers or body) and derefs to [`StoredResponse`].
+#[derive(Debug, Clone)]
+pub struct Replay(Arc<StoredOutcome>);
+
+impl std::ops::Deref for Replay {
+    type Target = StoredResponse;
+
+    fn deref(&self) -> &StoredResponse {
+        static NONE: StoredResponse = StoredResponse {
+            status: 500,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        };
+        match &*self.0 {
+            StoredOutcome::Response(r) => r,
+            // Never built from another variant (see `decide`).
+            StoredOutcome::NotReplayable { .. } => &NONE,
+        }
+    }
 }
 
 /// A claim held by this request. Run the handler inside [`run`](Self::run),

@@ -6,6 +6,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use idempotency_core::{Decision, Execution, Idempotency, Inspection, Problem, StoredResponse};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tower_service::Service;
@@ -114,7 +115,7 @@ where
                     Err(e) => return Ok(problem_response(&engine.unreadable_body(&e))),
                 };
                 match engine.decide(pending, &body).await {
-                    Decision::Replay(stored) => Ok(replay_response(stored)),
+                    Decision::Replay(stored) => Ok(replay_response(&stored)),
                     Decision::Reject(problem) => Ok(problem_response(&problem)),
                     Decision::Unguarded => {
                         let res = inner
@@ -124,15 +125,10 @@ where
                     }
                     Decision::Execute(execution) => {
                         let req = Request::from_parts(parts, RequestBody::buffered(body));
-                        // A task of its own, so that a client that disconnects
-                        // does not cancel the handler: it runs to completion and
-                        // its response is stored for the retry.
-                        let task = tokio::spawn(execute(execution, inner, req).in_current_span());
-                        match task.await {
-                            Ok(result) => result,
-                            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                            Err(e) => unreachable_cancelled(e),
-                        }
+                        // A client that disconnects drops this future; the handler
+                        // then finishes in a task of its own and its response is
+                        // stored for the retry.
+                        DetachOnDrop::new(execute(execution, inner, req)).await
                     }
                 }
             }
@@ -141,10 +137,64 @@ where
     }
 }
 
-#[cold]
-fn unreachable_cancelled(e: tokio::task::JoinError) -> ! {
-    // Only a runtime shutting down cancels the task; nothing can be answered then.
-    panic!("idempotency task cancelled by runtime shutdown: {e}")
+/// Drives a future in place; if dropped before it finishes (the client went
+/// away), hands the rest to a tokio task, so it always runs to completion.
+/// Cheaper than spawning every request: the task exists only on disconnect.
+struct DetachOnDrop<F: Future + Send + 'static>
+where
+    F::Output: Send,
+{
+    future: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future + Send + 'static> DetachOnDrop<F>
+where
+    F::Output: Send,
+{
+    fn new(future: F) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<F: Future + Send + 'static> Future for DetachOnDrop<F>
+where
+    F::Output: Send,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let Some(future) = this.future.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(future.as_mut().poll(cx));
+        this.future = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for DetachOnDrop<F>
+where
+    F::Output: Send,
+{
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else {
+            return;
+        };
+        if std::thread::panicking() {
+            // The handler panicked inside poll; the claim is released by the
+            // execution's own drop.
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(future.in_current_span());
+            }
+            Err(_) => tracing::warn!("idempotent request dropped outside a runtime; its claim is freed when the lease passes"),
+        }
+    }
 }
 
 async fn execute<S, ReqBody, ResBody>(
@@ -255,7 +305,7 @@ async fn read_limited<B: Body<Data = Bytes>>(body: B, limit: usize) -> Read<B> {
     })
 }
 
-fn replay_response<B: Body>(stored: StoredResponse) -> Response<ResponseBody<B>> {
+fn replay_response<B: Body>(stored: &StoredResponse) -> Response<ResponseBody<B>> {
     let mut res = Response::new(ResponseBody::full(Bytes::new()));
     *res.status_mut() =
         StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -274,7 +324,7 @@ fn replay_response<B: Body>(stored: StoredResponse) -> Response<ResponseBody<B>>
             ),
         }
     }
-    *res.body_mut() = ResponseBody::full(stored.body);
+    *res.body_mut() = ResponseBody::full(stored.body.clone());
     res
 }
 

@@ -204,16 +204,21 @@ impl MemoryStore {
     }
 
     fn make_room(&self, inner: &mut Inner, now: u64) -> Result<(), StoreError> {
-        inner.records.retain(|_, e| e.state.expires_at() > now);
-        inner.compact_order();
+        // Cheap first: expired and then the oldest completed records, from the
+        // front of the completion order (O(1) amortized per claim).
         while inner.records.len() >= self.shared.capacity {
             let Some((id, seq)) = inner.completed.pop_front() else {
-                return Err(StoreError::Full {
-                    capacity: self.shared.capacity,
-                });
+                break;
             };
-            if inner.is_current_completed(&id, seq) {
-                inner.records.remove(&id);
+            if !inner.is_current_completed(&id, seq) {
+                continue;
+            }
+            let expired = inner
+                .records
+                .get(&id)
+                .is_some_and(|e| e.state.expires_at() <= now);
+            inner.records.remove(&id);
+            if !expired {
                 let n = self.shared.evictions.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
                     evictions = n,
@@ -222,7 +227,18 @@ impl MemoryStore {
                 );
             }
         }
-        Ok(())
+        if inner.records.len() < self.shared.capacity {
+            return Ok(());
+        }
+        // Only in-flight records are left: drop the abandoned ones (past lease
+        // and ttl). A full scan, but only when the store is full of claims.
+        inner.records.retain(|_, e| e.state.expires_at() > now);
+        if inner.records.len() < self.shared.capacity {
+            return Ok(());
+        }
+        Err(StoreError::Full {
+            capacity: self.shared.capacity,
+        })
     }
 
     fn with_token(
