@@ -38,8 +38,17 @@ impl fmt::Debug for Scope {
 }
 
 /// The address of a record: SHA-256 over the scope and the key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RecordId([u8; 32]);
+
+impl std::hash::Hash for RecordId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Already a uniform cryptographic hash: eight of its bytes are enough.
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
 
 impl RecordId {
     /// `H(scope, key)`, each length-prefixed so no two pairs collide by concatenation.

@@ -102,8 +102,8 @@ where
         let span = pending.span().clone();
         ResponseFuture::guarded(Box::pin(
             async move {
-                let body = match Limited::new(body, pending.body_limit()).collect().await {
-                    Ok(collected) => collected.to_bytes(),
+                let body = match read_request(body, pending.body_limit()).await {
+                    Ok(bytes) => bytes,
                     Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                         tracing::debug!(
                             decision = "rejected",
@@ -265,6 +265,32 @@ enum Read<B: Body> {
         rest: Pin<Box<B>>,
     },
     Failed(B::Error),
+}
+
+/// Reads a request body through [`Limited`]; a body of one chunk (the usual
+/// case) is kept as it is, without copying.
+async fn read_request<B>(body: B, limit: usize) -> Result<Bytes, BoxError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let body = std::pin::pin!(Limited::new(body, limit));
+    let mut body = body;
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        match &first {
+            None => first = Some(data),
+            Some(f) => {
+                if rest.is_empty() {
+                    rest.extend_from_slice(f);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(if rest.is_empty() { first.unwrap_or_default() } else { Bytes::from(rest) })
 }
 
 /// Reads the body up to `limit` bytes; past that, hands back what was read

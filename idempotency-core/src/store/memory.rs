@@ -35,9 +35,31 @@ struct Shared {
     evictions: AtomicU64,
 }
 
+/// Hashes a [`RecordId`] by taking the `u64` it writes: its bytes are
+/// already SHA-256 output, so hashing them again (SipHash) buys nothing, and
+/// no client can steer them into one bucket.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdMap<V> = HashMap<RecordId, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 #[derive(Default)]
 struct Inner {
-    records: HashMap<RecordId, Entry>,
+    records: IdMap<Entry>,
     /// Completed records in the order they completed, for eviction and
     /// sweeping. Entries are checked against `Entry::seq` (stale ones skipped).
     completed: VecDeque<(RecordId, u64)>,
