@@ -279,7 +279,9 @@ where
     let mut first: Option<Bytes> = None;
     let mut rest: Vec<u8> = Vec::new();
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else { continue };
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
         match &first {
             None => first = Some(data),
             Some(f) => {
@@ -290,7 +292,11 @@ where
             }
         }
     }
-    Ok(if rest.is_empty() { first.unwrap_or_default() } else { Bytes::from(rest) })
+    Ok(if rest.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        Bytes::from(rest)
+    })
 }
 
 /// Reads the body up to `limit` bytes; past that, hands back what was read
