@@ -9,6 +9,12 @@
 #![allow(missing_docs)]
 
 pub mod actix_adapter;
+/// The workspace README's Rust snippets (axum and actix quick starts)
+/// compile as doctests here, where both frameworks are dependencies.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+mod readme_doctests {}
+
 pub mod cases;
 pub mod tower_adapter;
 

@@ -8,7 +8,9 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpMessage, HttpResponse};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use idempotency_core::{Decision, Execution, Inspection, Problem, RequestHead, StoredResponse};
+use idempotency_core::{
+    Decision, DetachOnDrop, Execution, Inspection, Problem, RequestHead, StoredResponse,
+};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -111,22 +113,13 @@ where
                     }
                     Decision::Execute(execution) => {
                         req.set_payload(Payload::from(body));
-                        // A task of its own, so that a client that disconnects
-                        // (actix drops this future) does not cancel the
-                        // handler: it runs to completion and its response is
-                        // stored for the retry.
-                        let task =
-                            actix_web::rt::spawn(execute(execution, inner, req).in_current_span());
-                        match task.await {
-                            Ok(result) => result,
-                            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                            Err(e) => {
-                                tracing::error!(error = %e, "idempotency task cancelled by runtime shutdown");
-                                Err(actix_web::error::ErrorServiceUnavailable(
-                                    "the server is shutting down",
-                                ))
-                            }
-                        }
+                        // A client that disconnects makes actix drop this
+                        // future; the handler then finishes in a local task
+                        // of its own and its response is stored for the retry.
+                        DetachOnDrop::new(execute(execution, inner, req), |rest| {
+                            actix_web::rt::spawn(rest.in_current_span());
+                        })
+                        .await
                     }
                 }
             }

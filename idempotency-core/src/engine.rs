@@ -10,6 +10,7 @@
 
 use bytes::Bytes;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -530,6 +531,67 @@ impl Drop for Execution {
                 "idempotency claim dropped outside a runtime; it is freed when its lease passes"
             ),
         }
+    }
+}
+
+/// Drives a future in place; if dropped before it finishes (the client went
+/// away and the framework dropped the request), hands the rest of it to
+/// `spawn`, so it always runs to completion. Adapters wrap the handler's run
+/// in it: cheaper than spawning every request, since a task exists only on
+/// disconnect. `spawn` is `tokio::spawn` for tower, the framework's local
+/// spawn for actix (whose futures are not `Send`).
+pub struct DetachOnDrop<F: Future + 'static> {
+    future: Option<Pin<Box<F>>>,
+    spawn: fn(Pin<Box<F>>),
+    span: tracing::Span,
+}
+
+impl<F: Future + 'static> DetachOnDrop<F> {
+    /// Wraps `future`; `spawn` runs the rest of it if this is dropped first.
+    pub fn new(future: F, spawn: fn(Pin<Box<F>>)) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+            spawn,
+            span: tracing::Span::current(),
+        }
+    }
+}
+
+impl<F: Future + 'static> Future for DetachOnDrop<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.get_mut();
+        let Some(future) = this.future.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let out = std::task::ready!(future.as_mut().poll(cx));
+        this.future = None;
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl<F: Future + 'static> Drop for DetachOnDrop<F> {
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else {
+            return;
+        };
+        if std::thread::panicking() {
+            // The handler panicked inside poll; `Execution`'s own drop
+            // releases the claim.
+            return;
+        }
+        let _entered = self.span.enter();
+        tracing::debug!("idempotency: client went away; the handler finishes in the background");
+        (self.spawn)(future);
+    }
+}
+
+impl<F: Future + 'static> std::fmt::Debug for DetachOnDrop<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DetachOnDrop")
+            .field("finished", &self.future.is_none())
+            .finish()
     }
 }
 

@@ -65,7 +65,9 @@ pub mod conformance;
 
 pub use clock::{Clock, FakeClock, SystemClock, TokioClock};
 pub use config::{ConfigError, FailureMode, IdempotencyConfig, IdempotencyConfigBuilder};
-pub use engine::{Decision, Execution, Idempotency, Inspection, Pending, Replay, RequestHead};
+pub use engine::{
+    Decision, DetachOnDrop, Execution, Idempotency, Inspection, Pending, Replay, RequestHead,
+};
 pub use fingerprint::{Fingerprint, RecordId, Scope};
 pub use key::{IdempotencyKey, KeyError};
 pub use problem::{Problem, ProblemKind};

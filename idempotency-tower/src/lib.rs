@@ -70,8 +70,3 @@ pub use body::{RequestBody, ResponseBody};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use service::IdempotencyService;
-
-/// The README's Rust snippets compile as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-mod readme_doctests {}

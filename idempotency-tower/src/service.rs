@@ -4,9 +4,10 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
-use idempotency_core::{Decision, Execution, Idempotency, Inspection, Problem, StoredResponse};
+use idempotency_core::{
+    Decision, DetachOnDrop, Execution, Idempotency, Inspection, Problem, StoredResponse,
+};
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tower_service::Service;
@@ -128,72 +129,18 @@ where
                         // A client that disconnects drops this future; the handler
                         // then finishes in a task of its own and its response is
                         // stored for the retry.
-                        DetachOnDrop::new(execute(execution, inner, req)).await
+                        DetachOnDrop::new(execute(execution, inner, req), |rest| {
+                            match tokio::runtime::Handle::try_current() {
+                                Ok(rt) => drop(rt.spawn(rest.in_current_span())),
+                                Err(_) => tracing::warn!("idempotent request dropped outside a runtime; its claim is freed when the lease passes"),
+                            }
+                        })
+                        .await
                     }
                 }
             }
             .instrument(span),
         ))
-    }
-}
-
-/// Drives a future in place; if dropped before it finishes (the client went
-/// away), hands the rest to a tokio task, so it always runs to completion.
-/// Cheaper than spawning every request: the task exists only on disconnect.
-struct DetachOnDrop<F: Future + Send + 'static>
-where
-    F::Output: Send,
-{
-    future: Option<Pin<Box<F>>>,
-}
-
-impl<F: Future + Send + 'static> DetachOnDrop<F>
-where
-    F::Output: Send,
-{
-    fn new(future: F) -> Self {
-        Self {
-            future: Some(Box::pin(future)),
-        }
-    }
-}
-
-impl<F: Future + Send + 'static> Future for DetachOnDrop<F>
-where
-    F::Output: Send,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.get_mut();
-        let Some(future) = this.future.as_mut() else {
-            return Poll::Pending;
-        };
-        let out = std::task::ready!(future.as_mut().poll(cx));
-        this.future = None;
-        Poll::Ready(out)
-    }
-}
-
-impl<F: Future + Send + 'static> Drop for DetachOnDrop<F>
-where
-    F::Output: Send,
-{
-    fn drop(&mut self) {
-        let Some(future) = self.future.take() else {
-            return;
-        };
-        if std::thread::panicking() {
-            // The handler panicked inside poll; the claim is released by the
-            // execution's own drop.
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(future.in_current_span());
-            }
-            Err(_) => tracing::warn!("idempotent request dropped outside a runtime; its claim is freed when the lease passes"),
-        }
     }
 }
 
