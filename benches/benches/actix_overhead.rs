@@ -83,7 +83,7 @@ fn bench(c: &mut Criterion) {
     // swept as fast as they are created) instead of growing the heap for
     // the whole run, which would measure page faults, not the middleware.
     let fresh_engine = Idempotency::new(
-        MemoryStore::with_capacity(10_000_000),
+        MemoryStore::new(),
         IdempotencyConfig::builder()
             .ttl(Duration::from_secs(1))
             .build()
