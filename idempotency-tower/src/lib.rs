@@ -43,9 +43,10 @@
 //!
 //! - **Concurrency**: of any number of concurrent requests with one scope and
 //!   key, exactly one runs the handler (the store's `claim` is atomic).
-//! - **Client disconnects**: the handler runs in a task of its own, so a
-//!   client that goes away does not cancel it; its response is stored and
-//!   the retry replays it.
+//! - **Client disconnects**: when the server drops a covered request's
+//!   future (its client went away), the handler moves to a tokio task of its
+//!   own and runs to completion; its response is stored and the retry
+//!   replays it. While the client stays, nothing is spawned.
 //! - **Slow handlers** keep their claim: the lease is extended every half lease.
 //! - **Crashes**: a claim left by a dead process is taken over by the next
 //!   retry once its lease passes; the handler may then run again.
@@ -56,8 +57,8 @@
 //!   logged with their cause and never shown to the client.
 //!
 //! The inner service must be `Clone + Send + 'static` with `Send` futures and
-//! bodies (as axum's `Router` is), because covered requests run in a spawned
-//! tokio task.
+//! bodies (as axum's `Router` is), because an abandoned request finishes in a
+//! spawned tokio task.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
