@@ -319,7 +319,16 @@ impl Idempotency {
         }
     }
 
-    async fn timed<T>(&self, call: BoxFuture<'_, Result<T, StoreError>>) -> Result<T, StoreError> {
+    async fn timed<T>(
+        &self,
+        mut call: BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        // A store that answers at once (memory) needs no timer: poll once
+        // before arming one.
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
+        if let std::task::Poll::Ready(r) = first {
+            return r;
+        }
         let timeout = self.inner.config.store_timeout;
         match tokio::time::timeout(timeout, call).await {
             Ok(r) => r,

@@ -289,11 +289,16 @@ fn replay_response<B: Body>(stored: &StoredResponse) -> Response<ResponseBody<B>
     *res.status_mut() =
         StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = res.headers_mut();
+    headers.reserve(stored.headers.len() + 2);
     for (name, value) in stored.replay_headers() {
-        match (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_maybe_shared(value),
-        ) {
+        let parsed = if name == idempotency_core::IDEMPOTENT_REPLAYED {
+            Ok(HeaderName::from_static(
+                idempotency_core::IDEMPOTENT_REPLAYED,
+            ))
+        } else {
+            HeaderName::from_bytes(name.as_bytes())
+        };
+        match (parsed, HeaderValue::from_maybe_shared(value)) {
             (Ok(n), Ok(v)) => {
                 headers.append(n, v);
             }
