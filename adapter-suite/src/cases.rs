@@ -277,6 +277,58 @@ pub async fn in_flight_duplicate_is_409_with_retry_after<A: Adapter>() {
     assert_eq!(backend.executions(), 1);
 }
 
+pub async fn in_flight_duplicate_can_wait_for_the_first<A: Adapter>() {
+    tokio::time::pause();
+    let config = config().wait_for_in_flight(Duration::from_secs(10));
+    let (app, backend) = app_with::<A>(MemoryStore::new(), config).await;
+    let req = SuiteRequest::post("/slow", "wait", PAYMENT);
+    let first = app.send(req.clone());
+    let dup = async {
+        backend.started(1).await;
+        let opener = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            backend.open_gate();
+        };
+        let (dup, ()) =
+            futures_util::future::join(send_duplicate(&app, &backend, req.clone(), 1), opener)
+                .await;
+        dup
+    };
+    let (first, dup) = futures_util::future::join(first, dup).await;
+    assert_eq!(first.status, 201);
+    assert!(
+        dup.is_replay(),
+        "the duplicate waited and got the stored response: {}",
+        dup.body_str()
+    );
+    assert_eq!(dup.body, first.body);
+    assert_eq!(backend.executions(), 1);
+}
+
+pub async fn waiting_for_the_first_is_bounded<A: Adapter>() {
+    tokio::time::pause();
+    let config = config().wait_for_in_flight(Duration::from_secs(1));
+    let (app, backend) = app_with::<A>(MemoryStore::new(), config).await;
+    let req = SuiteRequest::post("/slow", "bounded", PAYMENT);
+    let first = app.send(req.clone());
+    let dup = async {
+        backend.started(1).await;
+        let started = tokio::time::Instant::now();
+        let dup = send_duplicate(&app, &backend, req.clone(), 1).await;
+        let waited = started.elapsed();
+        backend.open_gate();
+        (dup, waited)
+    };
+    let (first, (dup, waited)) = futures_util::future::join(first, dup).await;
+    assert_eq!(first.status, 201);
+    assert_problem(&dup, 409, "in-flight");
+    assert!(
+        waited >= Duration::from_secs(1),
+        "it waited the bound first: {waited:?}"
+    );
+    assert_eq!(backend.executions(), 1);
+}
+
 pub async fn sixty_four_concurrent_duplicates_run_once<A: Adapter>() {
     let (app, backend) = app::<A>(MemoryStore::new()).await;
     let req = SuiteRequest::post("/payments", "storm", PAYMENT);

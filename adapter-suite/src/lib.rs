@@ -401,6 +401,8 @@ macro_rules! adapter_suite {
             replay_drops_cookies_and_keeps_repeated_headers_in_order,
             different_request_same_key_is_422,
             in_flight_duplicate_is_409_with_retry_after,
+            in_flight_duplicate_can_wait_for_the_first,
+            waiting_for_the_first_is_bounded,
             sixty_four_concurrent_duplicates_run_once,
             server_errors_and_transient_4xx_release_the_claim,
             client_errors_are_stored_and_replayed,

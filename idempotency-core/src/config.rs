@@ -54,6 +54,7 @@ pub struct IdempotencyConfig {
     pub(crate) scope_header: Option<String>,
     pub(crate) complete_attempts: u32,
     pub(crate) complete_backoff: Duration,
+    pub(crate) wait_for_in_flight: Duration,
 }
 
 impl fmt::Debug for IdempotencyConfig {
@@ -70,6 +71,7 @@ impl fmt::Debug for IdempotencyConfig {
             .field("store_timeout", &self.store_timeout)
             .field("scope_header", &self.scope_header)
             .field("complete_attempts", &self.complete_attempts)
+            .field("wait_for_in_flight", &self.wait_for_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +95,7 @@ impl Default for IdempotencyConfig {
             scope_header: None,
             complete_attempts: 4,
             complete_backoff: Duration::from_millis(50),
+            wait_for_in_flight: Duration::ZERO,
         }
     }
 }
@@ -291,6 +294,17 @@ impl IdempotencyConfigBuilder {
     pub fn complete_retries(mut self, attempts: u32, first_backoff: Duration) -> Self {
         self.config.complete_attempts = attempts;
         self.config.complete_backoff = first_backoff;
+        self
+    }
+
+    /// Instead of answering 409 at once, a duplicate of a request still in
+    /// flight waits up to `bound` for it: it gets the stored response when the
+    /// first completes, runs the handler itself when the first released its
+    /// claim (a 5xx), and 409 when the bound passes. Default: zero (409 at
+    /// once, as Stripe and the IETF draft do). Keep it short: a waiting
+    /// request holds a connection.
+    pub fn wait_for_in_flight(mut self, bound: Duration) -> Self {
+        self.config.wait_for_in_flight = bound;
         self
     }
 

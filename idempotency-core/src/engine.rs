@@ -229,14 +229,23 @@ impl Idempotency {
         let fingerprint = fingerprint.finish(body);
         let token = LeaseToken::random();
         let config = &self.inner.config;
-        let claim = self.inner.store.claim(ClaimRequest {
+        let request = ClaimRequest {
             id: &id,
             fingerprint: &fingerprint,
             token,
             lease: config.lease,
             ttl: config.ttl,
-        });
-        let outcome = self.timed(claim).instrument(span.clone()).await;
+        };
+        let mut outcome = self
+            .timed(self.inner.store.claim(request))
+            .instrument(span.clone())
+            .await;
+        if !config.wait_for_in_flight.is_zero() {
+            outcome = self
+                .wait_while_in_flight(request, outcome)
+                .instrument(span.clone())
+                .await;
+        }
         let _enter = span.enter();
         match outcome {
             Ok(ClaimOutcome::Acquired(token)) => {
@@ -297,6 +306,31 @@ impl Idempotency {
                 }
             }
             Err(e) => self.store_failed(&e),
+        }
+    }
+
+    /// With `wait_for_in_flight` set: while the same request is in flight
+    /// elsewhere, claims again (every 25 ms, up to the bound) until it
+    /// completes (replay), is released (this request runs), or the bound
+    /// passes (409).
+    async fn wait_while_in_flight(
+        &self,
+        request: ClaimRequest<'_>,
+        mut outcome: Result<ClaimOutcome, StoreError>,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.wait_for_in_flight;
+        loop {
+            match &outcome {
+                Ok(ClaimOutcome::InFlight { fingerprint, .. })
+                    if fingerprint == request.fingerprint => {}
+                _ => return outcome,
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return outcome;
+            }
+            tokio::time::sleep((deadline - now).min(Duration::from_millis(25))).await;
+            outcome = self.timed(self.inner.store.claim(request)).await;
         }
     }
 
