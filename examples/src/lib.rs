@@ -163,3 +163,88 @@ pub async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { () = ctrl_c => {}, () = term => {} }
 }
+
+/// What both inbox consumers share: the ledger table, its effect, and the
+/// transactional inbox in front of it.
+pub mod ledger {
+    use std::time::Duration;
+
+    use inbox_consumer::{HandlerError, Inbox, InboxConfig, InboxMessage, PgInbox};
+    use serde::Deserialize;
+    use sqlx::postgres::PgPoolOptions;
+    use sqlx::{Postgres, Transaction};
+
+    use super::StartError;
+
+    /// A ledger message: `{"account": "<string>", "amount": <integer>}`.
+    #[derive(Debug, Deserialize)]
+    pub struct LedgerMessage {
+        /// The account.
+        pub account: String,
+        /// The amount in minor units.
+        pub amount: i64,
+    }
+
+    /// Connects PostgreSQL, creates `ledger_entries` (no unique constraint of
+    /// its own: the inbox alone prevents doubles) and the inbox of `consumer`,
+    /// and purges processed inbox rows past the retention once an hour.
+    pub async fn open(database: &str, consumer: &str) -> Result<PgInbox, StartError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(database)
+            .await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS ledger_entries \
+             (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)",
+        )
+        .execute(&pool)
+        .await?;
+        let inbox =
+            Inbox::postgres(pool, InboxConfig::builder(consumer.to_owned()).build()?).await?;
+        let purging = inbox.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                every.tick().await;
+                if let Err(e) = purging.purge().await {
+                    tracing::warn!(error = %e, "purge failed");
+                }
+            }
+        });
+        Ok(inbox)
+    }
+
+    /// The effect of one message: one row in `ledger_entries`, written in the
+    /// inbox's transaction, after sleeping `delay` (to widen crash windows).
+    pub async fn record(
+        tx: &mut Transaction<'static, Postgres>,
+        message: &InboxMessage,
+        delay: Duration,
+    ) -> Result<(), HandlerError> {
+        let entry: LedgerMessage =
+            serde_json::from_slice(message.payload()).map_err(HandlerError::permanent)?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        sqlx::query("INSERT INTO ledger_entries (account, amount, message_id) VALUES ($1, $2, $3)")
+            .bind(entry.account)
+            .bind(entry.amount)
+            .bind(message.id())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Processes one message through the inbox; settle (ack) only after this.
+    pub async fn process(
+        inbox: &PgInbox,
+        message: &InboxMessage,
+        delay: Duration,
+    ) -> inbox_consumer::Outcome {
+        inbox
+            .process(message, move |tx, message| {
+                Box::pin(record(tx, message, delay))
+            })
+            .await
+    }
+}

@@ -16,10 +16,9 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use clap::Parser;
+use examples::ledger;
 use futures_util::StreamExt;
-use inbox_consumer::{nats, HandlerError, Inbox, InboxConfig, PgInbox};
-use serde::Deserialize;
-use sqlx::postgres::PgPoolOptions;
+use inbox_consumer::nats;
 
 const STREAM: &str = "PAYMENTS";
 const SUBJECTS: &str = "payments.>";
@@ -41,12 +40,6 @@ struct Args {
     handler_delay: Duration,
 }
 
-#[derive(Deserialize)]
-struct Payment {
-    account: String,
-    amount: i64,
-}
-
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
@@ -59,18 +52,7 @@ async fn main() -> Result<(), Error> {
         .init();
     let args = Args::parse();
 
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&args.database)
-        .await?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS ledger_entries \
-         (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)",
-    )
-    .execute(&pool)
-    .await?;
-    let inbox = Inbox::postgres(pool, InboxConfig::builder(args.consumer.clone()).build()?).await?;
-    spawn_purger(inbox.clone());
+    let inbox = ledger::open(&args.database, &args.consumer).await?;
 
     let js = jetstream::new(async_nats::connect(&args.nats).await?);
     // Created when missing; an existing stream is used as it is.
@@ -103,42 +85,10 @@ async fn main() -> Result<(), Error> {
             _ = tokio::signal::ctrl_c() => break,
         };
         let message = nats::message(&msg);
-        let outcome = inbox
-            .process(&message, move |tx, message| {
-                Box::pin(async move {
-                    let p: Payment = serde_json::from_slice(message.payload())
-                        .map_err(HandlerError::permanent)?;
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    sqlx::query(
-                        "INSERT INTO ledger_entries (account, amount, message_id) VALUES ($1, $2, $3)",
-                    )
-                    .bind(p.account)
-                    .bind(p.amount)
-                    .bind(message.id())
-                    .execute(&mut **tx)
-                    .await?;
-                    Ok(())
-                })
-            })
-            .await;
+        let outcome = ledger::process(&inbox, &message, delay).await;
         // Ack only now, after the commit.
         nats::settle(&msg, &outcome).await?;
     }
     tracing::info!(metrics = ?inbox.metrics(), "stopped");
     Ok(())
-}
-
-/// Purges processed rows past the retention once an hour.
-fn spawn_purger(inbox: PgInbox) {
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(3600));
-        loop {
-            every.tick().await;
-            if let Err(e) = inbox.purge().await {
-                tracing::warn!(error = %e, "purge failed");
-            }
-        }
-    });
 }
