@@ -192,6 +192,10 @@ where
             execution.complete(stored).await;
             ResponseBody::full(bytes)
         }
+        Read::Oversized(bytes) => {
+            execution.complete_not_replayable(status).await;
+            ResponseBody::full(bytes)
+        }
         Read::TooLarge { prefix, rest } => {
             execution.complete_not_replayable(status).await;
             ResponseBody::chain(prefix, rest)
@@ -211,6 +215,8 @@ enum Read<B: Body> {
         prefix: VecDeque<Bytes>,
         rest: Pin<Box<B>>,
     },
+    /// Over the limit although its size hint said otherwise; read in full.
+    Oversized(Bytes),
     Failed(B::Error),
 }
 
@@ -221,34 +227,82 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let body = std::pin::pin!(Limited::new(body, limit));
-    let mut body = body;
-    let mut first: Option<Bytes> = None;
-    let mut rest: Vec<u8> = Vec::new();
+    let mut body = std::pin::pin!(Limited::new(body, limit));
+    let mut joined = Joined::default();
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        match &first {
-            None => first = Some(data),
-            Some(f) => {
-                if rest.is_empty() {
-                    rest.extend_from_slice(f);
+        if let Ok(data) = frame?.into_data() {
+            joined.push(data);
+        }
+    }
+    Ok(joined.into_bytes())
+}
+
+/// Chunks joined into one `Bytes`, copying only when there is more than one.
+#[derive(Default)]
+struct Joined {
+    first: Option<Bytes>,
+    rest: Vec<u8>,
+}
+
+impl Joined {
+    fn push(&mut self, data: Bytes) {
+        match &self.first {
+            None => self.first = Some(data),
+            Some(first) => {
+                if self.rest.is_empty() {
+                    self.rest.extend_from_slice(first);
                 }
-                rest.extend_from_slice(&data);
+                self.rest.extend_from_slice(&data);
             }
         }
     }
-    Ok(if rest.is_empty() {
-        first.unwrap_or_default()
-    } else {
-        Bytes::from(rest)
-    })
+
+    fn len(&self) -> usize {
+        if self.rest.is_empty() {
+            self.first.as_ref().map_or(0, Bytes::len)
+        } else {
+            self.rest.len()
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        if self.rest.is_empty() {
+            self.first.unwrap_or_default()
+        } else {
+            Bytes::from(self.rest)
+        }
+    }
 }
 
 /// Reads the body up to `limit` bytes; past that, hands back what was read
 /// and the rest of the stream so the client still gets all of it.
 async fn read_limited<B: Body<Data = Bytes>>(body: B, limit: usize) -> Read<B> {
+    // Trailers are not stored: a replay has none.
+    if body
+        .size_hint()
+        .upper()
+        .is_some_and(|upper| upper <= limit as u64)
+    {
+        // The body says it fits: read it in place, no box, no queue.
+        let mut body = std::pin::pin!(body);
+        let mut joined = Joined::default();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        joined.push(data);
+                    }
+                }
+                Err(e) => return Read::Failed(e),
+            }
+        }
+        // A body that broke its size hint was read in full anyway.
+        return if joined.len() > limit {
+            Read::Oversized(joined.into_bytes())
+        } else {
+            Read::Complete(joined.into_bytes())
+        };
+    }
     let mut body = Box::pin(body);
     let mut chunks = VecDeque::new();
     let mut len = 0usize;
@@ -267,21 +321,14 @@ async fn read_limited<B: Body<Data = Bytes>>(body: B, limit: usize) -> Read<B> {
                         };
                     }
                 }
-                // Trailers are not stored: a replay has none.
             }
         }
     }
-    Read::Complete(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop_front().unwrap_or_default(),
-        _ => {
-            let mut buf = Vec::with_capacity(len);
-            for c in chunks {
-                buf.extend_from_slice(&c);
-            }
-            Bytes::from(buf)
-        }
-    })
+    let mut joined = Joined::default();
+    for c in chunks {
+        joined.push(c);
+    }
+    Read::Complete(joined.into_bytes())
 }
 
 fn replay_response<B: Body>(stored: &StoredResponse) -> Response<ResponseBody<B>> {
