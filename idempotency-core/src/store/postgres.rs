@@ -61,8 +61,9 @@ use bytes::Bytes;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
-use super::{BoxFuture, ClaimRequest, Store, StoreError};
-use crate::fingerprint::{Fingerprint, RecordId};
+use super::sql::millis;
+use super::{ClaimRequest, StoreError};
+use crate::fingerprint::Fingerprint;
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
 
 const BACKEND: &str = "postgres";
@@ -71,13 +72,6 @@ const BACKEND: &str = "postgres";
 pub const DEFAULT_SCHEMA: &str = "idempotency";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
-/// Durations are capped at about 31 years.
-const MAX_MILLIS: u64 = 1_000_000_000_000;
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis().min(u128::from(MAX_MILLIS))).unwrap_or(i64::MAX)
-}
 
 fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
     StoreError::backend(BACKEND, e)
@@ -419,63 +413,7 @@ fn parse_claim(row: &PgRow, token: LeaseToken) -> Result<ClaimOutcome, sqlx::Err
     }
 }
 
-impl Store for PostgresStore {
-    fn claim<'a>(
-        &'a self,
-        req: ClaimRequest<'a>,
-    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
-        Box::pin(self.claim_now(req))
-    }
-
-    fn complete<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        outcome: Arc<StoredOutcome>,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(async move {
-            let query = sqlx::query(&self.queries.complete)
-                .bind(id.as_bytes().as_slice())
-                .bind(token.to_bytes().to_vec())
-                .bind(outcome.encode())
-                .bind(millis(ttl));
-            self.fenced(query).await
-        })
-    }
-
-    fn release<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(async move {
-            let query = sqlx::query(&self.queries.release)
-                .bind(id.as_bytes().as_slice())
-                .bind(token.to_bytes().to_vec());
-            self.fenced(query).await
-        })
-    }
-
-    fn extend<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(async move {
-            let query = sqlx::query(&self.queries.extend)
-                .bind(id.as_bytes().as_slice())
-                .bind(token.to_bytes().to_vec())
-                .bind(millis(lease));
-            self.fenced(query).await
-        })
-    }
-
-    fn backend(&self) -> &'static str {
-        BACKEND
-    }
-}
+super::sql::sql_store!(PostgresStore);
 
 #[cfg(test)]
 mod tests {
