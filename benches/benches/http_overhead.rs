@@ -3,63 +3,17 @@
 //! body, on the fresh-key path and on the replay path. Prints the difference
 //! of medians measured in the same run.
 
-use axum::body::Body;
 use axum::routing::post;
 use axum::Router;
-use bytes::Bytes;
+use benches::{handler, json_body, request, send};
 use criterion::{BenchmarkId, Criterion};
-use http_body_util::BodyExt;
 use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
 use idempotency_tower::IdempotencyLayer;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tower::ServiceExt;
-
-fn json_body() -> Bytes {
-    // 1 KiB of JSON.
-    let mut s = String::from("{\"amount\":100,\"currency\":\"EUR\",\"note\":\"");
-    while s.len() < 1022 {
-        s.push('x');
-    }
-    s.push_str("\"}");
-    Bytes::from(s)
-}
-
-async fn handler(
-    body: Bytes,
-) -> (
-    http::StatusCode,
-    [(http::HeaderName, &'static str); 2],
-    Bytes,
-) {
-    (
-        http::StatusCode::CREATED,
-        [
-            (http::header::CONTENT_TYPE, "application/json"),
-            (http::header::LOCATION, "/payments/pay_1"),
-        ],
-        Bytes::copy_from_slice(&body[..64]),
-    )
-}
-
-fn request(key: &str, body: &Bytes) -> http::Request<Body> {
-    http::Request::post("/payments")
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .header("content-length", body.len())
-        .body(Body::from(body.clone()))
-        .expect("valid request")
-}
-
-async fn send(router: &Router, req: http::Request<Body>) {
-    let res = router.clone().oneshot(req).await.expect("infallible");
-    let body = res.into_body().collect().await.expect("body");
-    std::hint::black_box(body);
-}
 
 fn bench(c: &mut Criterion) {
-    // One thread, as one request is served on one worker: the layer's spawned
-    // task then costs what it costs a server, not a cross-thread wake-up.
+    // One thread, as one request is served on one worker of a server.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

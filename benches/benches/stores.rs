@@ -15,59 +15,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::routing::post;
 use axum::Router;
+use benches::{handler, json_body, request, send};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
-use http_body_util::BodyExt;
 use idempotency_core::{
     ClaimOutcome, ClaimRequest, Fingerprint, Idempotency, IdempotencyConfig, LeaseToken, RecordId,
     Store, StoredOutcome, StoredResponse,
 };
 use idempotency_tower::IdempotencyLayer;
-use tower::ServiceExt;
-
-fn json_body() -> Bytes {
-    let mut s = String::from("{\"amount\":100,\"currency\":\"EUR\",\"note\":\"");
-    while s.len() < 1022 {
-        s.push('x');
-    }
-    s.push_str("\"}");
-    Bytes::from(s)
-}
-
-async fn handler(
-    body: Bytes,
-) -> (
-    http::StatusCode,
-    [(http::HeaderName, &'static str); 2],
-    Bytes,
-) {
-    (
-        http::StatusCode::CREATED,
-        [
-            (http::header::CONTENT_TYPE, "application/json"),
-            (http::header::LOCATION, "/payments/pay_1"),
-        ],
-        Bytes::copy_from_slice(&body[..64]),
-    )
-}
-
-fn request(key: &str, body: &Bytes) -> http::Request<Body> {
-    http::Request::post("/payments")
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .header("content-length", body.len())
-        .body(Body::from(body.clone()))
-        .expect("valid request")
-}
-
-async fn send(router: &Router, req: http::Request<Body>) {
-    let res = router.clone().oneshot(req).await.expect("infallible");
-    let body = res.into_body().collect().await.expect("body");
-    std::hint::black_box(body);
-}
 
 fn outcome() -> Arc<StoredOutcome> {
     Arc::new(StoredOutcome::Response(StoredResponse {

@@ -4,6 +4,57 @@
 
 use std::path::PathBuf;
 
+use axum::body::Body;
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+/// The 1 KiB JSON body every HTTP bench sends.
+pub fn json_body() -> Bytes {
+    let mut s = String::from("{\"amount\":100,\"currency\":\"EUR\",\"note\":\"");
+    while s.len() < 1022 {
+        s.push('x');
+    }
+    s.push_str("\"}");
+    Bytes::from(s)
+}
+
+/// The bare axum handler: 201 with two headers and 64 bytes of the body.
+pub async fn handler(
+    body: Bytes,
+) -> (
+    http::StatusCode,
+    [(http::HeaderName, &'static str); 2],
+    Bytes,
+) {
+    (
+        http::StatusCode::CREATED,
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::LOCATION, "/payments/pay_1"),
+        ],
+        Bytes::copy_from_slice(&body[..64]),
+    )
+}
+
+/// A `POST /payments` with `Idempotency-Key: key` and `body`.
+pub fn request(key: &str, body: &Bytes) -> http::Request<Body> {
+    http::Request::post("/payments")
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .header("content-length", body.len())
+        .body(Body::from(body.clone()))
+        .expect("valid request")
+}
+
+/// Sends one request in process and reads the whole response.
+pub async fn send(router: &Router, req: http::Request<Body>) {
+    let res = router.clone().oneshot(req).await.expect("infallible");
+    let body = res.into_body().collect().await.expect("body");
+    std::hint::black_box(body);
+}
+
 /// criterion's output folder for this run.
 pub fn criterion_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
