@@ -61,10 +61,10 @@ pub async fn connect_store(
     Ok(idempotency_core::store::connect(url).await?)
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_tracing() {
+/// Logs to stderr; `RUST_LOG` filters (else `default_filter`, e.g. `info`).
+pub fn init_tracing(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

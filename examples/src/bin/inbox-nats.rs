@@ -40,16 +40,9 @@ struct Args {
     handler_delay: Duration,
 }
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
 #[tokio::main]
-async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,inbox_consumer=debug".into()),
-        )
-        .init();
+async fn main() -> Result<(), examples::StartError> {
+    examples::init_tracing("info,inbox_consumer=debug");
     let args = Args::parse();
 
     let inbox = ledger::open(&args.database, &args.consumer).await?;

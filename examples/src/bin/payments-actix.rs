@@ -50,7 +50,7 @@ fn payments(cfg: &mut web::ServiceConfig) {
 
 #[actix_web::main]
 async fn main() -> Result<(), StartError> {
-    init_tracing();
+    init_tracing("info");
     let args = PaymentsArgs::parse();
     let idempotency = args.engine().await?.map(IdempotencyMiddleware::new);
     let ledger = web::Data::new(Ledger::default());

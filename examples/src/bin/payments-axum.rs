@@ -53,7 +53,7 @@ async fn list_payments(State(app): State<App>) -> Response {
 
 #[tokio::main]
 async fn main() -> Result<(), StartError> {
-    init_tracing();
+    init_tracing("info");
     let args = PaymentsArgs::parse();
     let engine = args.engine().await?;
     let app = App {
