@@ -69,3 +69,94 @@ async fn drop_schema(store: &idempotency_core::store::postgres::PostgresStore, s
         .await
         .expect("drop schema");
 }
+
+/// A key this store did not write (another value type, or a string in no
+/// record layout) is reported by every operation and left as it was.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_reports_foreign_keys_and_never_overwrites_them() {
+    use std::time::Duration;
+
+    use idempotency_core::store::redis::RedisStore;
+    use idempotency_core::{
+        ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoreError, StoredOutcome,
+    };
+    let Some(url) = common::service_url("REDIS_URL", "redis_reports_foreign_keys") else {
+        return;
+    };
+    let store = RedisStore::connect(&url)
+        .await
+        .expect("redis")
+        .with_prefix(format!("{}:", common::unique("foreign")));
+    let mut conn = store.connection().clone();
+    let fingerprint = Fingerprint::compute("POST", "/p", None, None, b"{}");
+    let token = LeaseToken::random();
+    type Plant = fn(&str) -> redis::Cmd;
+    let plants: [(&str, Plant); 3] = [
+        ("hash", |key| {
+            redis::cmd("HSET").arg(key).arg("s").arg("c").clone()
+        }),
+        ("garbage", |key| {
+            redis::cmd("SET").arg(key).arg("zzz").clone()
+        }),
+        ("short in-flight", |key| {
+            redis::cmd("SET").arg(key).arg("i123").clone()
+        }),
+    ];
+    for (name, plant) in plants {
+        let id = RecordId::from_parts(b"foreign", name.as_bytes());
+        let key = store.key(&id);
+        let _: () = plant(&key).query_async(&mut conn).await.expect("plant");
+        let dump = |conn: &mut redis::aio::ConnectionManager| {
+            let mut conn = conn.clone();
+            let key = key.clone();
+            async move {
+                let v: Vec<u8> = redis::cmd("DUMP")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("dump");
+                v
+            }
+        };
+        let before = dump(&mut conn).await;
+        let claim = store
+            .claim(ClaimRequest {
+                id: &id,
+                fingerprint: &fingerprint,
+                token,
+                lease: Duration::from_secs(30),
+                ttl: Duration::from_secs(60),
+            })
+            .await;
+        assert!(
+            matches!(
+                claim,
+                Err(StoreError::Corrupt(_) | StoreError::Backend { .. })
+            ),
+            "{name}: claim accepted a foreign key: {claim:?}"
+        );
+        let outcome = std::sync::Arc::new(StoredOutcome::NotReplayable { status: 201 });
+        let complete = store
+            .complete(&id, token, outcome, Duration::from_secs(60))
+            .await;
+        let release = store.release(&id, token).await;
+        let extend = store.extend(&id, token, Duration::from_secs(1)).await;
+        for (op, result) in [
+            ("complete", complete),
+            ("release", release),
+            ("extend", extend),
+        ] {
+            assert!(
+                !matches!(result, Ok(idempotency_core::TokenOutcome::Applied)),
+                "{name}: {op} applied to a foreign key"
+            );
+        }
+        assert_eq!(dump(&mut conn).await, before, "{name}: the key changed");
+        let _: () = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    }
+}

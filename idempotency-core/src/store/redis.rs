@@ -14,12 +14,17 @@
 //!
 //! # Layout
 //!
-//! One record is one hash at `{prefix}{<64 hex digits of the record id>}`
-//! with the fields `s` (state: `i` in flight, `c` completed), `f`
-//! (fingerprint), `t` (token), `l` (lease end, ms on Redis's clock), `x` (how
-//! long an abandoned claim is kept after its lease, ms) and `o` (the encoded
-//! outcome; a completed record keeps its last `t`, `l` and `x`, unused). The key expires by itself (`PEXPIREAT`/`PEXPIRE`) when the record
-//! does, so nothing needs purging.
+//! One record is one string at `{prefix}{<64 hex digits of the record id>}`:
+//! in flight, `i` + fingerprint (32 bytes) + token (16 bytes) + how long an
+//! abandoned claim is kept after its lease (decimal ms); completed, `c` +
+//! fingerprint + the encoded outcome. The key's own expiry is the clock: an
+//! in-flight key expires when its lease ends plus that time, so the lease
+//! remaining is its `PTTL` minus it; a completed key expires its ttl after
+//! completion. Nothing needs purging.
+//!
+//! A key that holds anything else (another value type, or a string this store
+//! did not write) is reported as [`StoreError::Corrupt`] or
+//! [`StoreError::Backend`] and never overwritten.
 //!
 //! # Guarantees
 //!
@@ -32,8 +37,10 @@
 //!   round trips (claim, complete), a replay 1. After Redis lost its script
 //!   cache (a restart), the first call of each script costs 2 more (`NOSCRIPT`,
 //!   `SCRIPT LOAD`) and the steady state returns.
-//! - **Time.** Leases and expiry come from Redis's clock (`TIME` inside the
-//!   scripts, and key expiry), so instances with skewed clocks agree.
+//! - **Time.** Leases and expiry come from Redis's clock (key expiry, read
+//!   back with `PTTL`), so instances with skewed clocks agree.
+//! - **Work per call.** A fresh claim runs `GET` and `SET` inside its script,
+//!   a replay one `GET`, a completion `GET` and `SET`.
 //! - **Crashes.** A service instance that dies mid-request leaves an in-flight
 //!   record: retries of the same request get 409 until its lease passes, then
 //!   one of them takes it over. What Redis itself keeps across *its* restart
@@ -63,64 +70,65 @@ const BACKEND: &str = "redis";
 pub const DEFAULT_PREFIX: &str = "idempotency:";
 
 /// Durations are capped at about 31 years so that times stay exact in Lua's
-/// doubles (and in `PEXPIREAT`).
+/// doubles (and in `PEXPIRE`).
 const MAX_MILLIS: u64 = 1_000_000_000_000;
 
-/// Enables effects replication on Redis 5 and 6 (a no-op on 7; it must come
-/// before the script's first write), so that scripts may write after calling
-/// `TIME`; then reads Redis's clock in ms.
-const NOW: &str = r"
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-";
+// A record is one string value:
+//   in flight: 'i' .. fingerprint (32 bytes) .. token (16 bytes) .. x
+//   completed: 'c' .. fingerprint (32 bytes) .. encoded outcome
+// where x (decimal ms) is how long an abandoned claim is kept after its
+// lease. The key's own expiry is the clock: an in-flight key expires at lease
+// end + x, so the lease remaining is `PTTL - x`; a completed key expires ttl
+// after completion.
 
 // KEYS[1] the record; ARGV: fingerprint, token, lease ms, ttl ms.
-// Returns {'a'} | {'i', fingerprint, lease remaining ms} | {'c', fingerprint, outcome}.
-// A replay returns before reading the clock: one HMGET, nothing else.
+// Returns 1 (acquired) | {fingerprint, lease remaining ms} (in flight) | the
+// record's value (completed, or not a record this store wrote).
+// A fresh claim is GET + SET; a replay one GET.
 const CLAIM: &str = r"
-local rec = redis.call('HMGET', KEYS[1], 's', 'f', 'l', 'o')
-if rec[1] == 'c' then
-  return {'c', rec[2], rec[4]}
-end
-__NOW__
-if rec[1] == 'i' then
-  local lease_until = tonumber(rec[3])
-  if lease_until > now or rec[2] ~= ARGV[1] then
-    return {'i', rec[2], math.max(0, lease_until - now)}
+local v = redis.call('GET', KEYS[1])
+if v then
+  if string.byte(v, 1) ~= 105 then return v end
+  local x = tonumber(string.sub(v, 50))
+  if #v < 50 or not x then return v end
+  -- Redis 3.2 to 4 replicate scripts verbatim unless told otherwise, and
+  -- PTTL is not deterministic. A no-op from Redis 7.
+  if redis.replicate_commands then redis.replicate_commands() end
+  local remaining = redis.call('PTTL', KEYS[1]) - x
+  local fingerprint = string.sub(v, 2, 33)
+  if remaining > 0 or fingerprint ~= ARGV[1] then
+    return {fingerprint, math.max(0, remaining)}
   end
 end
-local lease_until = now + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 's', 'i', 'f', ARGV[1], 't', ARGV[2], 'l', lease_until, 'x', ARGV[4])
-redis.call('PEXPIREAT', KEYS[1], lease_until + tonumber(ARGV[4]))
-return {'a'}
+redis.call('SET', KEYS[1], 'i' .. ARGV[1] .. ARGV[2] .. ARGV[4], 'PX', tonumber(ARGV[3]) + tonumber(ARGV[4]))
+return 1
+";
+
+/// The start of every fenced script: `v` is the record, and the script
+/// returns 0 unless it is in flight under the token in `ARGV[1]`.
+const HELD: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v or string.byte(v, 1) ~= 105 or string.sub(v, 34, 49) ~= ARGV[1] then return 0 end
 ";
 
 // KEYS[1]; ARGV: token, outcome, ttl ms. Returns 1 (applied) or 0 (fenced).
 const COMPLETE: &str = r"
-local rec = redis.call('HMGET', KEYS[1], 's', 't')
-if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+__HELD__
+redis.call('SET', KEYS[1], 'c' .. string.sub(v, 2, 33) .. ARGV[2], 'PX', ARGV[3])
 return 1
 ";
 
 // KEYS[1]; ARGV: token. Returns 1 or 0.
 const RELEASE: &str = r"
-local rec = redis.call('HMGET', KEYS[1], 's', 't')
-if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
+__HELD__
 redis.call('DEL', KEYS[1])
 return 1
 ";
 
 // KEYS[1]; ARGV: token, lease ms. Returns 1 or 0.
 const EXTEND: &str = r"
-local rec = redis.call('HMGET', KEYS[1], 's', 't', 'x')
-if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
-__NOW__
-local lease_until = now + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'l', lease_until)
-redis.call('PEXPIREAT', KEYS[1], lease_until + tonumber(rec[3]))
+__HELD__
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(string.sub(v, 50)))
 return 1
 ";
 
@@ -133,12 +141,12 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let timed = |body: &str| Script::new(&body.replace("__NOW__", NOW));
+        let fenced = |body: &str| Script::new(&body.replace("__HELD__", HELD));
         Self {
-            claim: timed(CLAIM),
-            complete: Script::new(COMPLETE),
-            release: Script::new(RELEASE),
-            extend: timed(EXTEND),
+            claim: Script::new(CLAIM),
+            complete: fenced(COMPLETE),
+            release: fenced(RELEASE),
+            extend: fenced(EXTEND),
         }
     }
 }
@@ -226,7 +234,19 @@ impl RedisStore {
 
     /// The Redis key of a record: `{prefix}{<hex id>}`.
     pub fn key(&self, id: &RecordId) -> String {
-        format!("{}{{{}}}", self.prefix, id.to_hex())
+        String::from_utf8(self.key_bytes(id)).expect("the prefix is UTF-8 and hex is ASCII")
+    }
+
+    fn key_bytes(&self, id: &RecordId) -> Vec<u8> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut key = Vec::with_capacity(self.prefix.len() + 66);
+        key.extend_from_slice(self.prefix.as_bytes());
+        key.push(b'{');
+        for b in id.as_bytes() {
+            key.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]]);
+        }
+        key.push(b'}');
+        key
     }
 
     /// Loads the four scripts into Redis's script cache (`SCRIPT LOAD`), so
@@ -256,36 +276,52 @@ impl RedisStore {
         &self.conn
     }
 
-    async fn claim_now(&self, req: ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+    /// `EVALSHA script 1 <record key>`, built in one buffer; the caller
+    /// appends the arguments.
+    fn call(&self, script: &Script, id: &RecordId, capacity: usize) -> redis::Cmd {
+        let key = self.key_bytes(id);
+        let mut cmd = redis::Cmd::with_capacity(8, 64 + key.len() + capacity);
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(1)
+            .arg(key.as_slice());
+        cmd
+    }
+
+    /// Runs `cmd` (built by [`call`](Self::call) for `script`). After Redis
+    /// lost its script cache (`NOSCRIPT`), loads the script and runs it again.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        let reply: Value = self
-            .scripts
-            .claim
-            .key(self.key(req.id))
-            .arg(req.fingerprint.as_bytes().as_slice())
+        match cmd.query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                script
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(backend)?;
+                cmd.query_async(&mut conn).await.map_err(backend)
+            }
+            result => result.map_err(backend),
+        }
+    }
+
+    async fn claim_now(&self, req: ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let script = &self.scripts.claim;
+        let mut cmd = self.call(script, req.id, 96);
+        cmd.arg(req.fingerprint.as_bytes().as_slice())
             .arg(req.token.to_bytes().as_slice())
             .arg(millis(req.lease))
-            .arg(millis(req.ttl))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(backend)?;
+            .arg(millis(req.ttl));
+        let reply: Value = self.invoke(script, &cmd).await?;
         parse_claim(reply, req.token)
     }
 
-    async fn fenced(
-        &self,
-        script: &Script,
-        id: &RecordId,
-        token: LeaseToken,
-        extra: &[Vec<u8>],
-    ) -> Result<TokenOutcome, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut call = script.key(self.key(id));
-        call.arg(token.to_bytes().as_slice());
-        for arg in extra {
-            call.arg(arg.as_slice());
-        }
-        let applied: i64 = call.invoke_async(&mut conn).await.map_err(backend)?;
+    async fn fenced(&self, script: &Script, cmd: redis::Cmd) -> Result<TokenOutcome, StoreError> {
+        let applied: i64 = self.invoke(script, &cmd).await?;
         Ok(if applied == 1 {
             TokenOutcome::Applied
         } else {
@@ -298,15 +334,7 @@ fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(format!("redis claim reply: {what}"))
 }
 
-fn bulk(v: Value, what: &str) -> Result<Vec<u8>, StoreError> {
-    match v {
-        Value::BulkString(b) => Ok(b),
-        _ => Err(corrupt(what)),
-    }
-}
-
-fn fingerprint(v: Value) -> Result<Fingerprint, StoreError> {
-    let bytes = bulk(v, "fingerprint missing")?;
+fn fingerprint(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
     let bytes: [u8; 32] = bytes
         .try_into()
         .map_err(|_| corrupt("fingerprint is not 32 bytes"))?;
@@ -314,33 +342,27 @@ fn fingerprint(v: Value) -> Result<Fingerprint, StoreError> {
 }
 
 fn parse_claim(reply: Value, token: LeaseToken) -> Result<ClaimOutcome, StoreError> {
-    let Value::Array(items) = reply else {
-        return Err(corrupt("not an array"));
-    };
-    let mut items = items.into_iter();
-    let tag = bulk(items.next().unwrap_or(Value::Nil), "no state")?;
-    match tag.as_slice() {
-        b"a" => Ok(ClaimOutcome::Acquired(token)),
-        b"i" => {
-            let fingerprint = fingerprint(items.next().unwrap_or(Value::Nil))?;
-            let remaining = match items.next() {
-                Some(Value::Int(ms)) => u64::try_from(ms).unwrap_or(0),
-                _ => return Err(corrupt("lease missing")),
-            };
-            Ok(ClaimOutcome::InFlight {
-                fingerprint,
-                lease_remaining: Duration::from_millis(remaining),
-            })
-        }
-        b"c" => {
-            let fingerprint = fingerprint(items.next().unwrap_or(Value::Nil))?;
-            let outcome = bulk(items.next().unwrap_or(Value::Nil), "outcome missing")?;
-            Ok(ClaimOutcome::Completed {
-                fingerprint,
-                outcome: Arc::new(StoredOutcome::decode(Bytes::from(outcome))?),
-            })
-        }
-        _ => Err(corrupt("unknown state")),
+    match reply {
+        Value::Int(1) => Ok(ClaimOutcome::Acquired(token)),
+        Value::Array(items) => match items.as_slice() {
+            [Value::BulkString(fp), Value::Int(ms)] => Ok(ClaimOutcome::InFlight {
+                fingerprint: fingerprint(fp)?,
+                lease_remaining: Duration::from_millis(u64::try_from(*ms).unwrap_or(0)),
+            }),
+            _ => Err(corrupt("malformed in-flight reply")),
+        },
+        Value::BulkString(record) => match record.first() {
+            Some(b'c') if record.len() >= 33 => {
+                let fingerprint = fingerprint(&record[1..33])?;
+                let outcome = Bytes::from(record).slice(33..);
+                Ok(ClaimOutcome::Completed {
+                    fingerprint,
+                    outcome: Arc::new(StoredOutcome::decode(outcome)?),
+                })
+            }
+            _ => Err(corrupt("the key holds something this store did not write")),
+        },
+        _ => Err(corrupt("unexpected reply")),
     }
 }
 
@@ -360,8 +382,13 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
         Box::pin(async move {
-            let extra = [outcome.encode(), millis(ttl).to_string().into_bytes()];
-            self.fenced(&self.scripts.complete, id, token, &extra).await
+            let script = &self.scripts.complete;
+            let outcome = outcome.encode();
+            let mut cmd = self.call(script, id, outcome.len() + 48);
+            cmd.arg(token.to_bytes().as_slice())
+                .arg(outcome.as_slice())
+                .arg(millis(ttl));
+            self.fenced(script, cmd).await
         })
     }
 
@@ -370,7 +397,12 @@ impl Store for RedisStore {
         id: &'a RecordId,
         token: LeaseToken,
     ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(self.fenced(&self.scripts.release, id, token, &[]))
+        Box::pin(async move {
+            let script = &self.scripts.release;
+            let mut cmd = self.call(script, id, 16);
+            cmd.arg(token.to_bytes().as_slice());
+            self.fenced(script, cmd).await
+        })
     }
 
     fn extend<'a>(
@@ -380,8 +412,10 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
         Box::pin(async move {
-            let extra = [millis(lease).to_string().into_bytes()];
-            self.fenced(&self.scripts.extend, id, token, &extra).await
+            let script = &self.scripts.extend;
+            let mut cmd = self.call(script, id, 40);
+            cmd.arg(token.to_bytes().as_slice()).arg(millis(lease));
+            self.fenced(script, cmd).await
         })
     }
 
@@ -399,24 +433,36 @@ mod tests {
         let t = LeaseToken::random();
         for reply in [
             Value::Nil,
+            Value::Int(0),
             Value::Array(vec![]),
-            Value::Array(vec![Value::BulkString(b"z".to_vec())]),
-            Value::Array(vec![Value::BulkString(b"i".to_vec())]),
-            Value::Array(vec![
-                Value::BulkString(b"i".to_vec()),
-                Value::BulkString(vec![0; 31]),
-                Value::Int(5),
-            ]),
-            Value::Array(vec![
-                Value::BulkString(b"c".to_vec()),
-                Value::BulkString(vec![0; 32]),
-                Value::BulkString(vec![9, 9]),
-            ]),
+            Value::Array(vec![Value::BulkString(vec![0; 32])]),
+            Value::Array(vec![Value::BulkString(vec![0; 31]), Value::Int(5)]),
+            Value::BulkString(vec![]),
+            Value::BulkString(b"z".to_vec()),
+            Value::BulkString(b"i-not-a-record".to_vec()),
+            Value::BulkString([&b"c"[..], &[0; 31]].concat()),
+            Value::BulkString([&b"c"[..], &[0; 32], &[9, 9]].concat()),
         ] {
             assert!(
                 matches!(parse_claim(reply, t), Err(StoreError::Corrupt(_))),
                 "accepted a malformed reply"
             );
         }
+    }
+
+    #[test]
+    fn well_formed_replies_parse() {
+        let t = LeaseToken::random();
+        assert!(matches!(
+            parse_claim(Value::Int(1), t),
+            Ok(ClaimOutcome::Acquired(got)) if got == t
+        ));
+        let in_flight = Value::Array(vec![Value::BulkString(vec![7; 32]), Value::Int(1500)]);
+        assert!(matches!(
+            parse_claim(in_flight, t),
+            Ok(ClaimOutcome::InFlight { fingerprint, lease_remaining })
+                if fingerprint == Fingerprint::from_bytes([7; 32])
+                    && lease_remaining == Duration::from_millis(1500)
+        ));
     }
 }
