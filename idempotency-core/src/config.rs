@@ -49,6 +49,9 @@ pub struct IdempotencyConfig {
     pub(crate) max_stored_response: usize,
     pub(crate) store_response: StatusPredicate,
     pub(crate) never_replayed: Vec<String>,
+    /// Bit `n` set: a name of `n` bytes is in `never_replayed` (bit 0: one
+    /// of 64 bytes or more). Most headers are ruled out by their length.
+    pub(crate) never_replayed_lengths: u64,
     pub(crate) failure_mode: FailureMode,
     pub(crate) store_timeout: Duration,
     pub(crate) scope_header: Option<String>,
@@ -90,6 +93,7 @@ impl Default for IdempotencyConfig {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            never_replayed_lengths: lengths(DEFAULT_NEVER_REPLAYED),
             failure_mode: FailureMode::Closed,
             store_timeout: Duration::from_secs(2),
             scope_header: None,
@@ -136,7 +140,8 @@ impl IdempotencyConfig {
     /// Whether a response header (name in lowercase) is stored for replay.
     pub fn replays_header(&self, lowercase_name: &str) -> bool {
         lowercase_name != "content-length"
-            && !self.never_replayed.iter().any(|h| h == lowercase_name)
+            && (self.never_replayed_lengths & length_bit(lowercase_name) == 0
+                || !self.never_replayed.iter().any(|h| h == lowercase_name))
     }
 
     /// How long completed records replay.
@@ -316,7 +321,8 @@ impl IdempotencyConfigBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let c = self.config;
+        let mut c = self.config;
+        c.never_replayed_lengths = lengths(&c.never_replayed);
         if c.methods.is_empty() {
             return Err(ConfigError::NoMethods);
         }
@@ -337,6 +343,16 @@ impl IdempotencyConfigBuilder {
         }
         Ok(c)
     }
+}
+
+fn length_bit(name: &str) -> u64 {
+    1 << if name.len() < 64 { name.len() } else { 0 }
+}
+
+fn lengths(names: &[impl AsRef<str>]) -> u64 {
+    names
+        .iter()
+        .fold(0, |bits, n| bits | length_bit(n.as_ref()))
 }
 
 fn valid_token(name: &str) -> bool {

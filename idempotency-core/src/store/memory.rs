@@ -1,6 +1,6 @@
 //! The in-process store: one instance, bounded in entries, nothing survives a restart.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{hash_map, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -180,48 +180,50 @@ impl MemoryStore {
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.sweep_front(now);
-        if let Some(entry) = inner.records.get_mut(req.id) {
-            let expired = entry.state.expires_at() <= now;
-            match &entry.state {
-                _ if expired => {}
-                State::InFlight {
-                    lease_until: held, ..
-                } => {
-                    if *held > now || entry.fingerprint != *req.fingerprint {
-                        return Ok(ClaimOutcome::InFlight {
-                            fingerprint: entry.fingerprint,
-                            lease_remaining: Duration::from_millis(held.saturating_sub(now)),
-                        });
-                    }
-                    // Lease passed, same request: take over with the new token.
-                }
-                State::Completed { outcome, .. } => {
-                    return Ok(ClaimOutcome::Completed {
-                        fingerprint: entry.fingerprint,
-                        outcome: Arc::clone(outcome),
-                    });
-                }
-            }
-            // A new generation: queue entries of the old one are now stale.
-            inner.seq += 1;
-            entry.seq = inner.seq;
-            entry.fingerprint = *req.fingerprint;
-            entry.state = fresh();
-            return Ok(ClaimOutcome::Acquired(req.token));
-        }
-        if inner.records.len() >= self.shared.capacity {
+        if inner.records.len() >= self.shared.capacity && !inner.records.contains_key(req.id) {
             self.make_room(inner, now)?;
         }
-        inner.seq += 1;
-        let seq = inner.seq;
-        inner.records.insert(
-            *req.id,
-            Entry {
-                fingerprint: *req.fingerprint,
-                state: fresh(),
-                seq,
-            },
-        );
+        // One probe of the map for the lookup and the insert.
+        let Inner { records, seq, .. } = inner;
+        match records.entry(*req.id) {
+            hash_map::Entry::Occupied(mut occupied) => {
+                let entry = occupied.get_mut();
+                let expired = entry.state.expires_at() <= now;
+                match &entry.state {
+                    _ if expired => {}
+                    State::InFlight {
+                        lease_until: held, ..
+                    } => {
+                        if *held > now || entry.fingerprint != *req.fingerprint {
+                            return Ok(ClaimOutcome::InFlight {
+                                fingerprint: entry.fingerprint,
+                                lease_remaining: Duration::from_millis(held.saturating_sub(now)),
+                            });
+                        }
+                        // Lease passed, same request: take over with the new token.
+                    }
+                    State::Completed { outcome, .. } => {
+                        return Ok(ClaimOutcome::Completed {
+                            fingerprint: entry.fingerprint,
+                            outcome: Arc::clone(outcome),
+                        });
+                    }
+                }
+                // A new generation: queue entries of the old one are now stale.
+                *seq += 1;
+                entry.seq = *seq;
+                entry.fingerprint = *req.fingerprint;
+                entry.state = fresh();
+            }
+            hash_map::Entry::Vacant(vacant) => {
+                *seq += 1;
+                vacant.insert(Entry {
+                    fingerprint: *req.fingerprint,
+                    state: fresh(),
+                    seq: *seq,
+                });
+            }
+        }
         Ok(ClaimOutcome::Acquired(req.token))
     }
 
@@ -232,14 +234,16 @@ impl MemoryStore {
             let Some((id, seq)) = inner.completed.pop_front() else {
                 break;
             };
-            if !inner.is_current_completed(&id, seq) {
+            // One probe: stale queue entries (a newer generation) stay.
+            let hash_map::Entry::Occupied(entry) = inner.records.entry(id) else {
+                continue;
+            };
+            let e = entry.get();
+            if e.seq != seq || !matches!(e.state, State::Completed { .. }) {
                 continue;
             }
-            let expired = inner
-                .records
-                .get(&id)
-                .is_some_and(|e| e.state.expires_at() <= now);
-            inner.records.remove(&id);
+            let expired = e.state.expires_at() <= now;
+            entry.remove();
             if !expired {
                 let n = self.shared.evictions.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
@@ -290,10 +294,6 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn is_current_completed(&self, id: &RecordId, seq: u64) -> bool {
-        matches!(self.records.get(id), Some(e) if e.seq == seq && matches!(e.state, State::Completed { .. }))
-    }
-
     /// Drops expired completed records at the front of the completion order:
     /// a little amortized sweeping on every claim.
     fn sweep_front(&mut self, now: u64) {
@@ -301,14 +301,14 @@ impl Inner {
             let Some(&(id, seq)) = self.completed.front() else {
                 return;
             };
-            match self.records.get(&id) {
-                Some(e) if e.seq == seq => {
-                    if e.state.expires_at() > now {
+            // One probe for the check and the removal.
+            if let hash_map::Entry::Occupied(e) = self.records.entry(id) {
+                if e.get().seq == seq {
+                    if e.get().state.expires_at() > now {
                         return;
                     }
-                    self.records.remove(&id);
+                    e.remove();
                 }
-                _ => {}
             }
             self.completed.pop_front();
         }
