@@ -2,7 +2,7 @@
 
 use actix_web::body::MessageBody;
 use actix_web::dev::ServiceResponse;
-use futures_util::future::LocalBoxFuture;
+use idempotency_core::DetachOnDrop;
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
@@ -26,7 +26,7 @@ pin_project! {
     enum Kind<F, B: MessageBody> {
         PassThrough { #[pin] future: F },
         Ready { response: Option<ServiceResponse<ResponseBody<B>>> },
-        Guarded { future: LocalBoxFuture<'static, Output<B>> },
+        Guarded { future: DetachOnDrop<dyn Future<Output = Output<B>>> },
     }
 }
 
@@ -45,7 +45,7 @@ impl<F, B: MessageBody> ResponseFuture<F, B> {
         }
     }
 
-    pub(crate) fn guarded(future: LocalBoxFuture<'static, Output<B>>) -> Self {
+    pub(crate) fn guarded(future: DetachOnDrop<dyn Future<Output = Output<B>>>) -> Self {
         Self {
             kind: Kind::Guarded { future },
         }
@@ -68,7 +68,7 @@ where
                 Some(r) => Poll::Ready(Ok(r)),
                 None => panic!("ResponseFuture polled after completion"),
             },
-            KindProj::Guarded { future } => future.as_mut().poll(cx),
+            KindProj::Guarded { future } => Pin::new(future).poll(cx),
         }
     }
 }

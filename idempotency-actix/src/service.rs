@@ -3,19 +3,20 @@
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse};
 use actix_web::error::PayloadError;
-use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{HttpMessage, HttpResponse};
 use bytes::{Bytes, BytesMut};
+use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
+use idempotency_core::key::IDEMPOTENCY_KEY;
 use idempotency_core::{
-    Decision, DetachOnDrop, Execution, Inspection, Problem, RequestHead, StoredResponse,
+    Decision, DetachArm, DetachOnDrop, Execution, Inspection, Problem, RequestHead, StoredResponse,
 };
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::rc::Rc;
-use tracing::Instrument;
 
 use crate::body::ResponseBody;
 use crate::future::ResponseFuture;
@@ -43,6 +44,9 @@ impl<S> std::fmt::Debug for IdempotencyService<S> {
     }
 }
 
+/// Built at compile time: `from_static` checks its input when run.
+const IDEMPOTENCY_KEY_NAME: HeaderName = HeaderName::from_static(IDEMPOTENCY_KEY);
+
 /// What the engine sees of an actix request head (actix-web 4 uses `http` 0.2).
 struct Head<'a>(&'a actix_web::dev::RequestHead);
 
@@ -57,7 +61,16 @@ impl RequestHead for Head<'_> {
         self.0.uri.query()
     }
     fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.0.headers.get_all(name).map(HeaderValue::as_bytes)
+        // The names the engine asks for, without parsing (and, for
+        // `idempotency-key`, allocating) them again.
+        let headers = &self.0.headers;
+        let values = match name {
+            IDEMPOTENCY_KEY => headers.get_all(IDEMPOTENCY_KEY_NAME),
+            "content-type" => headers.get_all(header::CONTENT_TYPE),
+            "content-length" => headers.get_all(header::CONTENT_LENGTH),
+            _ => headers.get_all(name),
+        };
+        values.map(HeaderValue::as_bytes)
     }
 }
 
@@ -87,44 +100,48 @@ where
         let inner = Rc::clone(&self.inner);
         let engine = middleware.engine.clone();
         let span = pending.span().clone();
-        ResponseFuture::guarded(Box::pin(
-            async move {
-                let body = match read_payload(req.take_payload(), pending.body_limit()).await {
-                    Ok(body) => body,
-                    Err(PayloadRead::TooLarge) => {
-                        tracing::debug!(
-                            decision = "rejected",
-                            reason = "body too large",
-                            "idempotency"
-                        );
-                        return Ok(problem_response(req, &engine.body_too_large()));
-                    }
-                    Err(PayloadRead::Failed(e)) => {
-                        return Ok(problem_response(req, &engine.unreadable_body(&e)))
-                    }
-                };
-                match engine.decide(pending, &body).await {
-                    Decision::Replay(stored) => Ok(replay_response(req, &stored)),
-                    Decision::Reject(problem) => Ok(problem_response(req, &problem)),
-                    Decision::Unguarded => {
-                        req.set_payload(Payload::from(body));
-                        let res = inner.call(req).await?;
-                        Ok(res.map_body(|_, b| ResponseBody::inner(b)))
-                    }
-                    Decision::Execute(execution) => {
-                        req.set_payload(Payload::from(body));
-                        // A client that disconnects makes actix drop this
-                        // future; the handler then finishes in a local task
-                        // of its own and its response is stored for the retry.
-                        DetachOnDrop::new(execute(execution, inner, req), |rest| {
-                            actix_web::rt::spawn(rest.in_current_span());
-                        })
-                        .await
-                    }
+        let arm = DetachArm::new();
+        let armed = arm.clone();
+        let future: LocalBoxFuture<
+            'static,
+            Result<ServiceResponse<ResponseBody<B>>, actix_web::Error>,
+        > = Box::pin(async move {
+            let body = match read_payload(req.take_payload(), pending.body_limit()).await {
+                Ok(body) => body,
+                Err(PayloadRead::TooLarge) => {
+                    tracing::debug!(
+                        decision = "rejected",
+                        reason = "body too large",
+                        "idempotency"
+                    );
+                    return Ok(problem_response(req, &engine.body_too_large()));
+                }
+                Err(PayloadRead::Failed(e)) => {
+                    return Ok(problem_response(req, &engine.unreadable_body(&e)))
+                }
+            };
+            match engine.decide(pending, &body).await {
+                Decision::Replay(stored) => Ok(replay_response(req, &stored)),
+                Decision::Reject(problem) => Ok(problem_response(req, &problem)),
+                Decision::Unguarded => {
+                    req.set_payload(Payload::from(body));
+                    let res = inner.call(req).await?;
+                    Ok(res.map_body(|_, b| ResponseBody::inner(b)))
+                }
+                Decision::Execute(execution) => {
+                    req.set_payload(Payload::from(body));
+                    // A client that disconnects makes actix drop this
+                    // future from now on; the rest of it (the handler,
+                    // storing its response) then finishes in a local task
+                    // of its own.
+                    armed.arm();
+                    execute(execution, inner, req).await
                 }
             }
-            .instrument(span),
-        ))
+        });
+        ResponseFuture::guarded(DetachOnDrop::new(future, arm, span, |rest| {
+            drop(actix_web::rt::spawn(rest));
+        }))
     }
 }
 

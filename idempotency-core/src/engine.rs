@@ -11,13 +11,16 @@
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+use tracing::instrument::Instrumented;
 use tracing::Instrument;
 
 use crate::config::{FailureMode, IdempotencyConfig};
 use crate::fingerprint::{Fingerprint, FingerprintBuilder, RecordId, Scope};
-use crate::key::{parse_key, KeyError, IDEMPOTENCY_KEY};
+use crate::key::{parse_key_ref, KeyError, IDEMPOTENCY_KEY};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome};
 use crate::store::{BoxFuture, ClaimRequest, Store, StoreError};
@@ -34,6 +37,9 @@ pub trait RequestHead {
     fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
 }
 
+/// Built at compile time: `from_static` checks its input when run.
+const IDEMPOTENCY_KEY_NAME: http::HeaderName = http::HeaderName::from_static(IDEMPOTENCY_KEY);
+
 impl RequestHead for http::request::Parts {
     fn method(&self) -> &str {
         self.method.as_str()
@@ -45,10 +51,14 @@ impl RequestHead for http::request::Parts {
         self.uri.query()
     }
     fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers
-            .get_all(name)
-            .iter()
-            .map(http::HeaderValue::as_bytes)
+        // The names the engine asks for, without parsing them again.
+        let values = match name {
+            IDEMPOTENCY_KEY => self.headers.get_all(IDEMPOTENCY_KEY_NAME),
+            "content-type" => self.headers.get_all(http::header::CONTENT_TYPE),
+            "content-length" => self.headers.get_all(http::header::CONTENT_LENGTH),
+            _ => self.headers.get_all(name),
+        };
+        values.iter().map(http::HeaderValue::as_bytes)
     }
 }
 
@@ -158,7 +168,7 @@ impl Idempotency {
         if !config.covers(method) {
             return Inspection::PassThrough;
         }
-        let key = match parse_key(head.header_values(IDEMPOTENCY_KEY)) {
+        let key = match parse_key_ref(head.header_values(IDEMPOTENCY_KEY)) {
             Ok(Some(key)) => key,
             Ok(None) if !config.require_key => return Inspection::PassThrough,
             Ok(None) => return self.reject_key(&KeyError::Missing),
@@ -182,7 +192,7 @@ impl Idempotency {
                 head.header_values(name).next().map(Scope::new)
             })
             .unwrap_or(Scope::GLOBAL);
-        let id = RecordId::new(&scope, &key);
+        let id = RecordId::from_parts(scope.as_bytes(), key.as_bytes());
         let content_type = head.header_values("content-type").next();
         let span = tracing::debug_span!("idempotency", method, path = head.path(), record = ?id);
         Inspection::Pending(Pending {
@@ -218,8 +228,10 @@ impl Idempotency {
         )
     }
 
-    /// Step 2: claims the record and decides.
-    pub async fn decide(&self, pending: Pending, body: &[u8]) -> Decision {
+    /// Step 2: claims the record and decides. The body is hashed before the
+    /// future is returned (it is not borrowed across the claim). Run the
+    /// future inside [`Pending::span`], as the adapters do.
+    pub fn decide(&self, pending: Pending, body: &[u8]) -> impl Future<Output = Decision> + '_ {
         let Pending {
             id,
             fingerprint,
@@ -228,29 +240,35 @@ impl Idempotency {
         } = pending;
         let fingerprint = fingerprint.finish(body);
         let token = LeaseToken::random();
-        let config = &self.inner.config;
-        let request = ClaimRequest {
-            id: &id,
-            fingerprint: &fingerprint,
-            token,
-            lease: config.lease,
-            ttl: config.ttl,
-        };
-        let mut outcome = self
-            .timed(self.inner.store.claim(request))
-            .instrument(span.clone())
-            .await;
-        if !config.wait_for_in_flight.is_zero() {
-            outcome = self
-                .wait_while_in_flight(request, outcome)
-                .instrument(span.clone())
-                .await;
+        async move {
+            let config = &self.inner.config;
+            let request = ClaimRequest {
+                id: &id,
+                fingerprint: &fingerprint,
+                token,
+                lease: config.lease,
+                ttl: config.ttl,
+            };
+            let mut outcome = self.timed(self.inner.store.claim(request)).await;
+            if !config.wait_for_in_flight.is_zero() {
+                // Rarely configured: its timers live in a box of their own.
+                outcome = Box::pin(self.wait_while_in_flight(request, outcome)).await;
+            }
+            self.decided(outcome, id, fingerprint, span)
         }
-        let _enter = span.enter();
+    }
+
+    fn decided(
+        &self,
+        outcome: Result<ClaimOutcome, StoreError>,
+        id: RecordId,
+        fingerprint: Fingerprint,
+        span: tracing::Span,
+    ) -> Decision {
+        let config = &self.inner.config;
         match outcome {
             Ok(ClaimOutcome::Acquired(token)) => {
                 tracing::debug!(decision = "executed", "idempotency");
-                drop(_enter);
                 Decision::Execute(Execution {
                     engine: self.clone(),
                     id,
@@ -359,10 +377,17 @@ impl Idempotency {
     ) -> Result<T, StoreError> {
         // A store that answers at once (memory) needs no timer: poll once
         // before arming one.
-        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
-        if let std::task::Poll::Ready(r) = first {
+        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        if let Poll::Ready(r) = first {
             return r;
         }
+        Box::pin(self.timeout(call)).await
+    }
+
+    async fn timeout<T>(
+        &self,
+        call: BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let timeout = self.inner.config.store_timeout;
         match tokio::time::timeout(timeout, call).await {
             Ok(r) => r,
@@ -425,9 +450,19 @@ impl Execution {
 
     /// Drives `handler` while extending the lease every half lease, so a
     /// handler slower than the lease keeps its claim.
-    pub async fn run<F: Future>(&self, handler: F) -> F::Output {
+    pub fn run<'a, F: Future + 'a>(&'a self, handler: F) -> impl Future<Output = F::Output> + 'a {
+        Run {
+            handler,
+            execution: self,
+            heartbeat: None,
+            beating: true,
+        }
+    }
+
+    /// Extends the lease every half lease until the claim is fenced.
+    fn heartbeat(&self) -> impl Future<Output = ()> + Send + '_ {
         let lease = self.engine.inner.config.lease;
-        let heartbeat = async {
+        async move {
             loop {
                 tokio::time::sleep(lease / 2).await;
                 let extend = self.engine.inner.store.extend(&self.id, self.token, lease);
@@ -442,13 +477,8 @@ impl Execution {
                     }
                 }
             }
-        };
-        let handler = std::pin::pin!(handler);
-        let heartbeat = std::pin::pin!(heartbeat.instrument(self.span.clone()));
-        match futures_util::future::select(handler, heartbeat).await {
-            futures_util::future::Either::Left((out, _)) => out,
-            futures_util::future::Either::Right(((), handler)) => handler.await,
         }
+        .instrument(self.span.clone())
     }
 
     /// Whether a response with this status is stored; otherwise release.
@@ -481,59 +511,129 @@ impl Execution {
     }
 
     /// Stores the response for replay.
-    pub async fn complete(self, response: StoredResponse) {
-        self.finish(StoredOutcome::Response(response)).await;
+    pub fn complete(self, response: StoredResponse) -> impl Future<Output = ()> {
+        self.finish(StoredOutcome::Response(response))
     }
 
     /// Marks the request done with a body too large to store: retries get a
     /// 410 problem and never re-run the handler.
-    pub async fn complete_not_replayable(self, status: u16) {
-        self.finish(StoredOutcome::NotReplayable { status }).await;
+    pub fn complete_not_replayable(self, status: u16) -> impl Future<Output = ()> {
+        self.finish(StoredOutcome::NotReplayable { status })
     }
 
     async fn finish(mut self, outcome: StoredOutcome) {
         self.settled = true;
-        let span = self.span.clone();
         let engine = &self.engine;
         let config = &engine.inner.config;
         let outcome = Arc::new(outcome);
+        // The first attempt inline; retries (a failing store) in a future of
+        // their own, so their timer does not weigh on every request.
+        let call =
+            engine
+                .inner
+                .store
+                .complete(&self.id, self.token, Arc::clone(&outcome), config.ttl);
+        let first = engine.timed(call).await;
+        if let Some(e) = self.completed(first, 1) {
+            Box::pin(self.complete_retries(outcome, e))
+                .instrument(self.span.clone())
+                .await;
+        }
+    }
+
+    /// Logs what a `complete` did; the error when it should be retried.
+    fn completed(
+        &self,
+        result: Result<TokenOutcome, StoreError>,
+        attempt: u32,
+    ) -> Option<StoreError> {
+        let attempts = self.engine.inner.config.complete_attempts;
+        match result {
+            Ok(TokenOutcome::Applied) => None,
+            Ok(TokenOutcome::Fenced) => {
+                let _enter = self.span.enter();
+                tracing::warn!("idempotency claim was taken over before the response was stored; the response was sent but not stored");
+                None
+            }
+            Err(e) if attempt >= attempts => {
+                let _enter = self.span.enter();
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    cause = ?std::error::Error::source(&e),
+                    attempts = attempt,
+                    "idempotency store failed to record the response; a retry gets 409 until the lease passes, then runs the handler again"
+                );
+                None
+            }
+            Err(e) => Some(e),
+        }
+    }
+
+    async fn complete_retries(&self, outcome: Arc<StoredOutcome>, mut error: StoreError) {
+        let engine = &self.engine;
+        let config = &engine.inner.config;
         let mut backoff = config.complete_backoff;
-        async {
-            for attempt in 1..=config.complete_attempts {
-                let call = engine.inner.store.complete(&self.id, self.token, Arc::clone(&outcome), config.ttl);
-                match engine.timed(call).await {
-                    Ok(TokenOutcome::Applied) => return,
-                    Ok(TokenOutcome::Fenced) => {
-                        tracing::warn!("idempotency claim was taken over before the response was stored; the response was sent but not stored");
-                        return;
-                    }
-                    Err(e) if attempt == config.complete_attempts => {
-                        tracing::error!(
-                            error = &e as &dyn std::error::Error,
-                            cause = ?std::error::Error::source(&e),
-                            attempts = attempt,
-                            "idempotency store failed to record the response; a retry gets 409 until the lease passes, then runs the handler again"
-                        );
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = &e as &dyn std::error::Error, attempt, "idempotency complete failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = backoff.saturating_mul(2);
-                    }
-                }
+        for attempt in 2..=config.complete_attempts {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                attempt = attempt - 1,
+                "idempotency complete failed; retrying"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = backoff.saturating_mul(2);
+            let call =
+                engine
+                    .inner
+                    .store
+                    .complete(&self.id, self.token, Arc::clone(&outcome), config.ttl);
+            match self.completed(engine.timed(call).await, attempt) {
+                Some(e) => error = e,
+                None => return,
             }
         }
-        .instrument(span)
-        .await;
     }
 
     /// Gives the claim up so that a retry runs the handler again (5xx and
     /// transient 4xx).
     pub async fn release(mut self) {
         self.settled = true;
-        let _ = release(&self.engine, &self.id, self.token)
-            .instrument(self.span.clone())
-            .await;
+        let _ = release(&self.engine, &self.id, self.token).await;
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Execution::run`]: the handler, and a heartbeat built
+    /// only once the handler waits (one that answers on its first poll needs
+    /// no timer and no store call).
+    struct Run<'a, F> {
+        #[pin]
+        handler: F,
+        execution: &'a Execution,
+        heartbeat: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+        beating: bool,
+    }
+}
+
+impl<F: Future> Future for Run<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.handler.poll(cx) {
+            return Poll::Ready(out);
+        }
+        if *this.beating {
+            let execution = *this.execution;
+            let beat = this
+                .heartbeat
+                .get_or_insert_with(|| Box::pin(execution.heartbeat()));
+            if beat.as_mut().poll(cx).is_ready() {
+                // Fenced: the handler finishes without it.
+                *this.beating = false;
+                *this.heartbeat = None;
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -577,48 +677,87 @@ impl Drop for Execution {
     }
 }
 
-/// Drives a future in place; if dropped before it finishes (the client went
-/// away and the framework dropped the request), hands the rest of it to
-/// `spawn`, so it always runs to completion. Adapters wrap the handler's run
-/// in it: cheaper than spawning every request, since a task exists only on
-/// disconnect. `spawn` is `tokio::spawn` for tower, the framework's local
+/// Drives a request's future, boxed once, inside the request's span; if
+/// dropped before it finishes (the client went away and the framework
+/// dropped the request) after its [`DetachArm`] was armed, hands the rest of
+/// it to `spawn`, so it runs to completion. Adapters arm it when the handler
+/// is about to run ([`Decision::Execute`]); dropped before that, the future
+/// is just dropped. Cheaper than spawning every request: a task exists only
+/// on disconnect. `spawn` is `tokio::spawn` for tower, the framework's local
 /// spawn for actix (whose futures are not `Send`).
-pub struct DetachOnDrop<F: Future + 'static> {
+pub struct DetachOnDrop<F: Future + ?Sized> {
     future: Option<Pin<Box<F>>>,
-    spawn: fn(Pin<Box<F>>),
+    arm: DetachArm,
+    spawn: fn(Instrumented<Pin<Box<F>>>),
     span: tracing::Span,
 }
 
-impl<F: Future + 'static> DetachOnDrop<F> {
-    /// Wraps `future`; `spawn` runs the rest of it if this is dropped first.
-    pub fn new(future: F, spawn: fn(Pin<Box<F>>)) -> Self {
+/// Says that a [`DetachOnDrop`] runs its future to completion from now on.
+/// Shared between the future (which arms it) and its wrapper.
+#[derive(Debug, Clone, Default)]
+pub struct DetachArm(Arc<AtomicBool>);
+
+impl DetachArm {
+    /// A disarmed arm.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A dropped [`DetachOnDrop`] now detaches its future instead of dropping it.
+    pub fn arm(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_armed(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl<F: Future + ?Sized> DetachOnDrop<F> {
+    /// Wraps `future`, which arms `arm` once it must run to completion, and
+    /// polls it inside `span` (so is the rest of it, if detached).
+    pub fn new(
+        future: Pin<Box<F>>,
+        arm: DetachArm,
+        span: tracing::Span,
+        spawn: fn(Instrumented<Pin<Box<F>>>),
+    ) -> Self {
         Self {
-            future: Some(Box::pin(future)),
+            future: Some(future),
+            arm,
             spawn,
-            span: tracing::Span::current(),
+            span,
         }
     }
 }
 
-impl<F: Future + 'static> Future for DetachOnDrop<F> {
+impl<F: Future + ?Sized> Future for DetachOnDrop<F> {
     type Output = F::Output;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
         let Some(future) = this.future.as_mut() else {
-            return std::task::Poll::Pending;
+            return Poll::Pending;
         };
-        let out = std::task::ready!(future.as_mut().poll(cx));
+        let out = {
+            let _entered = this.span.enter();
+            std::task::ready!(future.as_mut().poll(cx))
+        };
         this.future = None;
-        std::task::Poll::Ready(out)
+        Poll::Ready(out)
     }
 }
 
-impl<F: Future + 'static> Drop for DetachOnDrop<F> {
+impl<F: Future + ?Sized> Drop for DetachOnDrop<F> {
     fn drop(&mut self) {
         let Some(future) = self.future.take() else {
             return;
         };
+        if !self.arm.is_armed() {
+            let _entered = self.span.enter();
+            drop(future);
+            return;
+        }
         if std::thread::panicking() {
             // The handler panicked inside poll; `Execution`'s own drop
             // releases the claim.
@@ -626,14 +765,15 @@ impl<F: Future + 'static> Drop for DetachOnDrop<F> {
         }
         let _entered = self.span.enter();
         tracing::debug!("idempotency: client went away; the handler finishes in the background");
-        (self.spawn)(future);
+        (self.spawn)(future.instrument(self.span.clone()));
     }
 }
 
-impl<F: Future + 'static> std::fmt::Debug for DetachOnDrop<F> {
+impl<F: Future + ?Sized> std::fmt::Debug for DetachOnDrop<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DetachOnDrop")
             .field("finished", &self.future.is_none())
+            .field("armed", &self.arm.is_armed())
             .finish()
     }
 }

@@ -1,5 +1,6 @@
 //! Parsing the `Idempotency-Key` request header.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// The header that carries the client's key.
@@ -26,38 +27,47 @@ impl IdempotencyKey {
     /// # Errors
     /// [`KeyError`] says what is wrong with the value.
     pub fn parse(value: &[u8]) -> Result<Self, KeyError> {
-        let value = trim_ows(value);
-        if value.first() == Some(&b'"') {
-            let item: sfv::Item = sfv::Parser::new(value)
-                .parse()
-                .map_err(|e| KeyError::MalformedQuoted(e.to_string()))?;
-            if !item.params.is_empty() {
-                return Err(KeyError::MalformedQuoted(
-                    "parameters are not allowed on the key".into(),
-                ));
-            }
-            match item.bare_item {
-                sfv::BareItem::String(s) => Self::validate(s.as_str()),
-                _ => Err(KeyError::MalformedQuoted("not a string".into())),
-            }
-        } else {
-            let s = std::str::from_utf8(value).map_err(|_| KeyError::InvalidCharacter)?;
-            Self::validate(s)
-        }
+        parse_value(value).map(|key| Self(key.into_owned()))
     }
+}
 
-    fn validate(s: &str) -> Result<Self, KeyError> {
-        if s.is_empty() {
-            return Err(KeyError::Empty);
+/// Parses one header value; a bare key (the usual case) is borrowed, not copied.
+fn parse_value(value: &[u8]) -> Result<Cow<'_, str>, KeyError> {
+    let value = trim_ows(value);
+    if value.first() == Some(&b'"') {
+        let item: sfv::Item = sfv::Parser::new(value)
+            .parse()
+            .map_err(|e| KeyError::MalformedQuoted(e.to_string()))?;
+        if !item.params.is_empty() {
+            return Err(KeyError::MalformedQuoted(
+                "parameters are not allowed on the key".into(),
+            ));
         }
-        if s.len() > MAX_KEY_LEN {
-            return Err(KeyError::TooLong(s.len()));
+        match item.bare_item {
+            sfv::BareItem::String(s) => {
+                validate(s.as_str())?;
+                Ok(Cow::Owned(s.into()))
+            }
+            _ => Err(KeyError::MalformedQuoted("not a string".into())),
         }
-        if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-            return Err(KeyError::InvalidCharacter);
-        }
-        Ok(Self(s.to_owned()))
+    } else {
+        let s = std::str::from_utf8(value).map_err(|_| KeyError::InvalidCharacter)?;
+        validate(s)?;
+        Ok(Cow::Borrowed(s))
     }
+}
+
+fn validate(s: &str) -> Result<(), KeyError> {
+    if s.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if s.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong(s.len()));
+    }
+    if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(KeyError::InvalidCharacter);
+    }
+    Ok(())
 }
 
 impl fmt::Debug for IdempotencyKey {
@@ -114,15 +124,22 @@ pub enum KeyError {
 /// # Errors
 /// [`KeyError::Multiple`] for more than one field, or the value's own error.
 pub fn parse_key<'a>(
-    mut values: impl Iterator<Item = &'a [u8]>,
+    values: impl Iterator<Item = &'a [u8]>,
 ) -> Result<Option<IdempotencyKey>, KeyError> {
+    Ok(parse_key_ref(values)?.map(|key| IdempotencyKey(key.into_owned())))
+}
+
+/// [`parse_key`], borrowing a bare key from the header instead of copying it.
+pub(crate) fn parse_key_ref<'a>(
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<Cow<'a, str>>, KeyError> {
     let Some(first) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
         return Err(KeyError::Multiple);
     }
-    IdempotencyKey::parse(first).map(Some)
+    parse_value(first).map(Some)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use http::Response;
 use http_body::Body;
+use idempotency_core::DetachOnDrop;
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +10,9 @@ use std::task::{Context, Poll};
 
 use crate::body::ResponseBody;
 
-type Boxed<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+pub(crate) type GuardedFuture<B, E> =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+type Guarded<B, E> = DetachOnDrop<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>;
 
 pin_project! {
     /// The future of [`IdempotencyService`](crate::IdempotencyService).
@@ -26,7 +29,7 @@ pin_project! {
     enum Kind<F, B: Body, E> {
         PassThrough { #[pin] future: F },
         Ready { response: Option<Response<ResponseBody<B>>> },
-        Guarded { future: Boxed<B, E> },
+        Guarded { future: Guarded<B, E> },
     }
 }
 
@@ -45,7 +48,7 @@ impl<F, B: Body, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn guarded(future: Boxed<B, E>) -> Self {
+    pub(crate) fn guarded(future: Guarded<B, E>) -> Self {
         Self {
             kind: Kind::Guarded { future },
         }
@@ -68,7 +71,7 @@ where
                 Some(r) => Poll::Ready(Ok(r)),
                 None => panic!("ResponseFuture polled after completion"),
             },
-            KindProj::Guarded { future } => future.as_mut().poll(cx),
+            KindProj::Guarded { future } => Pin::new(future).poll(cx),
         }
     }
 }

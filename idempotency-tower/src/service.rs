@@ -5,13 +5,12 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use idempotency_core::{
-    Decision, DetachOnDrop, Execution, Idempotency, Inspection, Problem, StoredResponse,
+    Decision, DetachArm, DetachOnDrop, Execution, Idempotency, Inspection, Problem, StoredResponse,
 };
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tower_service::Service;
-use tracing::Instrument;
 
 use crate::body::{RequestBody, ResponseBody};
 use crate::future::ResponseFuture;
@@ -101,46 +100,46 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let engine = layer.engine.clone();
         let span = pending.span().clone();
-        ResponseFuture::guarded(Box::pin(
-            async move {
-                let body = match read_request(body, pending.body_limit()).await {
-                    Ok(bytes) => bytes,
-                    Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                        tracing::debug!(
-                            decision = "rejected",
-                            reason = "body too large",
-                            "idempotency"
-                        );
-                        return Ok(problem_response(&engine.body_too_large()));
-                    }
-                    Err(e) => return Ok(problem_response(&engine.unreadable_body(&e))),
-                };
-                match engine.decide(pending, &body).await {
-                    Decision::Replay(stored) => Ok(replay_response(&stored)),
-                    Decision::Reject(problem) => Ok(problem_response(&problem)),
-                    Decision::Unguarded => {
-                        let res = inner
-                            .call(Request::from_parts(parts, RequestBody::buffered(body)))
-                            .await?;
-                        Ok(res.map(ResponseBody::inner))
-                    }
-                    Decision::Execute(execution) => {
-                        let req = Request::from_parts(parts, RequestBody::buffered(body));
-                        // A client that disconnects drops this future; the handler
-                        // then finishes in a task of its own and its response is
-                        // stored for the retry.
-                        DetachOnDrop::new(execute(execution, inner, req), |rest| {
-                            match tokio::runtime::Handle::try_current() {
-                                Ok(rt) => drop(rt.spawn(rest.in_current_span())),
-                                Err(_) => tracing::warn!("idempotent request dropped outside a runtime; its claim is freed when the lease passes"),
-                            }
-                        })
-                        .await
-                    }
+        let arm = DetachArm::new();
+        let armed = arm.clone();
+        let future: crate::future::GuardedFuture<ResBody, S::Error> = Box::pin(async move {
+            let body = match read_request(body, pending.body_limit()).await {
+                Ok(bytes) => bytes,
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    tracing::debug!(
+                        decision = "rejected",
+                        reason = "body too large",
+                        "idempotency"
+                    );
+                    return Ok(problem_response(&engine.body_too_large()));
+                }
+                Err(e) => return Ok(problem_response(&engine.unreadable_body(&e))),
+            };
+            match engine.decide(pending, &body).await {
+                Decision::Replay(stored) => Ok(replay_response(&stored)),
+                Decision::Reject(problem) => Ok(problem_response(&problem)),
+                Decision::Unguarded => {
+                    let res = inner
+                        .call(Request::from_parts(parts, RequestBody::buffered(body)))
+                        .await?;
+                    Ok(res.map(ResponseBody::inner))
+                }
+                Decision::Execute(execution) => {
+                    let req = Request::from_parts(parts, RequestBody::buffered(body));
+                    // A client that disconnects drops this future from
+                    // now on; the rest of it (the handler, storing its
+                    // response) then finishes in a task of its own.
+                    armed.arm();
+                    execute(execution, inner, req).await
                 }
             }
-            .instrument(span),
-        ))
+        });
+        ResponseFuture::guarded(DetachOnDrop::new(future, arm, span, |rest| {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(rest)),
+                Err(_) => tracing::warn!("idempotent request dropped outside a runtime; its claim is freed when the lease passes"),
+            }
+        }))
     }
 }
 
@@ -331,6 +330,10 @@ async fn read_limited<B: Body<Data = Bytes>>(body: B, limit: usize) -> Read<B> {
     Read::Complete(joined.into_bytes())
 }
 
+/// Built at compile time: `from_static` checks its input when run.
+const IDEMPOTENT_REPLAYED: HeaderName =
+    HeaderName::from_static(idempotency_core::IDEMPOTENT_REPLAYED);
+
 fn replay_response<B: Body>(stored: &StoredResponse) -> Response<ResponseBody<B>> {
     let mut res = Response::new(ResponseBody::full(Bytes::new()));
     *res.status_mut() =
@@ -339,9 +342,7 @@ fn replay_response<B: Body>(stored: &StoredResponse) -> Response<ResponseBody<B>
     headers.reserve(stored.headers.len() + 2);
     for (name, value) in stored.replay_headers() {
         let parsed = if name == idempotency_core::IDEMPOTENT_REPLAYED {
-            Ok(HeaderName::from_static(
-                idempotency_core::IDEMPOTENT_REPLAYED,
-            ))
+            Ok(IDEMPOTENT_REPLAYED)
         } else {
             HeaderName::from_bytes(name.as_bytes())
         };
