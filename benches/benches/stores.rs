@@ -219,6 +219,73 @@ where
     (median(&mut ta), median(&mut tb))
 }
 
+/// The least any fresh path of two statements can cost on this database:
+/// a bare `INSERT` of a row shaped like a record, then an `UPDATE` that
+/// stores a response in it (two commits, as durable as the pool's sessions),
+/// on a scratch table with the same columns and indexes. Measured interleaved
+/// with the store's claim + complete.
+fn write_floor(rt: &tokio::runtime::Runtime, pool: &sqlx::PgPool, store: &dyn Store, what: &str) {
+    let run = rand_run();
+    let table = format!("bench_floor_{:x}", run as u64);
+    rt.block_on(async {
+        for sql in [
+            format!(
+                "CREATE TABLE {table} (id BYTEA PRIMARY KEY, fingerprint BYTEA NOT NULL, \
+                 token BYTEA NOT NULL, lease_until TIMESTAMPTZ NOT NULL, \
+                 expires_at TIMESTAMPTZ NOT NULL, outcome BYTEA)"
+            ),
+            format!("CREATE INDEX ON {table} (expires_at)"),
+        ] {
+            sqlx::query(&sql).execute(pool).await.expect("floor table");
+        }
+    });
+    let insert = format!(
+        "INSERT INTO {table} (id, fingerprint, token, lease_until, expires_at, outcome) \
+         VALUES ($1, $2, $3, now() + interval '30 seconds', now() + interval '630 seconds', NULL)"
+    );
+    let update = format!(
+        "UPDATE {table} SET outcome = $2, expires_at = now() + interval '600 seconds' WHERE id = $1"
+    );
+    let counter = AtomicU64::new(0);
+    let encoded = outcome().encode();
+    let (floor, fresh_t) = interleaved(
+        rt,
+        1000,
+        || async {
+            let id = RecordId::from_parts(
+                &run.to_be_bytes(),
+                &counter.fetch_add(1, Ordering::Relaxed).to_be_bytes(),
+            );
+            sqlx::query(&insert)
+                .bind(id.as_bytes().as_slice())
+                .bind(fingerprint().as_bytes().as_slice())
+                .bind(LeaseToken::random().to_bytes().to_vec())
+                .execute(pool)
+                .await
+                .expect("floor insert");
+            sqlx::query(&update)
+                .bind(id.as_bytes().as_slice())
+                .bind(encoded.as_slice())
+                .execute(pool)
+                .await
+                .expect("floor update");
+        },
+        || fresh(store, counter.fetch_add(1, Ordering::Relaxed), run),
+    );
+    rt.block_on(async {
+        sqlx::query(&format!("DROP TABLE {table}"))
+            .execute(pool)
+            .await
+            .expect("drop floor table");
+    });
+    println!(
+        "\n== postgres ({what}): store fresh {:.1} µs vs the bare two-write floor {:.1} µs = {:.2}× ==",
+        fresh_t / 1000.0,
+        floor / 1000.0,
+        fresh_t / floor
+    );
+}
+
 fn rand_run() -> u128 {
     u128::from_be_bytes(LeaseToken::random().to_bytes())
 }
@@ -321,7 +388,10 @@ fn main() {
                     std::hint::black_box(one);
                 }
             };
-            bench_backend(&mut c, &rt, "postgres", "select1", raw, Arc::new(store));
+            let floor_pool = store.pool().clone();
+            let store = Arc::new(store);
+            bench_backend(&mut c, &rt, "postgres", "select1", raw, store.clone());
+            write_floor(&rt, &floor_pool, &*store, "durable commits");
 
             // The same with asynchronous commit: no WAL flush per commit.
             use idempotency_core::store::postgres::PostgresOptions;
@@ -343,14 +413,17 @@ fn main() {
                     std::hint::black_box(one);
                 }
             };
+            let floor_pool = store.pool().clone();
+            let store = Arc::new(store);
             bench_backend(
                 &mut c,
                 &rt,
                 "postgres-async-commit",
                 "select1",
                 raw,
-                Arc::new(store),
+                store.clone(),
             );
+            write_floor(&rt, &floor_pool, &*store, "synchronous_commit = off");
         }
         Err(_) => println!("skipping the postgres benches: DATABASE_URL is not set"),
     }

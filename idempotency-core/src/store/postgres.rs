@@ -200,15 +200,16 @@ impl Queries {
         );
         let held = "id = $1 AND token = $2 AND outcome IS NULL AND expires_at > now()";
         Self {
-            claim,
+            // sqlx finds its prepared statement by hashing the SQL text on
+            // every call: keep the text short.
+            claim: claim.split_whitespace().collect::<Vec<_>>().join(" "),
             complete: format!(
                 "UPDATE {t} SET outcome = $3, expires_at = now() + $4::int8 {ms} WHERE {held}"
             ),
             release: format!("DELETE FROM {t} WHERE {held}"),
             extend: format!(
-                "UPDATE {t} SET lease_until = now() + $3::int8 {ms},
-                    expires_at = now() + $3::int8 {ms} + (expires_at - lease_until)
-                 WHERE {held}"
+                "UPDATE {t} SET lease_until = now() + $3::int8 {ms}, \
+                 expires_at = now() + $3::int8 {ms} + (expires_at - lease_until) WHERE {held}"
             ),
             purge: format!(
                 "DELETE FROM {t} WHERE id IN (
