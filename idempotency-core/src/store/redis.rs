@@ -172,10 +172,12 @@ fn backend(e: redis::RedisError) -> StoreError {
     StoreError::backend(BACKEND, e)
 }
 
+/// Whole milliseconds, at least 1 (`PX 0` is an error in Redis) and at most
+/// [`MAX_MILLIS`].
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis())
         .unwrap_or(u64::MAX)
-        .min(MAX_MILLIS)
+        .clamp(1, MAX_MILLIS)
 }
 
 impl RedisStore {
@@ -448,6 +450,14 @@ mod tests {
                 "accepted a malformed reply"
             );
         }
+    }
+
+    #[test]
+    fn durations_are_whole_positive_milliseconds() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 1);
+        assert_eq!(millis(Duration::from_secs(2)), 2000);
+        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
     }
 
     #[test]
