@@ -8,7 +8,7 @@
 //! 4. [`Execution::complete`] with the captured response, or
 //!    [`Execution::release`] when [`Execution::should_store`] says no.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +22,9 @@ use crate::config::{FailureMode, IdempotencyConfig};
 use crate::fingerprint::{Fingerprint, FingerprintBuilder, RecordId, Scope};
 use crate::key::{parse_key_ref, KeyError, IDEMPOTENCY_KEY};
 use crate::problem::{Problem, ProblemKind};
-use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome};
+use crate::record::{
+    ClaimOutcome, HeaderText, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome,
+};
 use crate::store::{BoxFuture, ClaimRequest, Store, StoreError};
 
 /// What the engine needs to know of a request head, whatever the framework.
@@ -36,6 +38,10 @@ pub trait RequestHead {
     /// Every value of the header `name` (given in lowercase), in order.
     fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
 }
+
+/// A response body up to this size is copied into its record's one buffer
+/// (with the headers); a larger one is kept as the handler's `Bytes`.
+const INLINE_BODY: usize = 4096;
 
 /// Built at compile time: `from_static` checks its input when run.
 const IDEMPOTENCY_KEY_NAME: http::HeaderName = http::HeaderName::from_static(IDEMPOTENCY_KEY);
@@ -500,12 +506,30 @@ impl Execution {
         body: Bytes,
     ) -> StoredResponse {
         let config = &self.engine.inner.config;
+        // The kept names and values, and a small body, are copied into one
+        // buffer whose parts the record then shares: one allocation to make
+        // (or a few, past the first guess of its size) and to free when the
+        // record goes, however many headers there are.
+        let inline = !body.is_empty() && body.len() <= INLINE_BODY;
+        let mut buf = BytesMut::with_capacity(192 + if inline { body.len() } else { 0 });
+        let headers = headers
+            .filter(|(name, _)| config.replays_header(name))
+            .map(|(name, value)| {
+                buf.extend_from_slice(name.as_bytes());
+                let name = HeaderText::from_str_bytes(buf.split().freeze());
+                buf.extend_from_slice(value);
+                (name, buf.split().freeze())
+            })
+            .collect();
+        let body = if inline {
+            buf.extend_from_slice(&body);
+            buf.freeze()
+        } else {
+            body
+        };
         StoredResponse {
             status,
-            headers: headers
-                .filter(|(name, _)| config.replays_header(name))
-                .map(|(name, value)| (name.to_owned(), Bytes::copy_from_slice(value)))
-                .collect(),
+            headers,
             body,
         }
     }

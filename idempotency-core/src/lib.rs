@@ -72,7 +72,9 @@ pub use engine::{
 pub use fingerprint::{Fingerprint, RecordId, Scope};
 pub use key::{IdempotencyKey, KeyError};
 pub use problem::{Problem, ProblemKind};
-pub use record::{ClaimOutcome, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome};
+pub use record::{
+    ClaimOutcome, HeaderText, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome,
+};
 pub use store::memory::MemoryStore;
 pub use store::{BoxFuture, ClaimRequest, Store, StoreError};
 

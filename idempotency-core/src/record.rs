@@ -41,6 +41,81 @@ impl fmt::Debug for LeaseToken {
     }
 }
 
+/// A stored header name: text that may share its record's buffer (so a
+/// record's names, values and small body are one allocation).
+///
+/// Built from a `&'static str` or a `String`, or by
+/// [`StoredOutcome::decode`] after checking that it is UTF-8; it always is.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct HeaderText(Bytes);
+
+impl HeaderText {
+    /// A name known at compile time.
+    pub const fn from_static(name: &'static str) -> Self {
+        Self(Bytes::from_static(name.as_bytes()))
+    }
+
+    /// `bytes` as text, when they are UTF-8.
+    pub fn from_utf8(bytes: Bytes) -> Option<Self> {
+        std::str::from_utf8(&bytes).is_ok().then_some(Self(bytes))
+    }
+
+    /// Bytes taken from a `&str`.
+    pub(crate) fn from_str_bytes(bytes: Bytes) -> Self {
+        debug_assert!(std::str::from_utf8(&bytes).is_ok());
+        Self(bytes)
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        // Every constructor checked (or was given) UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for HeaderText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&'static str> for HeaderText {
+    fn from(name: &'static str) -> Self {
+        Self::from_static(name)
+    }
+}
+
+impl From<String> for HeaderText {
+    fn from(name: String) -> Self {
+        Self(Bytes::from(name))
+    }
+}
+
+impl PartialEq<str> for HeaderText {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for HeaderText {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == *other.as_bytes()
+    }
+}
+
+impl fmt::Debug for HeaderText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for HeaderText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A response as stored for replay: status, headers in order (names
 /// lowercase, repeated names kept), and the body.
 #[derive(Clone, PartialEq, Eq)]
@@ -48,7 +123,7 @@ pub struct StoredResponse {
     /// The HTTP status code.
     pub status: u16,
     /// Header names (lowercase) and raw values, in the order the handler set them.
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<(HeaderText, Bytes)>,
     /// The full body.
     pub body: Bytes,
 }
@@ -147,8 +222,8 @@ impl StoredOutcome {
         }
     }
 
-    /// Decodes what [`encode`](Self::encode) wrote. Header values and the body
-    /// share `bytes`' allocation, so nothing is copied.
+    /// Decodes what [`encode`](Self::encode) wrote. Header names, values and
+    /// the body share `bytes`' allocation, so nothing is copied.
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] when the bytes are not a valid record.
@@ -181,8 +256,8 @@ impl StoredOutcome {
             if b.remaining() < n + 4 {
                 return Err(corrupt("truncated header name"));
             }
-            let name = String::from_utf8(b.copy_to_bytes(n).to_vec())
-                .map_err(|_| corrupt("header name is not UTF-8"))?;
+            let name = HeaderText::from_utf8(b.copy_to_bytes(n))
+                .ok_or_else(|| corrupt("header name is not UTF-8"))?;
             let v = b.get_u32() as usize;
             if b.remaining() < v {
                 return Err(corrupt("truncated header value"));

@@ -1,0 +1,82 @@
+//! What `Execution::capture` stores: the replayable headers in order
+//! (repeated and binary values kept), never the hop-by-hop or per-response
+//! ones, and the body; a small body is copied into the record's own buffer,
+//! a large one kept as the handler's `Bytes`. Replays give back exactly that.
+
+use bytes::Bytes;
+use idempotency_core::{Decision, Idempotency, Inspection, MemoryStore};
+
+async fn execution(engine: &Idempotency, key: &str) -> idempotency_core::Execution {
+    let (parts, ()) = http::Request::post("/payments")
+        .header("idempotency-key", key)
+        .body(())
+        .expect("request")
+        .into_parts();
+    let Inspection::Pending(pending) = engine.inspect(&parts, || None) else {
+        panic!("not covered");
+    };
+    match engine.decide(pending, b"{}").await {
+        Decision::Execute(execution) => execution,
+        _ => panic!("not executed"),
+    }
+}
+
+async fn replayed(engine: &Idempotency, key: &str) -> idempotency_core::Replay {
+    let (parts, ()) = http::Request::post("/payments")
+        .header("idempotency-key", key)
+        .body(())
+        .expect("request")
+        .into_parts();
+    let Inspection::Pending(pending) = engine.inspect(&parts, || None) else {
+        panic!("not covered");
+    };
+    match engine.decide(pending, b"{}").await {
+        Decision::Replay(replay) => replay,
+        _ => panic!("not replayed"),
+    }
+}
+
+#[tokio::test]
+async fn capture_keeps_replayable_headers_in_order_and_the_body() {
+    let engine = Idempotency::new(MemoryStore::new(), Default::default());
+    for body_len in [0, 64, 4096, 4097, 100_000] {
+        let key = format!("capture-{body_len}");
+        let execution = execution(&engine, &key).await;
+        let body = Bytes::from(vec![7u8; body_len]);
+        let headers: [(&str, &[u8]); 6] = [
+            ("content-type", b"application/json"),
+            ("set-cookie", b"session=secret"),
+            ("link", b"</a>; rel=next"),
+            ("content-length", b"12"),
+            ("link", b"</b>; rel=prev"),
+            ("x-bin", &[0x80, 0xff, 0x09]),
+        ];
+        let stored = execution.capture(201, headers.into_iter(), body.clone());
+        let kept: Vec<(&str, &[u8])> = stored
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), &v[..]))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("content-type", &b"application/json"[..]),
+                ("link", b"</a>; rel=next"),
+                ("link", b"</b>; rel=prev"),
+                ("x-bin", &[0x80, 0xff, 0x09]),
+            ],
+            "body of {body_len}"
+        );
+        assert_eq!(stored.body, body);
+        if body_len > 0 {
+            assert_eq!(
+                stored.body.as_ptr() == body.as_ptr(),
+                body_len > 4096,
+                "a body of {body_len} bytes is copied iff it is at most 4 KiB"
+            );
+        }
+        execution.complete(stored.clone()).await;
+        let replay = replayed(&engine, &key).await;
+        assert_eq!(*replay, stored, "the replay of a body of {body_len}");
+    }
+}
