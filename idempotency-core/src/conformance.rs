@@ -172,10 +172,17 @@ impl Conformance {
         outcome: &StoredOutcome,
         ttl: Duration,
     ) -> TokenOutcome {
-        self.store
-            .complete(id, token, Arc::new(outcome.clone()), ttl)
-            .await
-            .unwrap_or_else(|e| panic!("{}: complete failed: {e:?}", self.name()))
+        let outcome = Arc::new(outcome.clone());
+        let ready = if ready_path() {
+            self.store.complete_ready(id, token, &outcome, ttl)
+        } else {
+            None
+        };
+        match ready {
+            Some(done) => done,
+            None => self.store.complete(id, token, outcome, ttl).await,
+        }
+        .unwrap_or_else(|e| panic!("{}: complete failed: {e:?}", self.name()))
     }
 
     async fn expect_in_flight(
@@ -634,22 +641,29 @@ async fn claim(
     ttl: Duration,
 ) -> (LeaseToken, ClaimOutcome) {
     let token = LeaseToken::random();
-    let outcome = store
-        .claim(ClaimRequest {
-            id,
-            fingerprint: fp,
-            token,
-            lease,
-            ttl,
-        })
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: claim failed: {e:?} ({:?})",
-                store.backend(),
-                std::error::Error::source(&e)
-            )
-        });
+    let req = ClaimRequest {
+        id,
+        fingerprint: fp,
+        token,
+        lease,
+        ttl,
+    };
+    let ready = if ready_path() {
+        store.claim_ready(req)
+    } else {
+        None
+    };
+    let outcome = match ready {
+        Some(done) => done,
+        None => store.claim(req).await,
+    }
+    .unwrap_or_else(|e| {
+        panic!(
+            "{}: claim failed: {e:?} ({:?})",
+            store.backend(),
+            std::error::Error::source(&e)
+        )
+    });
     (token, outcome)
 }
 
@@ -684,6 +698,13 @@ async fn race(
         }
     }
     (winners, others)
+}
+
+/// Whether this call goes through the store's `claim_ready` /
+/// `complete_ready` (when it has them) rather than its future: each at
+/// random, so every case, the races too, mixes both paths.
+fn ready_path() -> bool {
+    rand::random()
 }
 
 fn fresh_id() -> RecordId {

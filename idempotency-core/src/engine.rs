@@ -255,7 +255,11 @@ impl Idempotency {
                 lease: config.lease,
                 ttl: config.ttl,
             };
-            let mut outcome = self.timed(self.inner.store.claim(request)).await;
+            let store = &self.inner.store;
+            let mut outcome = match store.claim_ready(request) {
+                Some(ready) => ready,
+                None => self.timed(store.claim(request)).await,
+            };
             if !config.wait_for_in_flight.is_zero() {
                 // Rarely configured: its timers live in a box of their own.
                 outcome = Box::pin(self.wait_while_in_flight(request, outcome)).await;
@@ -552,12 +556,14 @@ impl Execution {
         let outcome = Arc::new(outcome);
         // The first attempt inline; retries (a failing store) in a future of
         // their own, so their timer does not weigh on every request.
-        let call =
-            engine
-                .inner
-                .store
-                .complete(&self.id, self.token, Arc::clone(&outcome), config.ttl);
-        let first = engine.timed(call).await;
+        let store = &engine.inner.store;
+        let first = match store.complete_ready(&self.id, self.token, &outcome, config.ttl) {
+            Some(ready) => ready,
+            None => {
+                let call = store.complete(&self.id, self.token, Arc::clone(&outcome), config.ttl);
+                engine.timed(call).await
+            }
+        };
         if let Some(e) = self.completed(first, 1) {
             Box::pin(self.complete_retries(outcome, e))
                 .instrument(self.span.clone())

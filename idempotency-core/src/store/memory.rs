@@ -169,6 +169,27 @@ impl MemoryStore {
         self.shared.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn complete_now(
+        &self,
+        id: &RecordId,
+        token: LeaseToken,
+        outcome: Arc<StoredOutcome>,
+        ttl: Duration,
+    ) -> TokenOutcome {
+        self.with_token(id, token, |inner, now| {
+            inner.seq += 1;
+            let seq = inner.seq;
+            if let Some(e) = inner.records.get_mut(id) {
+                e.seq = seq;
+                e.state = State::Completed {
+                    outcome,
+                    expires_at: now.saturating_add(millis(ttl)),
+                };
+            }
+            inner.completed.push_back((*id, seq));
+        })
+    }
+
     fn claim_now(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         let now = self.shared.clock.now_millis();
         let lease_until = now.saturating_add(millis(req.lease));
@@ -330,6 +351,20 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(result))
     }
 
+    fn claim_ready(&self, req: ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
+        Some(self.claim_now(&req))
+    }
+
+    fn complete_ready(
+        &self,
+        id: &RecordId,
+        token: LeaseToken,
+        outcome: &Arc<StoredOutcome>,
+        ttl: Duration,
+    ) -> Option<Result<TokenOutcome, StoreError>> {
+        Some(Ok(self.complete_now(id, token, Arc::clone(outcome), ttl)))
+    }
+
     fn complete<'a>(
         &'a self,
         id: &'a RecordId,
@@ -337,19 +372,9 @@ impl Store for MemoryStore {
         outcome: Arc<StoredOutcome>,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        let result = self.with_token(id, token, |inner, now| {
-            inner.seq += 1;
-            let seq = inner.seq;
-            if let Some(e) = inner.records.get_mut(id) {
-                e.seq = seq;
-                e.state = State::Completed {
-                    outcome,
-                    expires_at: now.saturating_add(millis(ttl)),
-                };
-            }
-            inner.completed.push_back((*id, seq));
-        });
-        Box::pin(std::future::ready(Ok(result)))
+        Box::pin(std::future::ready(Ok(
+            self.complete_now(id, token, outcome, ttl)
+        )))
     }
 
     fn release<'a>(

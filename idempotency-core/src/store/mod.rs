@@ -109,6 +109,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for logs (`"memory"`, `"redis"`, …).
     fn backend(&self) -> &'static str;
+
+    /// Claims at once, without a future, if this store answers without
+    /// waiting (the in-process store does); `None` means: call
+    /// [`claim`](Self::claim). The engine tries it first, which spares a
+    /// boxed future per call. Default: `None`.
+    fn claim_ready(&self, req: ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
+        let _ = req;
+        None
+    }
+
+    /// As [`claim_ready`](Self::claim_ready), for [`complete`](Self::complete).
+    fn complete_ready(
+        &self,
+        id: &RecordId,
+        token: LeaseToken,
+        outcome: &Arc<StoredOutcome>,
+        ttl: Duration,
+    ) -> Option<Result<TokenOutcome, StoreError>> {
+        let _ = (id, token, outcome, ttl);
+        None
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -144,6 +165,18 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn backend(&self) -> &'static str {
         (**self).backend()
+    }
+    fn claim_ready(&self, req: ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
+        (**self).claim_ready(req)
+    }
+    fn complete_ready(
+        &self,
+        id: &RecordId,
+        token: LeaseToken,
+        outcome: &Arc<StoredOutcome>,
+        ttl: Duration,
+    ) -> Option<Result<TokenOutcome, StoreError>> {
+        (**self).complete_ready(id, token, outcome, ttl)
     }
 }
 
