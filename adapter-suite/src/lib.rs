@@ -383,6 +383,12 @@ impl Store for HangingStore {
     fn backend(&self) -> &'static str {
         "hanging"
     }
+    /// It claims a bound far longer than any case's `store_timeout`, so the
+    /// engine must still arm its own timer (and the cases that use this
+    /// store would hang if it did not).
+    fn call_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_secs(3600))
+    }
 }
 
 /// Generates one `#[test]` per case for an adapter. `$rt` is the test

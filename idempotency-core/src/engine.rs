@@ -391,6 +391,12 @@ impl Idempotency {
         if let Poll::Ready(r) = first {
             return r;
         }
+        // A store that bounds its own calls within our timeout needs no
+        // second timer.
+        let store = &self.inner.store;
+        if matches!(store.call_timeout(), Some(t) if t <= self.inner.config.store_timeout) {
+            return call.await;
+        }
         Box::pin(self.timeout(call)).await
     }
 

@@ -85,3 +85,63 @@ async fn redis_outage_fails_typed_and_recovers_without_a_new_store() {
         assert!(matches!(claim(&store).await, Ok(ClaimOutcome::Acquired(_))));
     }
 }
+
+/// A Redis that accepts commands but does not answer (`CLIENT PAUSE`): each
+/// call fails with `StoreError::Timeout` after the store's response timeout,
+/// by itself (the middleware arms no timer of its own for this store), and
+/// calls succeed again once Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_does_not_answer_times_out_typed() {
+    let Some(server) = common::RedisServer::start("redis_that_does_not_answer") else {
+        return;
+    };
+    let bound = Duration::from_millis(300);
+    let store = RedisStore::connect_with_timeout(&server.url(), bound)
+        .await
+        .expect("connect");
+    assert_eq!(store.call_timeout(), Some(bound));
+    assert!(matches!(claim(&store).await, Ok(ClaimOutcome::Acquired(_))));
+
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut admin = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .expect("pause");
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(5), claim(&store))
+        .await
+        .expect("a call to a silent Redis hung");
+    assert!(
+        matches!(
+            result,
+            Err(StoreError::Timeout {
+                backend: "redis",
+                timeout
+            }) if timeout == bound
+        ),
+        "{result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Once the pause is over, the same store answers again.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match claim(&store).await {
+            Ok(ClaimOutcome::Acquired(_)) => break,
+            other if Instant::now() > deadline => panic!("after the pause: {other:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}

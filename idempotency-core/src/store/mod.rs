@@ -110,6 +110,16 @@ pub trait Store: Send + Sync + 'static {
     /// A short name for logs (`"memory"`, `"redis"`, …).
     fn backend(&self) -> &'static str;
 
+    /// How long this store lets any one call run before it fails it with
+    /// [`StoreError::Timeout`] by itself, if it bounds its calls. When this
+    /// is at most the engine's `store_timeout`, the engine arms no timer of
+    /// its own around the call (a second timer per call costs a wake-up of
+    /// the runtime's timer on a busy path). Default: `None` (the engine
+    /// bounds every call).
+    fn call_timeout(&self) -> Option<Duration> {
+        None
+    }
+
     /// Claims at once, without a future, if this store answers without
     /// waiting (the in-process store does); `None` means: call
     /// [`claim`](Self::claim). The engine tries it first, which spares a
@@ -165,6 +175,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn backend(&self) -> &'static str {
         (**self).backend()
+    }
+    fn call_timeout(&self) -> Option<Duration> {
+        (**self).call_timeout()
     }
     fn claim_ready(&self, req: ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
         (**self).claim_ready(req)

@@ -47,6 +47,10 @@
 //!   depends on its persistence (`appendonly yes` with `appendfsync everysec`
 //!   can lose up to a second of records; a lost record means a retry runs the
 //!   handler again).
+//! - **Timeouts.** [`RedisStore::connect`] bounds each command's answer by
+//!   [`DEFAULT_RESPONSE_TIMEOUT`] (the middleware's default
+//!   `store_timeout`); one that takes longer fails with
+//!   [`StoreError::Timeout`]. The middleware then arms no timer of its own.
 //! - **Outages.** A call to an unreachable Redis fails with
 //!   [`StoreError::Backend`] (the `redis` error as its source), and the
 //!   middleware answers 503 (fail-closed) or runs unguarded (fail-open). The
@@ -158,7 +162,14 @@ pub struct RedisStore {
     conn: ConnectionManager,
     scripts: Arc<Scripts>,
     prefix: Arc<str>,
+    /// The connection manager's response timeout, when this store set it.
+    response_timeout: Option<Duration>,
 }
+
+/// How long [`RedisStore::connect`] lets one command wait for its answer:
+/// the same as the middleware's default `store_timeout`, so that the
+/// middleware needs no timer of its own around each call.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,21 +201,38 @@ impl RedisStore {
     /// backoff (at most about a second), and again on the next call if Redis
     /// is still away.
     ///
+    /// Each command waits at most [`DEFAULT_RESPONSE_TIMEOUT`] for its
+    /// answer, then fails with [`StoreError::Timeout`].
+    ///
     /// # Errors
     /// [`StoreError::Backend`] when the URL is invalid or Redis cannot be
     /// reached.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with_timeout(url, DEFAULT_RESPONSE_TIMEOUT).await
+    }
+
+    /// As [`connect`](Self::connect), with each command's answer awaited at
+    /// most `response_timeout`. Give the middleware's `store_timeout` (or
+    /// less) to spare it a timer per call.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn connect_with_timeout(
+        url: &str,
+        response_timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(3)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500))
             .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
+            .set_response_timeout(Some(response_timeout));
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(backend)?;
-        let store = Self::new(conn);
+        let mut store = Self::new(conn);
+        store.response_timeout = Some(response_timeout);
         store.load_scripts().await?;
         Ok(store)
     }
@@ -217,6 +245,19 @@ impl RedisStore {
             conn,
             scripts: Arc::new(Scripts::new()),
             prefix: Arc::from(DEFAULT_PREFIX),
+            response_timeout: None,
+        }
+    }
+
+    /// A Redis error, as [`StoreError::Timeout`] when it is the response
+    /// timeout this store set.
+    fn fail(&self, e: redis::RedisError) -> StoreError {
+        match self.response_timeout {
+            Some(timeout) if e.is_timeout() => StoreError::Timeout {
+                backend: BACKEND,
+                timeout,
+            },
+            _ => backend(e),
         }
     }
 
@@ -298,16 +339,30 @@ impl RedisStore {
         cmd: &redis::Cmd,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
+        let start = tokio::time::Instant::now();
         match cmd.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                script
-                    .prepare_invoke()
-                    .load_async(&mut conn)
-                    .await
-                    .map_err(backend)?;
-                cmd.query_async(&mut conn).await.map_err(backend)
+                // Redis lost its scripts: load this one and call it again,
+                // within what is left of the call's bound.
+                let fallback = async {
+                    script
+                        .prepare_invoke()
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(|e| self.fail(e))?;
+                    cmd.query_async(&mut conn).await.map_err(|e| self.fail(e))
+                };
+                match self.response_timeout {
+                    Some(timeout) => tokio::time::timeout_at(start + timeout, fallback)
+                        .await
+                        .unwrap_or(Err(StoreError::Timeout {
+                            backend: BACKEND,
+                            timeout,
+                        })),
+                    None => fallback.await,
+                }
             }
-            result => result.map_err(backend),
+            result => result.map_err(|e| self.fail(e)),
         }
     }
 
@@ -423,6 +478,12 @@ impl Store for RedisStore {
 
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    fn call_timeout(&self) -> Option<Duration> {
+        // Each command is bounded by the connection manager, and the
+        // NOSCRIPT fallback by what is left of the same bound.
+        self.response_timeout
     }
 }
 
