@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A source of wall-clock time in milliseconds since the Unix epoch.
 ///
-/// Stores that keep time themselves (Redis `TIME`, SQL `now()`) ignore it; the
+/// Stores that keep time themselves (Redis key expiry, SQL `now()`) ignore it; the
 /// memory store reads it for leases and expiry, so tests can move time with
 /// [`FakeClock::advance`] instead of sleeping.
 pub trait Clock: Send + Sync + 'static {

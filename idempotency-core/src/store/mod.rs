@@ -20,7 +20,7 @@
 //! |---|---|---|---|---|---|
 //! | [`MemoryStore`](memory::MemoryStore) | `memory` (default) | one process | no | the process's (injectable) | tests, one instance where a lost record after a restart is acceptable |
 //! | [`SqliteStore`](sqlite::SqliteStore) | `sqlite` | the processes of one machine (one file, WAL) | yes (committed with `synchronous = FULL`) | SQLite's | one machine, durable, no server to run |
-//! | [`RedisStore`](redis::RedisStore) | `redis` | any number, on any machines | as far as Redis persists (AOF/RDB) | Redis `TIME` | many instances, lowest latency (1 round trip per replay, 2 per fresh request) |
+//! | [`RedisStore`](redis::RedisStore) | `redis` | any number, on any machines | as far as Redis persists (AOF/RDB) | Redis key expiry | many instances, lowest latency (1 round trip per replay, 2 per fresh request) |
 //! | [`PostgresStore`](postgres::PostgresStore) | `postgres` | any number, on any machines | yes (the database's durability) | PostgreSQL `now()` | many instances, records as durable as your data; the same database as the effect |
 //!
 //! Every store keeps the same contract, checked by one conformance suite
