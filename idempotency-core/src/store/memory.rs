@@ -18,7 +18,8 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 /// - `claim` is one step under one lock; no lock is ever held across an `.await`.
 /// - It holds at most `capacity` records. When full, it first drops expired
 ///   records, then evicts the oldest *completed* records (counted in
-///   [`evictions`](Self::evictions) and logged at `warn`). It never evicts an
+///   [`evictions`](Self::evictions), and logged at `warn` on the 1st, 2nd,
+///   4th, 8th, … eviction, so a store that stays full does not flood the logs). It never evicts an
 ///   in-flight record: when only those remain, `claim` fails with
 ///   [`StoreError::Full`], which the middleware turns into 503 (fail-closed)
 ///   or an unguarded run (fail-open).
@@ -267,11 +268,16 @@ impl MemoryStore {
             entry.remove();
             if !expired {
                 let n = self.shared.evictions.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(
-                    evictions = n,
-                    capacity = self.shared.capacity,
-                    "memory store full: evicted the oldest completed record before its ttl"
-                );
+                // Logged on the 1st, 2nd, 4th, 8th, ... eviction: a full
+                // store under load evicts on every fresh request, and one
+                // line each would flood the logs. `evictions()` counts all.
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        evictions = n,
+                        capacity = self.shared.capacity,
+                        "memory store full: evicted the oldest completed record before its ttl (logged at every power of two evictions)"
+                    );
+                }
             }
         }
         if inner.records.len() < self.shared.capacity {
@@ -481,6 +487,48 @@ mod tests {
             "3 was never evicted"
         );
         assert_eq!(store.len(), 3);
+    }
+
+    /// Counts `warn` events (a minimal tracing subscriber).
+    #[derive(Clone, Default)]
+    struct Warnings(Arc<AtomicU64>);
+
+    impl tracing::Subscriber for Warnings {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[tokio::test]
+    async fn a_store_that_stays_full_logs_evictions_at_powers_of_two() {
+        let warnings = Warnings::default();
+        let _guard = tracing::subscriber::set_default(warnings.clone());
+        let store = MemoryStore::with_clock(1, FakeClock::new());
+        for n in 0..20 {
+            claim_and_complete(&store, n).await;
+        }
+        assert_eq!(
+            store.evictions(),
+            19,
+            "every claim after the first evicted one"
+        );
+        assert_eq!(
+            warnings.0.load(Ordering::Relaxed),
+            5,
+            "logged at evictions 1, 2, 4, 8 and 16 only"
+        );
     }
 
     #[tokio::test]
