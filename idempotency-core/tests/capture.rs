@@ -6,7 +6,8 @@
 use bytes::Bytes;
 use idempotency_core::{Decision, Idempotency, Inspection, MemoryStore};
 
-async fn execution(engine: &Idempotency, key: &str) -> idempotency_core::Execution {
+/// Inspects and decides a `POST /payments` with `key` and a fixed body.
+async fn decide(engine: &Idempotency, key: &str) -> Decision {
     let (parts, ()) = http::Request::post("/payments")
         .header("idempotency-key", key)
         .body(())
@@ -15,25 +16,7 @@ async fn execution(engine: &Idempotency, key: &str) -> idempotency_core::Executi
     let Inspection::Pending(pending) = engine.inspect(&parts, || None) else {
         panic!("not covered");
     };
-    match engine.decide(pending, b"{}").await {
-        Decision::Execute(execution) => execution,
-        _ => panic!("not executed"),
-    }
-}
-
-async fn replayed(engine: &Idempotency, key: &str) -> idempotency_core::Replay {
-    let (parts, ()) = http::Request::post("/payments")
-        .header("idempotency-key", key)
-        .body(())
-        .expect("request")
-        .into_parts();
-    let Inspection::Pending(pending) = engine.inspect(&parts, || None) else {
-        panic!("not covered");
-    };
-    match engine.decide(pending, b"{}").await {
-        Decision::Replay(replay) => replay,
-        _ => panic!("not replayed"),
-    }
+    engine.decide(pending, b"{}").await
 }
 
 #[tokio::test]
@@ -41,7 +24,9 @@ async fn capture_keeps_replayable_headers_in_order_and_the_body() {
     let engine = Idempotency::new(MemoryStore::new(), Default::default());
     for body_len in [0, 64, 4096, 4097, 100_000] {
         let key = format!("capture-{body_len}");
-        let execution = execution(&engine, &key).await;
+        let Decision::Execute(execution) = decide(&engine, &key).await else {
+            panic!("not executed");
+        };
         let body = Bytes::from(vec![7u8; body_len]);
         let headers: [(&str, &[u8]); 6] = [
             ("content-type", b"application/json"),
@@ -76,7 +61,9 @@ async fn capture_keeps_replayable_headers_in_order_and_the_body() {
             );
         }
         execution.complete(stored.clone()).await;
-        let replay = replayed(&engine, &key).await;
+        let Decision::Replay(replay) = decide(&engine, &key).await else {
+            panic!("not replayed");
+        };
         assert_eq!(*replay, stored, "the replay of a body of {body_len}");
     }
 }
