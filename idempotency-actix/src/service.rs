@@ -124,12 +124,12 @@ where
                 Decision::Replay(stored) => Ok(replay_response(req, &stored)),
                 Decision::Reject(problem) => Ok(problem_response(req, &problem)),
                 Decision::Unguarded => {
-                    req.set_payload(Payload::from(body));
+                    req.set_payload(payload(body));
                     let res = inner.call(req).await?;
                     Ok(res.map_body(|_, b| ResponseBody::inner(b)))
                 }
                 Decision::Execute(execution) => {
-                    req.set_payload(Payload::from(body));
+                    req.set_payload(payload(body));
                     // A client that disconnects makes actix drop this
                     // future from now on; the rest of it (the handler,
                     // storing its response) then finishes in a local task
@@ -142,6 +142,15 @@ where
         ResponseFuture::guarded(DetachOnDrop::new(future, arm, span, |rest| {
             drop(actix_web::rt::spawn(rest));
         }))
+    }
+}
+
+/// The read body, handed to the handler as its payload: one boxed stream
+/// of one chunk (`Payload::from(Bytes)` would build an h1 payload, two
+/// allocations).
+fn payload(body: Bytes) -> Payload {
+    Payload::Stream {
+        payload: Box::pin(futures_util::stream::once(std::future::ready(Ok(body)))),
     }
 }
 
