@@ -67,3 +67,29 @@ async fn capture_keeps_replayable_headers_in_order_and_the_body() {
         assert_eq!(*replay, stored, "the replay of a body of {body_len}");
     }
 }
+
+#[tokio::test]
+async fn capture_keeps_many_headers_in_order() {
+    let engine = Idempotency::new(MemoryStore::new(), Default::default());
+    let Decision::Execute(execution) = decide(&engine, "many-headers").await else {
+        panic!("not executed");
+    };
+    let names: Vec<String> = (0..40).map(|i| format!("x-h{i}")).collect();
+    let values: Vec<Vec<u8>> = (0..40).map(|i| vec![b'a' + (i % 26) as u8; i]).collect();
+    let stored = execution.capture(
+        200,
+        names
+            .iter()
+            .zip(&values)
+            .map(|(n, v)| (n.as_str(), v.as_slice())),
+        Bytes::from_static(b"ok"),
+    );
+    let kept: Vec<(String, Vec<u8>)> = stored
+        .headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_vec()))
+        .collect();
+    let expected: Vec<(String, Vec<u8>)> = names.into_iter().zip(values).collect();
+    assert_eq!(kept, expected);
+    assert_eq!(stored.body, Bytes::from_static(b"ok"));
+}
