@@ -1,7 +1,10 @@
 //! The cases, one per row of DESIGN section 4 and per guarantee. Each builds
 //! its own engine and backend, so cases are independent.
 
-use crate::{config, Adapter, Backend, FailingStore, HangingStore, SuiteRequest, SuiteResponse};
+use crate::{
+    config, Adapter, Backend, FailingStore, HangingStore, SlowClaimStore, SuiteRequest,
+    SuiteResponse,
+};
 use idempotency_core::store::ClaimRequest;
 use idempotency_core::{
     FailureMode, FakeClock, Fingerprint, Idempotency, IdempotencyKey, LeaseToken, MemoryStore,
@@ -428,6 +431,45 @@ pub async fn client_disconnect_still_completes<A: Adapter>() {
             break;
         }
         tokio::task::yield_now().await;
+        retry = app.send(req.clone()).await;
+    }
+    assert_eq!(retry.status, 201, "{}", retry.body_str());
+    assert!(
+        retry.is_replay(),
+        "the abandoned request's response was stored"
+    );
+    assert_eq!(backend.executions(), 1);
+}
+
+/// The client goes away while its claim is on the wire (the store may have
+/// recorded it already): the request still runs to its end, so the retry
+/// replays instead of getting 409 until the lease passes.
+pub async fn client_disconnect_during_the_claim_still_completes<A: Adapter>() {
+    let store = SlowClaimStore {
+        inner: MemoryStore::new(),
+        delay: Duration::from_millis(50),
+    };
+    let (app, backend) = app::<A>(store).await;
+    let req = SuiteRequest::post("/payments", "gone-early", PAYMENT);
+    {
+        let send = app.send(req.clone());
+        futures_util::pin_mut!(send);
+        // Drive the request into its claim, then drop it: the client hung up.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut send)
+                .await
+                .is_err(),
+            "the claim takes 50 ms; the request cannot have finished"
+        );
+        assert_eq!(backend.executions(), 0, "dropped during the claim");
+    }
+    // The detached request claims, runs the handler and stores its response.
+    let mut retry = app.send(req.clone()).await;
+    for _ in 0..100 {
+        if retry.status != 409 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
         retry = app.send(req.clone()).await;
     }
     assert_eq!(retry.status, 201, "{}", retry.body_str());

@@ -348,6 +348,56 @@ impl Store for FailingStore {
     }
 }
 
+/// The memory store with every claim answered after `delay`, as a remote
+/// store on a slow network: for a client that goes away while its claim is
+/// on the wire.
+#[derive(Debug)]
+pub struct SlowClaimStore {
+    /// The store that answers.
+    pub inner: idempotency_core::MemoryStore,
+    /// How long each claim waits first.
+    pub delay: Duration,
+}
+
+impl Store for SlowClaimStore {
+    fn claim<'a>(
+        &'a self,
+        req: ClaimRequest<'a>,
+    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.claim(req).await
+        })
+    }
+    fn complete<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        outcome: Arc<StoredOutcome>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        self.inner.complete(id, token, outcome, ttl)
+    }
+    fn release<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        self.inner.release(id, token)
+    }
+    fn extend<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+        self.inner.extend(id, token, lease)
+    }
+    fn backend(&self) -> &'static str {
+        "slow-claim"
+    }
+}
+
 /// A store that never answers, for timeout cases.
 #[derive(Debug, Default)]
 pub struct HangingStore;
@@ -414,6 +464,7 @@ macro_rules! adapter_suite {
             client_errors_are_stored_and_replayed,
             response_over_storable_limit_reaches_client_and_is_never_rerun,
             client_disconnect_still_completes,
+            client_disconnect_during_the_claim_still_completes,
             lease_takeover_after_a_crash,
             records_expire_after_ttl,
             scopes_never_meet,

@@ -11,7 +11,7 @@ use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use idempotency_core::key::IDEMPOTENCY_KEY;
 use idempotency_core::{
-    Decision, DetachArm, DetachOnDrop, Execution, Inspection, Problem, RequestHead, StoredResponse,
+    Decision, DetachOnDrop, Execution, Inspection, Problem, RequestHead, StoredResponse,
 };
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -100,8 +100,6 @@ where
         let inner = Rc::clone(&self.inner);
         let engine = middleware.engine.clone();
         let span = pending.span().clone();
-        let arm = DetachArm::new();
-        let armed = arm.clone();
         let future: LocalBoxFuture<
             'static,
             Result<ServiceResponse<ResponseBody<B>>, actix_web::Error>,
@@ -130,16 +128,11 @@ where
                 }
                 Decision::Execute(execution) => {
                     req.set_payload(payload(body));
-                    // A client that disconnects makes actix drop this
-                    // future from now on; the rest of it (the handler,
-                    // storing its response) then finishes in a local task
-                    // of its own.
-                    armed.arm();
                     execute(execution, inner, req).await
                 }
             }
         });
-        ResponseFuture::guarded(DetachOnDrop::new(future, arm, span, |rest| {
+        ResponseFuture::guarded(DetachOnDrop::new(future, span, |rest| {
             drop(actix_web::rt::spawn(rest));
         }))
     }

@@ -11,7 +11,6 @@
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -714,53 +713,31 @@ impl Drop for Execution {
 }
 
 /// Drives a request's future, boxed once, inside the request's span; if
-/// dropped before it finishes (the client went away and the framework
-/// dropped the request) after its [`DetachArm`] was armed, hands the rest of
-/// it to `spawn`, so it runs to completion. Adapters arm it when the handler
-/// is about to run ([`Decision::Execute`]); dropped before that, the future
-/// is just dropped. Cheaper than spawning every request: a task exists only
-/// on disconnect. `spawn` is `tokio::spawn` for tower, the framework's local
-/// spawn for actix (whose futures are not `Send`).
+/// dropped after its first poll and before it finishes (the client went away
+/// and the framework dropped the request), hands the rest of it to `spawn`,
+/// so it runs to completion: a claim already sent is settled, and a handler
+/// that started finishes and its response is stored for the retry. Cheaper
+/// than spawning every request: a task exists only on disconnect. `spawn` is
+/// `tokio::spawn` for tower, the framework's local spawn for actix (whose
+/// futures are not `Send`).
 pub struct DetachOnDrop<F: Future + ?Sized> {
     future: Option<Pin<Box<F>>>,
-    arm: DetachArm,
+    polled: bool,
     spawn: fn(Instrumented<Pin<Box<F>>>),
     span: tracing::Span,
 }
 
-/// Says that a [`DetachOnDrop`] runs its future to completion from now on.
-/// Shared between the future (which arms it) and its wrapper.
-#[derive(Debug, Clone, Default)]
-pub struct DetachArm(Arc<AtomicBool>);
-
-impl DetachArm {
-    /// A disarmed arm.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A dropped [`DetachOnDrop`] now detaches its future instead of dropping it.
-    pub fn arm(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-
-    fn is_armed(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
-
 impl<F: Future + ?Sized> DetachOnDrop<F> {
-    /// Wraps `future`, which arms `arm` once it must run to completion, and
-    /// polls it inside `span` (so is the rest of it, if detached).
+    /// Wraps `future`, polled inside `span` (so is the rest of it, if
+    /// detached).
     pub fn new(
         future: Pin<Box<F>>,
-        arm: DetachArm,
         span: tracing::Span,
         spawn: fn(Instrumented<Pin<Box<F>>>),
     ) -> Self {
         Self {
             future: Some(future),
-            arm,
+            polled: false,
             spawn,
             span,
         }
@@ -775,6 +752,7 @@ impl<F: Future + ?Sized> Future for DetachOnDrop<F> {
         let Some(future) = this.future.as_mut() else {
             return Poll::Pending;
         };
+        this.polled = true;
         let out = {
             let _entered = this.span.enter();
             std::task::ready!(future.as_mut().poll(cx))
@@ -789,7 +767,8 @@ impl<F: Future + ?Sized> Drop for DetachOnDrop<F> {
         let Some(future) = self.future.take() else {
             return;
         };
-        if !self.arm.is_armed() {
+        if !self.polled {
+            // Never started: nothing was sent to the store yet.
             let _entered = self.span.enter();
             drop(future);
             return;
@@ -809,7 +788,7 @@ impl<F: Future + ?Sized> std::fmt::Debug for DetachOnDrop<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DetachOnDrop")
             .field("finished", &self.future.is_none())
-            .field("armed", &self.arm.is_armed())
+            .field("polled", &self.polled)
             .finish()
     }
 }

@@ -66,8 +66,7 @@ pub mod conformance;
 pub use clock::{Clock, FakeClock, SystemClock, TokioClock};
 pub use config::{ConfigError, FailureMode, IdempotencyConfig, IdempotencyConfigBuilder};
 pub use engine::{
-    Decision, DetachArm, DetachOnDrop, Execution, Idempotency, Inspection, Pending, Replay,
-    RequestHead,
+    Decision, DetachOnDrop, Execution, Idempotency, Inspection, Pending, Replay, RequestHead,
 };
 pub use fingerprint::{Fingerprint, RecordId, Scope};
 pub use key::{IdempotencyKey, KeyError};

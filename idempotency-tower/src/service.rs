@@ -5,7 +5,7 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use idempotency_core::{
-    Decision, DetachArm, DetachOnDrop, Execution, Idempotency, Inspection, Problem, StoredResponse,
+    Decision, DetachOnDrop, Execution, Idempotency, Inspection, Problem, StoredResponse,
 };
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -100,8 +100,6 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let engine = layer.engine.clone();
         let span = pending.span().clone();
-        let arm = DetachArm::new();
-        let armed = arm.clone();
         let future: crate::future::GuardedFuture<ResBody, S::Error> = Box::pin(async move {
             let body = match read_request(body, pending.body_limit()).await {
                 Ok(bytes) => bytes,
@@ -126,15 +124,11 @@ where
                 }
                 Decision::Execute(execution) => {
                     let req = Request::from_parts(parts, RequestBody::buffered(body));
-                    // A client that disconnects drops this future from
-                    // now on; the rest of it (the handler, storing its
-                    // response) then finishes in a task of its own.
-                    armed.arm();
                     execute(execution, inner, req).await
                 }
             }
         });
-        ResponseFuture::guarded(DetachOnDrop::new(future, arm, span, |rest| {
+        ResponseFuture::guarded(DetachOnDrop::new(future, span, |rest| {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => drop(rt.spawn(rest)),
                 Err(_) => tracing::warn!("idempotent request dropped outside a runtime; its claim is freed when the lease passes"),
