@@ -64,10 +64,10 @@
 //!   store is `Send + Sync` and shared by every worker; the middleware itself
 //!   never needs `Send` futures.
 //! - **Client disconnects**: actix drops a request's future when its client
-//!   goes away. The handler of a covered request then moves to a local task
-//!   of its own (`actix_web::rt::spawn`, through core's `DetachOnDrop`), so
-//!   it runs to completion anyway; its response is stored and the retry
-//!   replays it. While the client stays, nothing is spawned.
+//!   goes away. The rest of a covered request (its claim, the handler,
+//!   storing the response) then moves to a local task of its own
+//!   (`actix_web::rt::spawn`, through core's `DetachOnDrop`), so it runs to
+//!   completion anyway, and the retry replays it. While the client stays, nothing is spawned.
 //! - **Slow handlers** keep their claim: the lease is extended every half lease.
 //! - **Crashes**: a claim left by a dead process is taken over by the next
 //!   retry once its lease passes; the handler may then run again.

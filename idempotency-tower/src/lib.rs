@@ -44,9 +44,9 @@
 //! - **Concurrency**: of any number of concurrent requests with one scope and
 //!   key, exactly one runs the handler (the store's `claim` is atomic).
 //! - **Client disconnects**: when the server drops a covered request's
-//!   future (its client went away), the handler moves to a tokio task of its
-//!   own and runs to completion; its response is stored and the retry
-//!   replays it. While the client stays, nothing is spawned.
+//!   future (its client went away), the rest of it (its claim, the handler,
+//!   storing the response) moves to a tokio task of its own and runs to
+//!   completion, and the retry replays it. While the client stays, nothing is spawned.
 //! - **Slow handlers** keep their claim: the lease is extended every half lease.
 //! - **Crashes**: a claim left by a dead process is taken over by the next
 //!   retry once its lease passes; the handler may then run again.
