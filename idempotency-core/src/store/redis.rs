@@ -277,7 +277,8 @@ impl RedisStore {
 
     /// The Redis key of a record: `{prefix}{<hex id>}`.
     pub fn key(&self, id: &RecordId) -> String {
-        String::from_utf8(self.key_bytes(id)).expect("the prefix is UTF-8 and hex is ASCII")
+        // The prefix is UTF-8 and the rest ASCII, so nothing is replaced.
+        String::from_utf8_lossy(&self.key_bytes(id)).into_owned()
     }
 
     fn key_bytes(&self, id: &RecordId) -> Vec<u8> {
