@@ -9,51 +9,14 @@
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Service, ServiceResponse};
-use actix_web::http::header;
-use actix_web::{test, web, App, HttpResponse};
-use bytes::Bytes;
+use actix_web::{test, web, App};
+use benches::actix::{handler, request, send};
+use benches::json_body;
 use criterion::{BenchmarkId, Criterion};
 use idempotency_actix::IdempotencyMiddleware;
 use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-fn json_body() -> Bytes {
-    // 1 KiB of JSON.
-    let mut s = String::from("{\"amount\":100,\"currency\":\"EUR\",\"note\":\"");
-    while s.len() < 1022 {
-        s.push('x');
-    }
-    s.push_str("\"}");
-    Bytes::from(s)
-}
-
-async fn handler(body: web::Bytes) -> HttpResponse {
-    HttpResponse::Created()
-        .content_type("application/json")
-        .insert_header((header::LOCATION, "/payments/pay_1"))
-        .body(body.slice(..64))
-}
-
-fn request(key: &str, body: &Bytes) -> actix_http::Request {
-    test::TestRequest::post()
-        .uri("/payments")
-        .insert_header((header::CONTENT_TYPE, "application/json"))
-        .insert_header(("idempotency-key", key))
-        .set_payload(body.clone())
-        .to_request()
-}
-
-async fn send<S, B>(app: &S, req: actix_http::Request)
-where
-    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
-    B: MessageBody,
-{
-    let res = app.call(req).await.expect("the app answers");
-    assert!(res.status().is_success(), "{}", res.status());
-    let body = actix_web::body::to_bytes(res.into_body()).await;
-    std::hint::black_box(body.ok());
-}
 
 /// Times `iters` requests made by `make` through `app`, on the actix runtime.
 fn time<S, B>(

@@ -55,6 +55,47 @@ pub async fn send(router: &Router, req: http::Request<Body>) {
     std::hint::black_box(body);
 }
 
+/// The actix-web counterparts of [`handler`](crate::handler) and
+/// [`request`](crate::request).
+pub mod actix {
+    use actix_web::body::MessageBody;
+    use actix_web::dev::{Service, ServiceResponse};
+    use actix_web::http::header;
+    use actix_web::{test, web, HttpResponse};
+    use bytes::Bytes;
+
+    /// The bare actix handler: 201 with two headers and 64 bytes of the body.
+    pub async fn handler(body: web::Bytes) -> HttpResponse {
+        HttpResponse::Created()
+            .content_type("application/json")
+            .insert_header((header::LOCATION, "/payments/pay_1"))
+            .body(body.slice(..64))
+    }
+
+    /// A `POST /payments` with `Idempotency-Key: key` and `body`.
+    pub fn request(key: &str, body: &Bytes) -> actix_http::Request {
+        test::TestRequest::post()
+            .uri("/payments")
+            .insert_header((header::CONTENT_TYPE, "application/json"))
+            .insert_header(("idempotency-key", key))
+            .set_payload(body.clone())
+            .to_request()
+    }
+
+    /// Sends one request through an actix app in process and reads the whole
+    /// response.
+    pub async fn send<S, B>(app: &S, req: actix_http::Request)
+    where
+        S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+        B: MessageBody,
+    {
+        let res = app.call(req).await.expect("the app answers");
+        assert!(res.status().is_success(), "{}", res.status());
+        let body = actix_web::body::to_bytes(res.into_body()).await;
+        std::hint::black_box(body.ok());
+    }
+}
+
 /// criterion's output folder for this run.
 pub fn criterion_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
