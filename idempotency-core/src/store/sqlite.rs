@@ -13,7 +13,9 @@
 //! ```
 //!
 //! The file is created when missing, put in WAL mode, and migrated on
-//! [`SqliteStore::connect`] (or through [`SqliteStore::migrate`]). Give the
+//! [`SqliteStore::connect`] (or through [`SqliteStore::migrate`]). Several
+//! processes may open a new file at once: the ones that find it locked while
+//! another puts it in WAL mode or migrates it retry, within the busy timeout. Give the
 //! store a file of its own: its `_sqlx_migrations` table would confuse an
 //! application's own sqlx migrations.
 //!
@@ -76,6 +78,14 @@ fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError
 #[derive(Debug, thiserror::Error)]
 #[error("the claim lost the race for its row {0} times in a row")]
 pub struct Contended(pub usize);
+
+/// Whether `e` is SQLite's `SQLITE_BUSY` or `SQLITE_LOCKED` (any extended code).
+fn is_busy(e: &sqlx::Error) -> bool {
+    let Some(code) = e.as_database_error().and_then(|d| d.code()) else {
+        return false;
+    };
+    matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5 | 6))
+}
 
 /// How [`SqliteStore::connect_with`] opens the file.
 #[derive(Debug, Clone)]
@@ -207,13 +217,28 @@ impl SqliteStore {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(options.busy_timeout);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(options.max_connections)
-            .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(connect)
-            .await
-            .map_err(backend)?;
+        // Several processes opening a new file at once race to put it in WAL
+        // mode, which needs the file to themselves; SQLite answers the
+        // losers "database is locked" at once, without its busy handler.
+        // Retry those for as long as the busy timeout.
+        let deadline = tokio::time::Instant::now() + options.busy_timeout;
+        let mut attempt = 0u32;
+        let pool = loop {
+            let opened = SqlitePoolOptions::new()
+                .max_connections(options.max_connections)
+                .test_before_acquire(false)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(connect.clone())
+                .await;
+            match opened {
+                Ok(pool) => break pool,
+                Err(e) if is_busy(&e) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10 << attempt.min(4))).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(backend(e)),
+            }
+        };
         let store = Self::from_pool(pool);
         if options.migrate {
             store.migrate().await?;
