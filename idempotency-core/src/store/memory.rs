@@ -1,6 +1,6 @@
 //! The in-process store: one instance, bounded in entries, nothing survives a restart.
 
-use std::collections::{hash_map, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -58,22 +58,107 @@ impl std::hash::Hasher for IdHasher {
 
 type IdMap<V> = HashMap<RecordId, V, std::hash::BuildHasherDefault<IdHasher>>;
 
+/// The records: an index from id to slot, and the slots themselves.
+///
+/// The index holds 36 bytes per record (an id and a slot number): for
+/// 100 000 records about 5 MB, which a last-level cache holds, where a map
+/// of whole records (128 bytes each) took 17 MB and missed the cache on
+/// every fresh claim. The slots are reused, the most recently vacated first,
+/// so a fresh claim on a full store writes into the slot that its eviction
+/// has just brought into cache. Measured with the actix fresh-key bench on a
+/// full store of 100 000 records: 0.1–0.35 µs less per request.
 #[derive(Default)]
-struct Inner {
-    records: IdMap<Entry>,
-    /// Completed records in the order they completed, for eviction and
-    /// sweeping. Entries are checked against `Entry::seq` (stale ones skipped).
-    completed: VecDeque<(RecordId, u64)>,
+struct Records {
+    index: IdMap<u32>,
+    slots: Vec<Slot>,
+    /// Vacant slots, the most recently vacated last.
+    free: Vec<u32>,
+}
+
+struct Slot {
+    id: RecordId,
+    fingerprint: Fingerprint,
+    state: State,
+    /// The generation: a new one for every claim that (re)starts a record
+    /// and every completion; 0 once the slot is vacant.
     seq: u64,
 }
 
-struct Entry {
-    fingerprint: Fingerprint,
-    state: State,
+impl Records {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn find(&self, id: &RecordId) -> Option<u32> {
+        self.index.get(id).copied()
+    }
+
+    fn slot(&self, i: u32) -> &Slot {
+        &self.slots[i as usize]
+    }
+
+    fn slot_mut(&mut self, i: u32) -> &mut Slot {
+        &mut self.slots[i as usize]
+    }
+
+    /// Adds a record whose id is not in the store.
+    fn insert(&mut self, slot: Slot) -> u32 {
+        let id = slot.id;
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                // `MemoryStore::with_clock` bounds the capacity to u32 slots.
+                let i = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+                self.slots.push(slot);
+                i
+            }
+        };
+        self.index.insert(id, i);
+        i
+    }
+
+    /// Removes the record in slot `i` (its response is dropped here).
+    fn remove(&mut self, i: u32) {
+        let slot = &mut self.slots[i as usize];
+        if matches!(slot.state, State::Vacant) {
+            return;
+        }
+        self.index.remove(&slot.id);
+        slot.state = State::Vacant;
+        slot.seq = 0;
+        self.free.push(i);
+    }
+
+    /// Removes every record for which `keep` is false; returns how many.
+    fn retain(&mut self, keep: impl Fn(&Slot) -> bool) -> usize {
+        let mut removed = 0;
+        for i in 0..self.slots.len() {
+            let slot = &self.slots[i];
+            if !matches!(slot.state, State::Vacant) && !keep(slot) {
+                // `i` < slots.len() <= u32::MAX + 1 (see `insert`).
+                self.remove(i as u32);
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    records: Records,
+    /// Completed records in the order they completed, for eviction and
+    /// sweeping, as (slot, generation): entries whose slot has moved on to
+    /// another generation are stale and skipped.
+    completed: VecDeque<(u32, u64)>,
     seq: u64,
 }
 
 enum State {
+    Vacant,
     InFlight {
         token: LeaseToken,
         lease_until: u64,
@@ -89,6 +174,7 @@ impl State {
     fn expires_at(&self) -> u64 {
         match self {
             State::InFlight { expires_at, .. } | State::Completed { expires_at, .. } => *expires_at,
+            State::Vacant => 0,
         }
     }
 }
@@ -119,7 +205,8 @@ impl MemoryStore {
         Self::with_capacity(DEFAULT_CAPACITY)
     }
 
-    /// A store of at most `capacity` records (at least 1).
+    /// A store of at most `capacity` records (at least 1, at most
+    /// `u32::MAX`).
     pub fn with_capacity(capacity: usize) -> Self {
         Self::with_clock(capacity, SystemClock)
     }
@@ -130,7 +217,7 @@ impl MemoryStore {
             shared: Arc::new(Shared {
                 inner: Mutex::new(Inner::default()),
                 clock: Arc::new(clock),
-                capacity: capacity.max(1),
+                capacity: capacity.clamp(1, u32::MAX as usize),
                 evictions: AtomicU64::new(0),
             }),
         }
@@ -157,9 +244,7 @@ impl MemoryStore {
     pub fn sweep_expired(&self) -> usize {
         let now = self.shared.clock.now_millis();
         let mut inner = self.lock();
-        let before = inner.records.len();
-        inner.records.retain(|_, e| e.state.expires_at() > now);
-        let removed = before - inner.records.len();
+        let removed = inner.records.retain(|s| s.state.expires_at() > now);
         inner.compact_order();
         removed
     }
@@ -177,17 +262,16 @@ impl MemoryStore {
         outcome: Arc<StoredOutcome>,
         ttl: Duration,
     ) -> TokenOutcome {
-        self.with_token(id, token, |inner, now| {
+        self.with_token(id, token, |inner, i, now| {
             inner.seq += 1;
             let seq = inner.seq;
-            if let Some(e) = inner.records.get_mut(id) {
-                e.seq = seq;
-                e.state = State::Completed {
-                    outcome,
-                    expires_at: now.saturating_add(millis(ttl)),
-                };
-            }
-            inner.completed.push_back((*id, seq));
+            let slot = inner.records.slot_mut(i);
+            slot.seq = seq;
+            slot.state = State::Completed {
+                outcome,
+                expires_at: now.saturating_add(millis(ttl)),
+            };
+            inner.completed.push_back((i, seq));
         })
     }
 
@@ -202,50 +286,50 @@ impl MemoryStore {
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.sweep_front(now);
-        if inner.records.len() >= self.shared.capacity && !inner.records.contains_key(req.id) {
+        let found = inner.records.find(req.id);
+        if found.is_none() && inner.records.len() >= self.shared.capacity {
             self.make_room(inner, now)?;
         }
-        // One probe of the map for the lookup and the insert.
         let Inner { records, seq, .. } = inner;
-        match records.entry(*req.id) {
-            hash_map::Entry::Occupied(mut occupied) => {
-                let entry = occupied.get_mut();
-                let expired = entry.state.expires_at() <= now;
-                match &entry.state {
-                    _ if expired => {}
-                    State::InFlight {
-                        lease_until: held, ..
-                    } => {
-                        if *held > now || entry.fingerprint != *req.fingerprint {
-                            return Ok(ClaimOutcome::InFlight {
-                                fingerprint: entry.fingerprint,
-                                lease_remaining: Duration::from_millis(held.saturating_sub(now)),
-                            });
-                        }
-                        // Lease passed, same request: take over with the new token.
-                    }
-                    State::Completed { outcome, .. } => {
-                        return Ok(ClaimOutcome::Completed {
-                            fingerprint: entry.fingerprint,
-                            outcome: Arc::clone(outcome),
-                        });
-                    }
+        let Some(i) = found else {
+            *seq += 1;
+            records.insert(Slot {
+                id: *req.id,
+                fingerprint: *req.fingerprint,
+                state: fresh(),
+                seq: *seq,
+            });
+            return Ok(ClaimOutcome::Acquired(req.token));
+        };
+        let slot = records.slot_mut(i);
+        let expired = slot.state.expires_at() <= now;
+        match &slot.state {
+            _ if expired => {}
+            State::InFlight {
+                lease_until: held, ..
+            } => {
+                if *held > now || slot.fingerprint != *req.fingerprint {
+                    return Ok(ClaimOutcome::InFlight {
+                        fingerprint: slot.fingerprint,
+                        lease_remaining: Duration::from_millis(held.saturating_sub(now)),
+                    });
                 }
-                // A new generation: queue entries of the old one are now stale.
-                *seq += 1;
-                entry.seq = *seq;
-                entry.fingerprint = *req.fingerprint;
-                entry.state = fresh();
+                // Lease passed, same request: take over with the new token.
             }
-            hash_map::Entry::Vacant(vacant) => {
-                *seq += 1;
-                vacant.insert(Entry {
-                    fingerprint: *req.fingerprint,
-                    state: fresh(),
-                    seq: *seq,
+            State::Completed { outcome, .. } => {
+                return Ok(ClaimOutcome::Completed {
+                    fingerprint: slot.fingerprint,
+                    outcome: Arc::clone(outcome),
                 });
             }
+            // `find` never returns a vacant slot.
+            State::Vacant => {}
         }
+        // A new generation: queue entries of the old one are now stale.
+        *seq += 1;
+        slot.seq = *seq;
+        slot.fingerprint = *req.fingerprint;
+        slot.state = fresh();
         Ok(ClaimOutcome::Acquired(req.token))
     }
 
@@ -253,19 +337,16 @@ impl MemoryStore {
         // Cheap first: expired and then the oldest completed records, from the
         // front of the completion order (O(1) amortized per claim).
         while inner.records.len() >= self.shared.capacity {
-            let Some((id, seq)) = inner.completed.pop_front() else {
+            let Some((i, seq)) = inner.completed.pop_front() else {
                 break;
             };
-            // One probe: stale queue entries (a newer generation) stay.
-            let hash_map::Entry::Occupied(entry) = inner.records.entry(id) else {
-                continue;
-            };
-            let e = entry.get();
-            if e.seq != seq || !matches!(e.state, State::Completed { .. }) {
+            // Stale queue entries (a newer generation, or vacant) stay.
+            let slot = inner.records.slot(i);
+            if slot.seq != seq || !matches!(slot.state, State::Completed { .. }) {
                 continue;
             }
-            let expired = e.state.expires_at() <= now;
-            entry.remove();
+            let expired = slot.state.expires_at() <= now;
+            inner.records.remove(i);
             if !expired {
                 let n = self.shared.evictions.fetch_add(1, Ordering::Relaxed) + 1;
                 // Logged on the 1st, 2nd, 4th, 8th, ... eviction: a full
@@ -285,7 +366,7 @@ impl MemoryStore {
         }
         // Only in-flight records are left: drop the abandoned ones (past lease
         // and ttl). A full scan, but only when the store is full of claims.
-        inner.records.retain(|_, e| e.state.expires_at() > now);
+        inner.records.retain(|s| s.state.expires_at() > now);
         if inner.records.len() < self.shared.capacity {
             return Ok(());
         }
@@ -294,25 +375,26 @@ impl MemoryStore {
         })
     }
 
+    /// Runs `change` on the record `id` (in slot `i`) if `token` holds its
+    /// claim and it has not expired.
     fn with_token(
         &self,
         id: &RecordId,
         token: LeaseToken,
-        change: impl FnOnce(&mut Inner, u64),
+        change: impl FnOnce(&mut Inner, u32, u64),
     ) -> TokenOutcome {
         let now = self.shared.clock.now_millis();
         let mut inner = self.lock();
-        match inner.records.get(id) {
-            Some(Entry {
-                state:
-                    State::InFlight {
-                        token: held,
-                        expires_at,
-                        ..
-                    },
+        let Some(i) = inner.records.find(id) else {
+            return TokenOutcome::Fenced;
+        };
+        match inner.records.slot(i).state {
+            State::InFlight {
+                token: held,
+                expires_at,
                 ..
-            }) if *held == token && *expires_at > now => {
-                change(&mut inner, now);
+            } if held == token && expires_at > now => {
+                change(&mut inner, i, now);
                 TokenOutcome::Applied
             }
             _ => TokenOutcome::Fenced,
@@ -325,17 +407,15 @@ impl Inner {
     /// a little amortized sweeping on every claim.
     fn sweep_front(&mut self, now: u64) {
         for _ in 0..4 {
-            let Some(&(id, seq)) = self.completed.front() else {
+            let Some(&(i, seq)) = self.completed.front() else {
                 return;
             };
-            // One probe for the check and the removal.
-            if let hash_map::Entry::Occupied(e) = self.records.entry(id) {
-                if e.get().seq == seq {
-                    if e.get().state.expires_at() > now {
-                        return;
-                    }
-                    e.remove();
+            let slot = self.records.slot(i);
+            if slot.seq == seq {
+                if slot.state.expires_at() > now {
+                    return;
                 }
+                self.records.remove(i);
             }
             self.completed.pop_front();
         }
@@ -344,7 +424,7 @@ impl Inner {
     fn compact_order(&mut self) {
         let records = &self.records;
         self.completed
-            .retain(|(id, seq)| matches!(records.get(id), Some(e) if e.seq == *seq));
+            .retain(|&(i, seq)| records.slot(i).seq == seq);
     }
 }
 
@@ -388,8 +468,8 @@ impl Store for MemoryStore {
         id: &'a RecordId,
         token: LeaseToken,
     ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        let result = self.with_token(id, token, |inner, _| {
-            inner.records.remove(id);
+        let result = self.with_token(id, token, |inner, i, _| {
+            inner.records.remove(i);
         });
         Box::pin(std::future::ready(Ok(result)))
     }
@@ -400,16 +480,12 @@ impl Store for MemoryStore {
         token: LeaseToken,
         lease: Duration,
     ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        let result = self.with_token(id, token, |inner, now| {
-            if let Some(Entry {
-                state:
-                    State::InFlight {
-                        lease_until,
-                        expires_at,
-                        ..
-                    },
+        let result = self.with_token(id, token, |inner, i, now| {
+            if let State::InFlight {
+                lease_until,
+                expires_at,
                 ..
-            }) = inner.records.get_mut(id)
+            } = &mut inner.records.slot_mut(i).state
             {
                 let ttl_after_lease = expires_at.saturating_sub(*lease_until);
                 *lease_until = now.saturating_add(millis(lease));
@@ -529,6 +605,49 @@ mod tests {
             5,
             "logged at evictions 1, 2, 4, 8 and 16 only"
         );
+    }
+
+    #[tokio::test]
+    async fn a_record_restarted_in_its_slot_is_evicted_in_its_new_completion_order() {
+        let clock = FakeClock::new();
+        let store = MemoryStore::with_clock(3, clock.clone());
+        let complete = |n: u8, ttl: Duration| {
+            let store = store.clone();
+            async move {
+                let Ok(ClaimOutcome::Acquired(token)) = claim(&store, n) else {
+                    panic!("claim {n} not acquired")
+                };
+                let done = store.complete(&id(n), token, outcome(), ttl).await;
+                assert_eq!(done.expect("complete"), TokenOutcome::Applied);
+            }
+        };
+        // Completion order: 1 (lives 3 h), 2 (1 h), 3 (2 h).
+        complete(1, 3 * HOUR).await;
+        complete(2, HOUR).await;
+        complete(3, 2 * HOUR).await;
+        // 2 has expired, but 1 is live at the front of the completion order
+        // (so the sweep stops there): claiming 2 again restarts it in its
+        // own slot, and its first place in the order goes stale. Order now:
+        // 1, 3, 2.
+        clock.advance(HOUR + Duration::from_secs(30 * 60));
+        complete(2, HOUR).await;
+        assert_eq!(store.len(), 3);
+        // Full: 4 evicts 1, then 5 evicts 3 (not 2, whose stale entry comes
+        // first in the queue but whose record completed last).
+        assert!(matches!(claim(&store, 4), Ok(ClaimOutcome::Acquired(_))));
+        assert!(matches!(claim(&store, 5), Ok(ClaimOutcome::Acquired(_))));
+        assert_eq!(store.evictions(), 2);
+        assert!(
+            matches!(claim(&store, 2), Ok(ClaimOutcome::Completed { .. })),
+            "2 is kept"
+        );
+        assert_eq!(store.len(), 3);
+        assert_eq!(store.evictions(), 2, "a replay evicts nothing");
+        // 4 and 5 are in flight and 2 is the only completed record left:
+        // 3 (evicted) comes back by evicting 2, exactly once.
+        assert!(matches!(claim(&store, 3), Ok(ClaimOutcome::Acquired(_))));
+        assert_eq!(store.evictions(), 3);
+        assert!(matches!(claim(&store, 1), Err(StoreError::Full { .. })));
     }
 
     #[tokio::test]
