@@ -533,11 +533,16 @@ mod tests {
     }
 
     async fn claim_and_complete(store: &MemoryStore, n: u8) {
+        claim_and_complete_for(store, n, HOUR).await;
+    }
+
+    /// Claims `n` and completes it with `ttl`.
+    async fn claim_and_complete_for(store: &MemoryStore, n: u8, ttl: Duration) {
         let Ok(ClaimOutcome::Acquired(token)) = claim(store, n) else {
             panic!("claim {n} not acquired")
         };
         let done = store
-            .complete(&id(n), token, outcome(), HOUR)
+            .complete(&id(n), token, outcome(), ttl)
             .await
             .expect("complete");
         assert_eq!(done, TokenOutcome::Applied);
@@ -611,16 +616,7 @@ mod tests {
     async fn a_record_restarted_in_its_slot_is_evicted_in_its_new_completion_order() {
         let clock = FakeClock::new();
         let store = MemoryStore::with_clock(3, clock.clone());
-        let complete = |n: u8, ttl: Duration| {
-            let store = store.clone();
-            async move {
-                let Ok(ClaimOutcome::Acquired(token)) = claim(&store, n) else {
-                    panic!("claim {n} not acquired")
-                };
-                let done = store.complete(&id(n), token, outcome(), ttl).await;
-                assert_eq!(done.expect("complete"), TokenOutcome::Applied);
-            }
-        };
+        let complete = |n, ttl| claim_and_complete_for(&store, n, ttl);
         // Completion order: 1 (lives 3 h), 2 (1 h), 3 (2 h).
         complete(1, 3 * HOUR).await;
         complete(2, HOUR).await;
