@@ -16,9 +16,11 @@
 //! the SHA extensions), so subtract `sha2::sha256::compress256`: natively
 //! the 1 KiB body's hash is about 0.6 µs.
 //!
-//! Arguments: `actix|axum`, `fresh|replay`, `bare|layer`, `N`, and an
-//! optional store capacity (default: the store's default, 100 000 records;
-//! a smaller one fills, and starts evicting, sooner under callgrind).
+//! Arguments: `actix|axum`, `fresh|replay`, `bare|layer`, `N`, then
+//! optionally the store's capacity (default: the store's default, 100 000
+//! records; a smaller one fills, and starts evicting, sooner under
+//! callgrind) and the fresh records' ttl in seconds (default 1, as in the
+//! benches; under valgrind a store fills only with a longer one).
 
 use actix_web::{test, web, App};
 use axum::routing::post;
@@ -56,12 +58,18 @@ fn main() {
         .map_or(idempotency_core::store::memory::DEFAULT_CAPACITY, |c| {
             c.parse().expect("capacity is a number")
         });
+    // Fresh records live 1 s by default, as in the benches: natively the
+    // store is full within that second. Under valgrind, 1 s is a few
+    // thousand requests, so give a longer ttl to reach a full store.
+    let fresh_ttl = rest
+        .get(1)
+        .map_or(1, |t| t.parse().expect("ttl is a number of seconds"));
     let fresh = path == "fresh";
     let layer = which == "layer";
     let engine = Idempotency::new(
         MemoryStore::with_capacity(capacity),
         IdempotencyConfig::builder()
-            .ttl(Duration::from_secs(if fresh { 1 } else { 86_400 }))
+            .ttl(Duration::from_secs(if fresh { fresh_ttl } else { 86_400 }))
             .build()
             .expect("valid config"),
     );
