@@ -570,48 +570,6 @@ mod tests {
         assert_eq!(store.len(), 3);
     }
 
-    /// Counts `warn` events (a minimal tracing subscriber).
-    #[derive(Clone, Default)]
-    struct Warnings(Arc<AtomicU64>);
-
-    impl tracing::Subscriber for Warnings {
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            tracing::span::Id::from_u64(1)
-        }
-        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, event: &tracing::Event<'_>) {
-            if *event.metadata().level() == tracing::Level::WARN {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
-    }
-
-    #[tokio::test]
-    async fn a_store_that_stays_full_logs_evictions_at_powers_of_two() {
-        let warnings = Warnings::default();
-        let _guard = tracing::subscriber::set_default(warnings.clone());
-        let store = MemoryStore::with_clock(1, FakeClock::new());
-        for n in 0..20 {
-            claim_and_complete(&store, n).await;
-        }
-        assert_eq!(
-            store.evictions(),
-            19,
-            "every claim after the first evicted one"
-        );
-        assert_eq!(
-            warnings.0.load(Ordering::Relaxed),
-            5,
-            "logged at evictions 1, 2, 4, 8 and 16 only"
-        );
-    }
-
     #[tokio::test]
     async fn a_record_restarted_in_its_slot_is_evicted_in_its_new_completion_order() {
         let clock = FakeClock::new();
