@@ -12,13 +12,15 @@ use actix_web::{test, web, App, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use futures_util::stream::Stream;
+use futures_util::FutureExt;
 use idempotency_actix::IdempotencyMiddleware;
 use idempotency_core::Idempotency;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 
-type Call = dyn Fn(Request) -> LocalBoxFuture<'static, SuiteResponse>;
+type Call = dyn Fn(Request) -> LocalBoxFuture<'static, Option<SuiteResponse>>;
 
 /// The chunk size of streamed request bodies: a body without a
 /// `Content-Length` arrives in pieces, as from a chunked upload.
@@ -130,11 +132,12 @@ impl Adapter for ActixAdapter {
         )
         .await;
         let app = Rc::new(app);
-        let call = move |req: Request| -> LocalBoxFuture<'static, SuiteResponse> {
+        let call = move |req: Request| -> LocalBoxFuture<'static, Option<SuiteResponse>> {
             let app = Rc::clone(&app);
             Box::pin(async move {
-                let res = app.call(req).await.expect("the app answers");
-                read_response(res).await
+                let call = AssertUnwindSafe(app.call(req)).catch_unwind();
+                let res = call.await.ok()?.expect("the app answers");
+                Some(read_response(res).await)
             })
         };
         Self {
@@ -142,7 +145,7 @@ impl Adapter for ActixAdapter {
         }
     }
 
-    async fn send(&self, req: SuiteRequest) -> SuiteResponse {
+    async fn try_send(&self, req: SuiteRequest) -> Option<SuiteResponse> {
         (self.call)(to_request(req)).await
     }
 }

@@ -376,6 +376,44 @@ pub async fn server_errors_and_transient_4xx_release_the_claim<A: Adapter>() {
     }
 }
 
+/// A handler that panics is like one that answered 5xx: nothing is stored,
+/// the claim is released, and the retry runs the handler. The framework (or
+/// a catch-panic layer) drops the request's future after the panic; that
+/// future must not be handed off to finish in the background, as after a
+/// client disconnect: it cannot be polled again (it would only panic again).
+pub async fn a_handler_that_panics_releases_the_claim<A: Adapter>() {
+    let (app, backend) = app::<A>(MemoryStore::new()).await;
+    let req = SuiteRequest::post("/panic", "panics", PAYMENT);
+    let panics = crate::panics_on_this_thread();
+    let first = app.try_send(req.clone()).await;
+    assert!(first.is_none(), "the handler's panic reaches the framework");
+    assert_eq!(backend.executions_of("/panic"), 1);
+    // The release runs in a task of its own: until it has, the claim is in
+    // flight and a retry gets 409.
+    let mut retry = app.send(req.clone()).await;
+    for _ in 0..100 {
+        if retry.status != 409 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        retry = app.send(req.clone()).await;
+    }
+    assert_eq!(retry.status, 201, "the retry ran: {}", retry.body_str());
+    assert!(!retry.is_replay());
+    assert_eq!(backend.executions_of("/panic"), 2);
+    let replay = app.send(req).await;
+    assert!(replay.is_replay());
+    assert_eq!(replay.body, retry.body);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        crate::panics_on_this_thread() - panics,
+        1,
+        "only the handler panicked (a request future polled again after its panic panics too)"
+    );
+}
+
 pub async fn client_errors_are_stored_and_replayed<A: Adapter>() {
     let (app, backend) = app::<A>(MemoryStore::new()).await;
     for status in [400, 404, 410, 422] {

@@ -135,8 +135,21 @@ impl SuiteResponse {
 pub trait Adapter: Sized {
     /// Builds the app. The scope is the `authorization` header (from the config).
     fn build(engine: Idempotency, backend: Arc<Backend>) -> impl Future<Output = Self>;
-    /// Sends one request in process.
-    fn send(&self, req: SuiteRequest) -> impl Future<Output = SuiteResponse>;
+    /// Sends one request in process, as a server does: a panic in the app
+    /// is caught where the framework's future is polled, and that future is
+    /// dropped afterwards, not while the panic unwinds (as hyper's connection
+    /// task, actix's dispatcher task or a catch-panic layer do). `None`: the
+    /// app panicked.
+    fn try_send(&self, req: SuiteRequest) -> impl Future<Output = Option<SuiteResponse>>;
+
+    /// Sends one request in process; fails the case if the app panicked.
+    fn send(&self, req: SuiteRequest) -> impl Future<Output = SuiteResponse> {
+        async move {
+            self.try_send(req)
+                .await
+                .expect("the app panicked while serving the request")
+        }
+    }
 }
 
 /// The application behind the middleware, the same for every framework.
@@ -148,6 +161,7 @@ pub trait Adapter: Sized {
 ///   waits for [`Backend::open_gate`];
 /// - `/status/NNN`: answers status NNN (counted);
 /// - `/flaky`: 500 the first time, then like `/payments`;
+/// - `/panic`: panics the first time (counted), then like `/payments`;
 /// - `/big/N`: answers N bytes;
 /// - anything else: 200 `passed through`.
 #[derive(Debug)]
@@ -252,6 +266,10 @@ impl Backend {
                 body: Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
             };
         }
+        if path == "/panic" && self.executions_of(&path) == 0 {
+            self.count(&path);
+            panic!("the suite's /panic handler panics on its first run");
+        }
         if path == "/flaky" && self.executions_of(&path) == 0 {
             self.count(&path);
             return text(500, "try again");
@@ -289,6 +307,26 @@ fn text(status: u16, body: &str) -> SuiteResponse {
         headers: vec![("content-type".into(), b"text/plain".to_vec())],
         body: Bytes::from(body.to_owned()),
     }
+}
+
+thread_local! {
+    static PANICS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many panics this thread has seen since the suite's panic hook was
+/// installed (by the first call). A case's runtime, and every task it
+/// spawns, runs on the case's one thread, so a case counts its own panics.
+/// The hook then calls the previous one, so panics still print.
+pub fn panics_on_this_thread() -> usize {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.with(|n| n.set(n.get() + 1));
+            previous(info);
+        }));
+    });
+    PANICS.with(std::cell::Cell::get)
 }
 
 /// The config every case starts from: the defaults, scoped by `authorization`.
@@ -461,6 +499,7 @@ macro_rules! adapter_suite {
             waiting_for_the_first_is_bounded,
             sixty_four_concurrent_duplicates_run_once,
             server_errors_and_transient_4xx_release_the_claim,
+            a_handler_that_panics_releases_the_claim,
             client_errors_are_stored_and_replayed,
             response_over_storable_limit_reaches_client_and_is_never_rerun,
             client_disconnect_still_completes,

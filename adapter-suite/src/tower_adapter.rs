@@ -3,9 +3,11 @@
 use crate::{Adapter, Backend, SuiteRequest, SuiteResponse};
 use axum::body::Body;
 use axum::Router;
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use idempotency_core::Idempotency;
 use idempotency_tower::IdempotencyLayer;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tower::ServiceExt;
 
@@ -50,7 +52,7 @@ impl Adapter for TowerAdapter {
         Self { router }
     }
 
-    async fn send(&self, req: SuiteRequest) -> SuiteResponse {
+    async fn try_send(&self, req: SuiteRequest) -> Option<SuiteResponse> {
         let mut builder = http::Request::builder()
             .method(req.method.as_str())
             .uri(req.uri.as_str());
@@ -60,15 +62,11 @@ impl Adapter for TowerAdapter {
         let request = builder
             .body(Body::from(req.body))
             .expect("suite request is valid HTTP");
-        let res = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("infallible");
+        let call = AssertUnwindSafe(self.router.clone().oneshot(request)).catch_unwind();
+        let res = call.await.ok()?.expect("infallible");
         let (parts, body) = res.into_parts();
         let body = body.collect().await.expect("body reads").to_bytes();
-        SuiteResponse {
+        Some(SuiteResponse {
             status: parts.status.as_u16(),
             headers: parts
                 .headers
@@ -76,6 +74,6 @@ impl Adapter for TowerAdapter {
                 .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
                 .collect(),
             body,
-        }
+        })
     }
 }

@@ -720,11 +720,28 @@ impl Drop for Execution {
 /// than spawning every request: a task exists only on disconnect. `spawn` is
 /// `tokio::spawn` for tower, the framework's local spawn for actix (whose
 /// futures are not `Send`).
+///
+/// A future whose poll panicked (a handler that panics) is never handed
+/// off: it cannot be polled again, and the panic already dropped its claim,
+/// which releases it. That holds whether the framework drops it while the
+/// panic unwinds or later, after catching the panic (hyper's and actix's
+/// connection tasks, a catch-panic layer).
 pub struct DetachOnDrop<F: Future + ?Sized> {
     future: Option<Pin<Box<F>>>,
-    polled: bool,
+    state: PollState,
     spawn: fn(Instrumented<Pin<Box<F>>>),
     span: tracing::Span,
+}
+
+/// Where a [`DetachOnDrop`]'s future is, as far as dropping it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PollState {
+    /// Never polled: nothing was sent to the store yet.
+    Unpolled,
+    /// Inside a poll, or a poll that never returned: it panicked.
+    Polling,
+    /// Polled, and waiting: the rest can run elsewhere.
+    Waiting,
 }
 
 impl<F: Future + ?Sized> DetachOnDrop<F> {
@@ -737,7 +754,7 @@ impl<F: Future + ?Sized> DetachOnDrop<F> {
     ) -> Self {
         Self {
             future: Some(future),
-            polled: false,
+            state: PollState::Unpolled,
             spawn,
             span,
         }
@@ -752,13 +769,17 @@ impl<F: Future + ?Sized> Future for DetachOnDrop<F> {
         let Some(future) = this.future.as_mut() else {
             return Poll::Pending;
         };
-        this.polled = true;
-        let out = {
+        this.state = PollState::Polling;
+        let poll = {
             let _entered = this.span.enter();
-            std::task::ready!(future.as_mut().poll(cx))
+            future.as_mut().poll(cx)
         };
-        this.future = None;
-        Poll::Ready(out)
+        // Not reached if the poll panicked: the state stays `Polling`.
+        this.state = PollState::Waiting;
+        if poll.is_ready() {
+            this.future = None;
+        }
+        poll
     }
 }
 
@@ -767,18 +788,26 @@ impl<F: Future + ?Sized> Drop for DetachOnDrop<F> {
         let Some(future) = self.future.take() else {
             return;
         };
-        if !self.polled {
+        let _entered = self.span.enter();
+        match self.state {
             // Never started: nothing was sent to the store yet.
-            let _entered = self.span.enter();
-            drop(future);
-            return;
+            PollState::Unpolled => return drop(future),
+            // Its poll panicked: the future is spent, and the panic dropped
+            // its `Execution`, which releases the claim.
+            PollState::Polling => {
+                tracing::debug!(
+                    "idempotency: the request's future panicked; its claim is released"
+                );
+                return drop(future);
+            }
+            PollState::Waiting => {}
         }
         if std::thread::panicking() {
-            // The handler panicked inside poll; `Execution`'s own drop
-            // releases the claim.
-            return;
+            // Something else panicked while this request waited: do not
+            // spawn while unwinding. Dropping the future drops its
+            // `Execution`, which releases the claim.
+            return drop(future);
         }
-        let _entered = self.span.enter();
         tracing::debug!("idempotency: client went away; the handler finishes in the background");
         (self.spawn)(future.instrument(self.span.clone()));
     }
@@ -788,7 +817,7 @@ impl<F: Future + ?Sized> std::fmt::Debug for DetachOnDrop<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DetachOnDrop")
             .field("finished", &self.future.is_none())
-            .field("polled", &self.polled)
+            .field("state", &self.state)
             .finish()
     }
 }
