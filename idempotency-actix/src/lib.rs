@@ -68,6 +68,9 @@
 //!   storing the response) then moves to a local task of its own
 //!   (`actix_web::rt::spawn`, through core's `DetachOnDrop`), so it runs to
 //!   completion anyway, and the retry replays it. While the client stays, nothing is spawned.
+//! - **Handler panics** count as a 5xx: nothing is stored, the claim is
+//!   released, and the retry runs the handler. The request's future is
+//!   dropped, never handed off or polled again.
 //! - **Slow handlers** keep their claim: the lease is extended every half lease.
 //! - **Crashes**: a claim left by a dead process is taken over by the next
 //!   retry once its lease passes; the handler may then run again.

@@ -47,6 +47,9 @@
 //!   future (its client went away), the rest of it (its claim, the handler,
 //!   storing the response) moves to a tokio task of its own and runs to
 //!   completion, and the retry replays it. While the client stays, nothing is spawned.
+//! - **Handler panics** count as a 5xx: nothing is stored, the claim is
+//!   released, and the retry runs the handler. The request's future is
+//!   dropped, never handed off or polled again.
 //! - **Slow handlers** keep their claim: the lease is extended every half lease.
 //! - **Crashes**: a claim left by a dead process is taken over by the next
 //!   retry once its lease passes; the handler may then run again.
