@@ -62,6 +62,8 @@
 //! The inner service must be `Clone + Send + 'static` with `Send` futures and
 //! bodies (as axum's `Router` is), because an abandoned request finishes in a
 //! spawned tokio task.
+//!
+//! [tower]: https://docs.rs/tower
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
