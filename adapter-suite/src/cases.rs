@@ -42,6 +42,22 @@ async fn send_duplicate<A: Adapter>(
     }
 }
 
+/// Sends `req` until it gets something other than 409 (at most 100 times,
+/// yielding in between): for a claim that a task of its own settles (a
+/// release, a detached request's completion), which runs once the case
+/// yields.
+async fn retry_past_409<A: Adapter>(app: &A, req: &SuiteRequest) -> SuiteResponse {
+    let mut res = app.send(req.clone()).await;
+    for _ in 0..100 {
+        if res.status != 409 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        res = app.send(req.clone()).await;
+    }
+    res
+}
+
 fn assert_problem(res: &SuiteResponse, status: u16, type_suffix: &str) {
     assert_eq!(res.status, status, "body: {}", res.body_str());
     assert_eq!(res.header("content-type"), Some("application/problem+json"));
@@ -390,14 +406,7 @@ pub async fn a_handler_that_panics_releases_the_claim<A: Adapter>() {
     assert_eq!(backend.executions_of("/panic"), 1);
     // The release runs in a task of its own: until it has, the claim is in
     // flight and a retry gets 409.
-    let mut retry = app.send(req.clone()).await;
-    for _ in 0..100 {
-        if retry.status != 409 {
-            break;
-        }
-        tokio::task::yield_now().await;
-        retry = app.send(req.clone()).await;
-    }
+    let retry = retry_past_409(&app, &req).await;
     assert_eq!(retry.status, 201, "the retry ran: {}", retry.body_str());
     assert!(!retry.is_replay());
     assert_eq!(backend.executions_of("/panic"), 2);
@@ -463,14 +472,7 @@ pub async fn client_disconnect_still_completes<A: Adapter>() {
     backend.open_gate();
     backend.finished(1).await;
     // Give the detached task its turn to store the response.
-    let mut retry = app.send(req.clone()).await;
-    for _ in 0..100 {
-        if retry.status != 409 {
-            break;
-        }
-        tokio::task::yield_now().await;
-        retry = app.send(req.clone()).await;
-    }
+    let retry = retry_past_409(&app, &req).await;
     assert_eq!(retry.status, 201, "{}", retry.body_str());
     assert!(
         retry.is_replay(),
