@@ -5,7 +5,7 @@ use crate::{
     config, Adapter, Backend, FailingStore, HangingStore, SlowClaimStore, SuiteRequest,
     SuiteResponse,
 };
-use idempotency_core::store::ClaimRequest;
+use idempotency_core::store::Claim;
 use idempotency_core::{
     FailureMode, FakeClock, Fingerprint, Idempotency, IdempotencyKey, LeaseToken, MemoryStore,
     RecordId, Scope, Store, TokioClock,
@@ -541,13 +541,15 @@ pub async fn lease_takeover_after_a_crash<A: Adapter>() {
         PAYMENT.as_bytes(),
     );
     let crashed = store
-        .claim(ClaimRequest {
-            id: &record_of("", "crash"),
-            fingerprint: &fp,
-            token: LeaseToken::random(),
-            lease: Duration::from_secs(30),
-            ttl: Duration::from_secs(3600),
-        })
+        .claim(
+            &record_of("", "crash"),
+            LeaseToken::random(),
+            Claim {
+                fingerprint: &fp,
+                lease: Duration::from_secs(30),
+                ttl: Duration::from_secs(3600),
+            },
+        )
         .await
         .expect("claim");
     assert!(matches!(

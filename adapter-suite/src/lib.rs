@@ -19,7 +19,7 @@ pub mod cases;
 pub mod tower_adapter;
 
 use bytes::Bytes;
-use idempotency_core::store::{BoxFuture, ClaimRequest, Store, StoreError};
+use idempotency_core::store::{Claim, Store, StoreError, StoreFuture};
 use idempotency_core::{
     ClaimOutcome, Idempotency, IdempotencyConfig, LeaseToken, RecordId, StoredOutcome, TokenOutcome,
 };
@@ -354,32 +354,37 @@ fn refused() -> StoreError {
 }
 
 impl Store for FailingStore {
-    fn claim<'a>(&'a self, _: ClaimRequest<'a>) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
-        Box::pin(async { Err(refused()) })
+    fn claim<'a>(
+        &'a self,
+        _: &'a RecordId,
+        _: LeaseToken,
+        _: Claim<'a>,
+    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+        StoreFuture::ready(Err(refused()))
     }
     fn complete<'a>(
         &'a self,
         _: &'a RecordId,
         _: LeaseToken,
-        _: Arc<StoredOutcome>,
+        _: &'a StoredOutcome,
         _: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(async { Err(refused()) })
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        StoreFuture::ready(Err(refused()))
     }
     fn release<'a>(
         &'a self,
         _: &'a RecordId,
         _: LeaseToken,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(async { Err(refused()) })
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        StoreFuture::ready(Err(refused()))
     }
     fn extend<'a>(
         &'a self,
         _: &'a RecordId,
         _: LeaseToken,
         _: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(async { Err(refused()) })
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        StoreFuture::ready(Err(refused()))
     }
     fn backend(&self) -> &'static str {
         "failing"
@@ -400,27 +405,29 @@ pub struct SlowClaimStore {
 impl Store for SlowClaimStore {
     fn claim<'a>(
         &'a self,
-        req: ClaimRequest<'a>,
-    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
-        Box::pin(async move {
+        id: &'a RecordId,
+        token: LeaseToken,
+        claim: Claim<'a>,
+    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+        StoreFuture::new(async move {
             tokio::time::sleep(self.delay).await;
-            self.inner.claim(req).await
+            self.inner.claim(id, token, claim).await
         })
     }
     fn complete<'a>(
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-        outcome: Arc<StoredOutcome>,
+        outcome: &'a StoredOutcome,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
         self.inner.complete(id, token, outcome, ttl)
     }
     fn release<'a>(
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
         self.inner.release(id, token)
     }
     fn extend<'a>(
@@ -428,7 +435,7 @@ impl Store for SlowClaimStore {
         id: &'a RecordId,
         token: LeaseToken,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
         self.inner.extend(id, token, lease)
     }
     fn backend(&self) -> &'static str {
@@ -436,46 +443,52 @@ impl Store for SlowClaimStore {
     }
 }
 
-/// A store that never answers, for timeout cases.
+/// A store that never answers, for timeout cases. Its futures claim a
+/// bound of their own far longer than any case's `store_timeout`, so the
+/// engine must still arm its own timer (and the cases that use this store
+/// would hang if it did not).
 #[derive(Debug, Default)]
 pub struct HangingStore;
 
+fn hang<'a, T: Send + 'a>() -> StoreFuture<'a, T> {
+    StoreFuture::bounded(std::future::pending(), Duration::from_secs(3600))
+}
+
 impl Store for HangingStore {
-    fn claim<'a>(&'a self, _: ClaimRequest<'a>) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
-        Box::pin(std::future::pending())
+    fn claim<'a>(
+        &'a self,
+        _: &'a RecordId,
+        _: LeaseToken,
+        _: Claim<'a>,
+    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+        hang()
     }
     fn complete<'a>(
         &'a self,
         _: &'a RecordId,
         _: LeaseToken,
-        _: Arc<StoredOutcome>,
+        _: &'a StoredOutcome,
         _: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(std::future::pending())
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        hang()
     }
     fn release<'a>(
         &'a self,
         _: &'a RecordId,
         _: LeaseToken,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(std::future::pending())
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        hang()
     }
     fn extend<'a>(
         &'a self,
         _: &'a RecordId,
         _: LeaseToken,
         _: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(std::future::pending())
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        hang()
     }
     fn backend(&self) -> &'static str {
         "hanging"
-    }
-    /// It claims a bound far longer than any case's `store_timeout`, so the
-    /// engine must still arm its own timer (and the cases that use this
-    /// store would hang if it did not).
-    fn call_timeout(&self) -> Option<Duration> {
-        Some(Duration::from_secs(3600))
     }
 }
 

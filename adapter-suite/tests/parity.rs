@@ -9,6 +9,10 @@
 //!   axum puts it in the header map: the actix adapter adds it the way
 //!   actix's HTTP/1 encoder does (only when absent, so a wrong one set by the
 //!   middleware still shows).
+//! - a `HEAD` answer's body is dropped, as both servers do on the wire:
+//!   axum drops it in its router, actix in its HTTP/1 encoder, which the
+//!   in-process test service skips (its status and headers, `Content-Length`
+//!   included, are compared as they are).
 //!
 //! `compared_headers()` already leaves out framework defaults such as `date`.
 
@@ -119,6 +123,14 @@ async fn script<A: Adapter>() -> Vec<Step> {
         app.send(SuiteRequest::new("GET", "/payments")).await,
     ));
     steps.push((
+        "HEAD passes through",
+        on_the_wire(
+            "HEAD",
+            app.send(SuiteRequest::new("HEAD", "/payments").header("idempotency-key", "p-1"))
+                .await,
+        ),
+    ));
+    steps.push((
         "PUT passes through",
         app.send(SuiteRequest::new("PUT", "/payments").header("idempotency-key", "p-1"))
             .await,
@@ -136,6 +148,14 @@ async fn script<A: Adapter>() -> Vec<Step> {
             .await,
     ));
     steps
+}
+
+/// The response as an HTTP/1 server sends it for `method`: no body to `HEAD`.
+fn on_the_wire(method: &str, mut res: SuiteResponse) -> SuiteResponse {
+    if method == "HEAD" {
+        res.body = Default::default();
+    }
+    res
 }
 
 fn normalised(res: &SuiteResponse) -> Vec<(String, Vec<u8>)> {
@@ -180,6 +200,20 @@ async fn tower_and_actix_answer_alike() {
         assert!(statuses.contains(&s), "the script never saw {s}");
     }
     assert!(tower.iter().filter(|(_, r)| r.is_replay()).count() >= 5);
+    // HEAD answers as GET does, without the body, on both.
+    for steps in [&tower, &actix] {
+        let step = |label: &str| {
+            steps
+                .iter()
+                .find(|(l, _)| *l == label)
+                .map(|(_, r)| r)
+                .expect(label)
+        };
+        let (get, head) = (step("GET passes through"), step("HEAD passes through"));
+        assert_eq!(head.status, get.status);
+        assert_eq!(head.compared_headers(), get.compared_headers());
+        assert!(head.body.is_empty() && !get.body.is_empty());
+    }
 }
 
 fn printable(headers: &[(String, Vec<u8>)]) -> Vec<(String, String)> {

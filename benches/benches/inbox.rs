@@ -160,26 +160,28 @@ fn inbox_lease_redis(c: &mut Criterion) {
     });
     g.bench_function("raw_store_claim_then_complete", |b| {
         use idempotency_core::{
-            ClaimOutcome, ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome,
+            Claim, ClaimOutcome, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome,
         };
-        let done = Arc::new(StoredOutcome::NotReplayable { status: 200 });
+        // What the inbox writes: a mark, under the record id as fingerprint.
+        let done = StoredOutcome::Mark(1);
         b.to_async(&rt).iter(|| async {
             let id = RecordId::from_parts(
                 b"raw",
                 format!("r{}", n.fetch_add(1, Ordering::Relaxed)).as_bytes(),
             );
-            let req = ClaimRequest {
-                id: &id,
-                fingerprint: &Fingerprint::from_bytes([0; 32]),
-                token: LeaseToken::random(),
+            let fingerprint = Fingerprint::from_bytes(*id.as_bytes());
+            let claim = Claim {
+                fingerprint: &fingerprint,
                 lease: Duration::from_secs(30),
                 ttl: Duration::from_secs(60),
             };
-            let ClaimOutcome::Acquired(t) = store.claim(req).await.unwrap() else {
+            let ClaimOutcome::Acquired(t) =
+                store.claim(&id, LeaseToken::random(), claim).await.unwrap()
+            else {
                 panic!()
             };
             let _ = store
-                .complete(&id, t, done.clone(), Duration::from_secs(60))
+                .complete(&id, t, &done, Duration::from_secs(60))
                 .await
                 .unwrap();
         })

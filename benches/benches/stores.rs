@@ -21,13 +21,13 @@ use benches::{handler, json_body, request, send};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
 use idempotency_core::{
-    ClaimOutcome, ClaimRequest, Fingerprint, Idempotency, IdempotencyConfig, LeaseToken, RecordId,
-    Store, StoredOutcome, StoredResponse,
+    Claim, ClaimOutcome, Fingerprint, Idempotency, IdempotencyConfig, LeaseToken, RecordId, Store,
+    StoredOutcome, StoredResponse,
 };
 use idempotency_tower::IdempotencyLayer;
 
-fn outcome() -> Arc<StoredOutcome> {
-    Arc::new(StoredOutcome::Response(StoredResponse {
+fn outcome() -> StoredOutcome {
+    StoredOutcome::response(StoredResponse {
         status: 201,
         headers: vec![
             (
@@ -37,7 +37,7 @@ fn outcome() -> Arc<StoredOutcome> {
             ("location".into(), Bytes::from_static(b"/payments/pay_1")),
         ],
         body: Bytes::from(vec![b'x'; 64]),
-    }))
+    })
 }
 
 fn fingerprint() -> Fingerprint {
@@ -46,13 +46,15 @@ fn fingerprint() -> Fingerprint {
 
 async fn claim(store: &dyn Store, id: &RecordId) -> ClaimOutcome {
     store
-        .claim(ClaimRequest {
+        .claim(
             id,
-            fingerprint: &fingerprint(),
-            token: LeaseToken::random(),
-            lease: Duration::from_secs(30),
-            ttl: Duration::from_secs(600),
-        })
+            LeaseToken::random(),
+            Claim {
+                fingerprint: &fingerprint(),
+                lease: Duration::from_secs(30),
+                ttl: Duration::from_secs(600),
+            },
+        )
         .await
         .expect("claim")
 }
@@ -63,7 +65,7 @@ async fn fresh(store: &dyn Store, n: u64, run: u128) {
         panic!("not acquired");
     };
     let _ = store
-        .complete(&id, token, outcome(), Duration::from_secs(600))
+        .complete(&id, token, &outcome(), Duration::from_secs(600))
         .await
         .expect("complete");
 }
@@ -89,7 +91,7 @@ fn bench_backend<R, F>(
             panic!("not acquired");
         };
         let _ = store
-            .complete(&replayed, token, outcome(), Duration::from_secs(600))
+            .complete(&replayed, token, &outcome(), Duration::from_secs(600))
             .await
             .expect("complete");
     });

@@ -33,8 +33,101 @@ pub struct PaymentsArgs {
     pub no_idempotency: bool,
 }
 
-/// Why the example could not start.
+/// Why the example could not start (or stopped): any error, its causes
+/// chained by `source()`. [`finish`] prints the whole chain.
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error with a sentence saying what was being done when it happened.
+#[derive(Debug)]
+struct Context {
+    what: String,
+    source: StartError,
+}
+
+impl std::fmt::Display for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl std::error::Error for Context {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Adds what was being done to an error, e.g.
+/// `bind(addr).await.context(format!("could not listen on {addr}"))?`.
+pub trait ResultExt<T> {
+    /// The error, as the cause of `what`.
+    fn context(self, what: impl Into<String>) -> Result<T, StartError>;
+}
+
+impl<T, E: Into<StartError>> ResultExt<T> for Result<T, E> {
+    fn context(self, what: impl Into<String>) -> Result<T, StartError> {
+        self.map_err(|e| {
+            Box::new(Context {
+                what: what.into(),
+                source: e.into(),
+            }) as StartError
+        })
+    }
+}
+
+/// The end of every binary's `main`: nothing on success; else one line on
+/// stderr, `BINARY: what failed: its cause: ...` (the whole `source()`
+/// chain, never `Debug`), and exit code 2 when the flags or the
+/// configuration are wrong, 1 when something failed at run time.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), examples::StartError> { Ok(()) }
+/// # async fn main_() -> std::process::ExitCode {
+/// // in a binary: `env!("CARGO_BIN_NAME")`
+/// examples::finish("payments-axum", run().await)
+/// # }
+/// ```
+pub fn finish(binary: &str, result: Result<(), StartError>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{binary}: {}", error_chain(&*e));
+            std::process::ExitCode::from(if is_usage_error(&*e) { 2 } else { 1 })
+        }
+    }
+}
+
+/// The error and its causes, joined by `: `. A cause whose text its parent
+/// already quotes is left out.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = e.source();
+    }
+    out
+}
+
+/// Whether the chain says the flags or the configuration are wrong (so
+/// retrying the same command cannot help).
+fn is_usage_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    use idempotency_core::store::ConnectError;
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<idempotency_core::ConfigError>() || e.is::<inbox_consumer::ConfigError>() {
+            return true;
+        }
+        if let Some(c) = e.downcast_ref::<ConnectError>() {
+            return !matches!(c, ConnectError::Store { .. });
+        }
+        cause = e.source();
+    }
+    false
+}
 
 impl PaymentsArgs {
     /// The engine for these flags, connected to its store; `None` with
@@ -47,7 +140,8 @@ impl PaymentsArgs {
             .ttl(self.ttl)
             .lease(self.lease)
             .scope_header("authorization")
-            .build()?;
+            .build()
+            .context("the idempotency settings are invalid")?;
         let store = connect_store(&self.store).await?;
         Ok(Some(Idempotency::from_arc(store, config)))
     }
@@ -62,13 +156,22 @@ pub async fn connect_store(
 }
 
 /// Logs to stderr; `RUST_LOG` filters (else `default_filter`, e.g. `info`).
+/// Coloured only when stderr is a terminal and `NO_COLOR` is unset, so logs
+/// redirected to a file or a pipe carry no escape codes.
 pub fn init_tracing(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Whether to colour what goes to `stream`: a terminal, and no `NO_COLOR`
+/// (<https://no-color.org>).
+fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// The body of `POST /payments`.
@@ -174,7 +277,7 @@ pub mod ledger {
     use sqlx::postgres::PgPoolOptions;
     use sqlx::{Postgres, Transaction};
 
-    use super::StartError;
+    use super::{ResultExt, StartError};
 
     /// A ledger message: `{"account": "<string>", "amount": <integer>}`.
     #[derive(Debug, Deserialize)]
@@ -192,15 +295,21 @@ pub mod ledger {
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect(database)
-            .await?;
+            .await
+            .context("could not connect the ledger database (--database)")?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS ledger_entries \
              (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)",
         )
         .execute(&pool)
-        .await?;
-        let inbox =
-            Inbox::postgres(pool, InboxConfig::builder(consumer.to_owned()).build()?).await?;
+        .await
+        .context("could not create the ledger_entries table")?;
+        let config = InboxConfig::builder(consumer.to_owned())
+            .build()
+            .context("the inbox settings are invalid (--consumer)")?;
+        let inbox = Inbox::postgres(pool, config)
+            .await
+            .context("could not set up the inbox")?;
         let purging = inbox.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(3600));

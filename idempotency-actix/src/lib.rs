@@ -88,13 +88,21 @@
 //! [actix-web]: https://actix.rs
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
-mod future;
 mod middleware;
 mod service;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+mod transaction;
 
-pub use body::ResponseBody;
-pub use future::ResponseFuture;
+pub use body::{Message, ResponseBody};
 pub use middleware::IdempotencyMiddleware;
-pub use service::IdempotencyService;
+pub use service::{IdempotencyService, ResponseFuture};
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use transaction::{NoTransaction, Transaction};
+
+/// The core crate: engine, config, stores. Depend on this adapter alone.
+pub use idempotency_core as core;
+pub use idempotency_core::{FailureMode, Idempotency, IdempotencyConfig, MemoryStore, Scope};

@@ -58,6 +58,8 @@ pub struct IdempotencyConfig {
     pub(crate) complete_attempts: u32,
     pub(crate) complete_backoff: Duration,
     pub(crate) wait_for_in_flight: Duration,
+    /// `None`: the lease.
+    pub(crate) transaction_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for IdempotencyConfig {
@@ -75,6 +77,7 @@ impl fmt::Debug for IdempotencyConfig {
             .field("scope_header", &self.scope_header)
             .field("complete_attempts", &self.complete_attempts)
             .field("wait_for_in_flight", &self.wait_for_in_flight)
+            .field("transaction_timeout", &self.transaction_timeout())
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +103,7 @@ impl Default for IdempotencyConfig {
             complete_attempts: 4,
             complete_backoff: Duration::from_millis(50),
             wait_for_in_flight: Duration::ZERO,
+            transaction_timeout: None,
         }
     }
 }
@@ -172,6 +176,12 @@ impl IdempotencyConfig {
     /// The timeout of each store call.
     pub fn store_timeout(&self) -> Duration {
         self.store_timeout
+    }
+
+    /// In transactional mode, how long a handler may hold its transaction
+    /// before it is rolled back and answered 503 (default: the lease).
+    pub fn transaction_timeout(&self) -> Duration {
+        self.transaction_timeout.unwrap_or(self.lease)
     }
 }
 
@@ -313,6 +323,16 @@ impl IdempotencyConfigBuilder {
         self
     }
 
+    /// In transactional mode, how long a handler may hold its transaction
+    /// (default: the lease). Past it, the handler is cancelled, its effect
+    /// and the record are rolled back, and the client gets 503: a retry runs
+    /// it again. Every covered request in flight holds one pool connection
+    /// for this long at most.
+    pub fn transaction_timeout(mut self, bound: Duration) -> Self {
+        self.config.transaction_timeout = Some(bound);
+        self
+    }
+
     /// Checks and returns the config.
     ///
     /// # Errors
@@ -326,11 +346,18 @@ impl IdempotencyConfigBuilder {
         if c.methods.is_empty() {
             return Err(ConfigError::NoMethods);
         }
+        if c.transaction_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::ZeroDuration("transaction_timeout"));
+        }
         if c.ttl.is_zero() {
             return Err(ConfigError::ZeroDuration("ttl"));
         }
-        if c.lease < Duration::from_millis(10) {
-            return Err(ConfigError::ZeroDuration("lease (at least 10ms)"));
+        if c.lease < MIN_LEASE {
+            return Err(ConfigError::TooShort {
+                setting: "lease",
+                min: MIN_LEASE,
+                got: c.lease,
+            });
         }
         if c.store_timeout.is_zero() {
             return Err(ConfigError::ZeroDuration("store_timeout"));
@@ -381,11 +408,41 @@ pub enum ConfigError {
     /// A size or count that must be positive is zero.
     #[error("{0} must be greater than zero")]
     ZeroLimit(&'static str),
+    /// A duration is shorter than its minimum.
+    #[error("{setting} must be at least {min:?}, got {got:?}")]
+    TooShort {
+        /// The setting.
+        setting: &'static str,
+        /// Its minimum.
+        min: Duration,
+        /// What it was set to.
+        got: Duration,
+    },
 }
+
+/// The shortest lease: half of it is the heartbeat's period.
+const MIN_LEASE: Duration = Duration::from_millis(10);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_lease_is_told_its_minimum() {
+        let err = IdempotencyConfig::builder()
+            .lease(Duration::from_millis(5))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "lease must be at least 10ms, got 5ms");
+        let err = IdempotencyConfig::builder()
+            .transaction_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "transaction_timeout must be greater than zero"
+        );
+    }
 
     #[test]
     fn defaults_match_the_design() {

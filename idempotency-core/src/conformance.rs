@@ -33,7 +33,7 @@ use crate::clock::FakeClock;
 use crate::fingerprint::{Fingerprint, RecordId, Scope};
 use crate::key::IdempotencyKey;
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome};
-use crate::store::{ClaimRequest, Store};
+use crate::store::{Claim, Store};
 
 /// How many claimers race for one record in the concurrency cases.
 pub const CONCURRENT_CLAIMERS: usize = 64;
@@ -109,6 +109,7 @@ impl Conformance {
             Box::pin(self.large_body_round_trips()),
             Box::pin(self.binary_and_repeated_headers_round_trip()),
             Box::pin(self.not_replayable_round_trips()),
+            Box::pin(self.mark_round_trips()),
             Box::pin(self.scopes_never_meet()),
         ];
         if self.clock.is_some() {
@@ -172,17 +173,10 @@ impl Conformance {
         outcome: &StoredOutcome,
         ttl: Duration,
     ) -> TokenOutcome {
-        let outcome = Arc::new(outcome.clone());
-        let ready = if ready_path() {
-            self.store.complete_ready(id, token, &outcome, ttl)
-        } else {
-            None
-        };
-        match ready {
-            Some(done) => done,
-            None => self.store.complete(id, token, outcome, ttl).await,
-        }
-        .unwrap_or_else(|e| panic!("{}: complete failed: {e:?}", self.name()))
+        self.store
+            .complete(id, token, outcome, ttl)
+            .await
+            .unwrap_or_else(|e| panic!("{}: complete failed: {e:?}", self.name()))
     }
 
     async fn expect_in_flight(
@@ -233,7 +227,7 @@ impl Conformance {
                     self.name()
                 );
                 assert!(
-                    *outcome == *want,
+                    outcome == *want,
                     "{}: {what}: the stored outcome changed",
                     self.name()
                 );
@@ -279,7 +273,7 @@ impl Conformance {
             );
             for a in &answers {
                 assert!(
-                    matches!(a, ClaimOutcome::Completed { outcome: o, .. } if **o == outcome),
+                    matches!(a, ClaimOutcome::Completed { outcome: o, .. } if *o == outcome),
                     "{}: a claimer of a completed record got {a:?}",
                     self.name()
                 );
@@ -524,7 +518,7 @@ impl Conformance {
         let body: Vec<u8> = (0..1024 * 1024u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
-        let outcome = StoredOutcome::Response(StoredResponse {
+        let outcome = StoredOutcome::response(StoredResponse {
             status: 200,
             headers: vec![(
                 "content-type".into(),
@@ -546,7 +540,7 @@ impl Conformance {
     /// Header values with any bytes, repeated names in order, and empty
     /// values and body round-trip exactly.
     pub async fn binary_and_repeated_headers_round_trip(&self) {
-        let outcome = StoredOutcome::Response(StoredResponse {
+        let outcome = StoredOutcome::response(StoredResponse {
             status: 207,
             headers: vec![
                 ("link".into(), Bytes::from_static(b"</a>; rel=next")),
@@ -584,6 +578,33 @@ impl Conformance {
         );
         self.expect_completed(&id, &fp, &fp, &outcome, "not replayable")
             .await;
+    }
+
+    /// A mark (an outcome that is not an HTTP response, as the inbox's lease
+    /// mode stores) round-trips with its code, the extreme codes included.
+    pub async fn mark_round_trips(&self) {
+        let fp = fingerprint(b"mark");
+        for code in [0, 7, 200, u16::MAX] {
+            let outcome = StoredOutcome::Mark(code);
+            let id = fresh_id();
+            let token = self.acquire(&id, &fp, LONG).await;
+            assert_eq!(
+                self.complete(&id, token, &outcome, LONG).await,
+                TokenOutcome::Applied,
+                "{}: a mark could not complete",
+                self.name()
+            );
+            self.expect_completed(&id, &fp, &fp, &outcome, "a mark")
+                .await;
+            self.expect_completed(
+                &id,
+                &fingerprint(b"other"),
+                &fp,
+                &outcome,
+                "a mark, asked by another request",
+            )
+            .await;
+        }
     }
 
     /// The same key in two scopes addresses two records that never meet:
@@ -641,23 +662,12 @@ async fn claim(
     ttl: Duration,
 ) -> (LeaseToken, ClaimOutcome) {
     let token = LeaseToken::random();
-    let req = ClaimRequest {
-        id,
+    let claim = Claim {
         fingerprint: fp,
-        token,
         lease,
         ttl,
     };
-    let ready = if ready_path() {
-        store.claim_ready(req)
-    } else {
-        None
-    };
-    let outcome = match ready {
-        Some(done) => done,
-        None => store.claim(req).await,
-    }
-    .unwrap_or_else(|e| {
+    let outcome = store.claim(id, token, claim).await.unwrap_or_else(|e| {
         panic!(
             "{}: claim failed: {e:?} ({:?})",
             store.backend(),
@@ -700,13 +710,6 @@ async fn race(
     (winners, others)
 }
 
-/// Whether this call goes through the store's `claim_ready` /
-/// `complete_ready` (when it has them) rather than its future: each at
-/// random, so every case, the races too, mixes both paths.
-fn ready_path() -> bool {
-    rand::random()
-}
-
 fn fresh_id() -> RecordId {
     RecordId::from_parts(b"conformance", &rand::random::<[u8; 16]>())
 }
@@ -722,7 +725,7 @@ fn fingerprint(body: &[u8]) -> Fingerprint {
 }
 
 fn response(status: u16, body: &'static [u8]) -> StoredOutcome {
-    StoredOutcome::Response(StoredResponse {
+    StoredOutcome::response(StoredResponse {
         status,
         headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))],
         body: Bytes::from_static(body),
@@ -732,6 +735,7 @@ fn response(status: u16, body: &'static [u8]) -> StoredOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Guarded, StoreFuture};
     use crate::MemoryStore;
 
     /// A broken store: every claim acquires (not atomic).
@@ -745,26 +749,30 @@ mod tests {
             impl Store for $t {
                 fn claim<'a>(
                     &'a self,
-                    req: ClaimRequest<'a>,
-                ) -> crate::store::BoxFuture<'a, Result<ClaimOutcome, crate::StoreError>> {
+                    id: &'a RecordId,
+                    token: LeaseToken,
+                    claim: Claim<'a>,
+                ) -> StoreFuture<'a, Result<ClaimOutcome, crate::StoreError>> {
                     let f: fn(ClaimOutcome, LeaseToken) -> ClaimOutcome = $claim;
-                    Box::pin(async move { Ok(f(self.0.claim(req).await?, req.token)) })
+                    let inner = self.0.claim(id, token, claim);
+                    StoreFuture::new(async move { Ok(f(inner.await?, token)) })
                 }
                 fn complete<'a>(
                     &'a self,
                     id: &'a RecordId,
                     token: LeaseToken,
-                    outcome: Arc<StoredOutcome>,
+                    outcome: &'a StoredOutcome,
                     ttl: Duration,
-                ) -> crate::store::BoxFuture<'a, Result<TokenOutcome, crate::StoreError>> {
+                ) -> StoreFuture<'a, Result<TokenOutcome, crate::StoreError>> {
                     let f: fn(TokenOutcome) -> TokenOutcome = $complete;
-                    Box::pin(async move { Ok(f(self.0.complete(id, token, outcome, ttl).await?)) })
+                    let inner = self.0.complete(id, token, outcome, ttl);
+                    StoreFuture::new(async move { Ok(f(inner.await?)) })
                 }
                 fn release<'a>(
                     &'a self,
                     id: &'a RecordId,
                     token: LeaseToken,
-                ) -> crate::store::BoxFuture<'a, Result<TokenOutcome, crate::StoreError>> {
+                ) -> StoreFuture<'a, Result<TokenOutcome, crate::StoreError>> {
                     self.0.release(id, token)
                 }
                 fn extend<'a>(
@@ -772,7 +780,7 @@ mod tests {
                     id: &'a RecordId,
                     token: LeaseToken,
                     lease: Duration,
-                ) -> crate::store::BoxFuture<'a, Result<TokenOutcome, crate::StoreError>> {
+                ) -> StoreFuture<'a, Result<TokenOutcome, crate::StoreError>> {
                     self.0.extend(id, token, lease)
                 }
                 fn backend(&self) -> &'static str {
@@ -811,6 +819,16 @@ mod tests {
         )
         .stale_token_is_fenced()
         .await;
+    }
+
+    /// Through `Guarded` (itself a `Store`): the same cases hold.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_guarded_memory_store_conforms() {
+        let clock = FakeClock::new();
+        let inner: Arc<dyn Store> = Arc::new(MemoryStore::with_clock(10_000, clock.clone()));
+        Conformance::with_fake_clock(Guarded::new(inner, Duration::from_secs(5)), clock)
+            .run_all()
+            .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -23,6 +23,27 @@
 //! # Ok::<_, idempotency_core::ConfigError>(())
 //! ```
 //!
+//! # The request flow
+//!
+//! Read top-down, one module a step:
+//!
+//! 1. **head** ([`engine::head`]): covered or not; a declared body over the limit;
+//! 2. **key and scope** ([`key`], [`fingerprint::Scope`]): the `Idempotency-Key`
+//!    and the principal give the [`RecordId`];
+//! 3. **fingerprint** ([`fingerprint`], [`engine::body`]): method, path,
+//!    query, content type and the body read up to its limit;
+//! 4. **claim** ([`engine::decide`], [`store`]): one atomic store call,
+//!    bounded by the store timeout ([`store::Guarded`]);
+//! 5. **run or replay** ([`engine::run`], [`engine::decide`]): the handler
+//!    runs while its lease is extended, or the stored response is replayed,
+//!    or a problem ([`problem`]) refuses the request;
+//! 6. **settle** ([`engine::settle`]): store the response, store it as not
+//!    replayable, or release the claim; [`engine::detach`] finishes a
+//!    request whose client went away.
+//!
+//! The adapters call [`Idempotency::inspect`] and [`Idempotency::respond`],
+//! and only convert their framework's types.
+//!
 //! # Guarantees
 //!
 //! - **Concurrency.** `claim` is one atomic step in every store, so of any
@@ -50,6 +71,7 @@
 //!   reported as an error and left untouched.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod clock;
 pub mod config;
@@ -61,21 +83,25 @@ pub mod record;
 pub mod store;
 
 #[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
 
 pub use clock::{Clock, FakeClock, SystemClock, TokioClock};
 pub use config::{ConfigError, FailureMode, IdempotencyConfig, IdempotencyConfigBuilder};
 pub use engine::{
-    Decision, DetachOnDrop, Execution, Idempotency, Inspection, Pending, Replay, RequestHead,
+    Answer, AnswerHeaders, Chunks, Decision, DetachOnDrop, Execution, Handoff, Idempotency,
+    Inspection, Pending, Replay, Reply, RequestFuture, RequestHead, ResponseBody, ResponseHead,
+    ScopedEngine, TxHandle,
 };
 pub use fingerprint::{Fingerprint, RecordId, Scope};
 pub use key::{IdempotencyKey, KeyError};
-pub use problem::{Problem, ProblemKind};
+pub use problem::{Problem, ProblemHeaders, ProblemKind};
 pub use record::{
-    ClaimOutcome, HeaderText, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome,
+    ClaimOutcome, CorruptRecord, HeaderText, LeaseToken, ReplayHeaders, StoredOutcome,
+    StoredResponse, TokenOutcome,
 };
 pub use store::memory::MemoryStore;
-pub use store::{BoxFuture, ClaimRequest, Store, StoreError};
+pub use store::{BoxFuture, Claim, Guarded, Store, StoreError, StoreFuture};
 
 /// The response header that marks a replay.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";

@@ -27,6 +27,12 @@ pub enum ProblemKind {
     NotReplayable,
     /// 503: the idempotency store is unavailable.
     StoreUnavailable,
+    /// 503: in transactional mode, the handler held its transaction longer
+    /// than the bound; the effect and the record were rolled back.
+    TransactionTimeout,
+    /// 500: the server is wired wrongly (a handler asked for a transaction
+    /// its route does not have); the cause is logged, never shown.
+    Internal,
 }
 
 impl ProblemKind {
@@ -41,6 +47,8 @@ impl ProblemKind {
             ProblemKind::KeyReused => "urn:idempotency:problem:key-reused",
             ProblemKind::NotReplayable => "urn:idempotency:problem:not-replayable",
             ProblemKind::StoreUnavailable => "urn:idempotency:problem:store-unavailable",
+            ProblemKind::TransactionTimeout => "urn:idempotency:problem:transaction-timeout",
+            ProblemKind::Internal => "urn:idempotency:problem:internal",
         }
     }
 
@@ -55,6 +63,8 @@ impl ProblemKind {
             ProblemKind::KeyReused => "Idempotency-Key was used for a different request",
             ProblemKind::NotReplayable => "The original response cannot be replayed",
             ProblemKind::StoreUnavailable => "Idempotency store is unavailable",
+            ProblemKind::TransactionTimeout => "The request took too long and was rolled back",
+            ProblemKind::Internal => "Internal server error",
         }
     }
 
@@ -66,7 +76,8 @@ impl ProblemKind {
             ProblemKind::InFlight => 409,
             ProblemKind::KeyReused => 422,
             ProblemKind::NotReplayable => 410,
-            ProblemKind::StoreUnavailable => 503,
+            ProblemKind::StoreUnavailable | ProblemKind::TransactionTimeout => 503,
+            ProblemKind::Internal => 500,
         }
     }
 }
@@ -143,9 +154,38 @@ impl Problem {
     }
 
     /// The response headers: content type, and `Retry-After` when set.
-    pub fn headers(&self) -> impl Iterator<Item = (&'static str, String)> {
-        std::iter::once(("content-type", PROBLEM_JSON.to_owned()))
-            .chain(self.retry_after.map(|s| ("retry-after", s.to_string())))
+    pub fn headers(&self) -> ProblemHeaders {
+        ProblemHeaders {
+            content_type: true,
+            retry_after: self.retry_after,
+        }
+    }
+}
+
+/// The headers of a [`Problem`]: its content type, then `Retry-After` when set.
+#[derive(Debug, Clone)]
+pub struct ProblemHeaders {
+    content_type: bool,
+    retry_after: Option<u64>,
+}
+
+impl Iterator for ProblemHeaders {
+    type Item = (&'static str, bytes::Bytes);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if std::mem::take(&mut self.content_type) {
+            return Some((
+                "content-type",
+                bytes::Bytes::from_static(PROBLEM_JSON.as_bytes()),
+            ));
+        }
+        let secs = self.retry_after.take()?;
+        Some(("retry-after", crate::record::decimal(secs as usize)))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = usize::from(self.content_type) + usize::from(self.retry_after.is_some());
+        (n, Some(n))
     }
 }
 
@@ -179,6 +219,6 @@ mod tests {
         assert!(j.contains(r#""detail":"a \"quoted\"\n\u0001 detail""#));
         assert_eq!(p.retry_after_secs(), Some(2));
         let h: Vec<_> = p.headers().collect();
-        assert_eq!(h[1], ("retry-after", "2".to_owned()));
+        assert_eq!(h[1], ("retry-after", bytes::Bytes::from_static(b"2")));
     }
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fingerprint::Fingerprint;
-use crate::store::StoreError;
 
 /// A random 128-bit token that fences `complete`, `release` and `extend`:
 /// only the holder of the current claim can change the record.
@@ -132,19 +131,43 @@ impl StoredResponse {
     /// The headers of a replay, in order: the stored ones, then
     /// `content-length` (recomputed from the body) and `idempotent-replayed: true`.
     /// Every adapter sends exactly these.
-    pub fn replay_headers(&self) -> impl Iterator<Item = (&str, Bytes)> + '_ {
-        self.headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.clone()))
-            .chain([
+    pub fn replay_headers(&self) -> ReplayHeaders<'_> {
+        ReplayHeaders {
+            stored: self.headers.iter(),
+            added: [
                 ("content-length", decimal(self.body.len())),
                 (crate::IDEMPOTENT_REPLAYED, Bytes::from_static(b"true")),
-            ])
+            ]
+            .into_iter(),
+        }
+    }
+}
+
+/// The headers of a replay: see [`StoredResponse::replay_headers`].
+#[derive(Debug)]
+pub struct ReplayHeaders<'a> {
+    stored: std::slice::Iter<'a, (HeaderText, Bytes)>,
+    added: std::array::IntoIter<(&'static str, Bytes), 2>,
+}
+
+impl<'a> Iterator for ReplayHeaders<'a> {
+    type Item = (&'a str, Bytes);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.stored.next() {
+            Some((name, value)) => Some((name.as_str(), value.clone())),
+            None => self.added.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.stored.len() + self.added.len();
+        (n, Some(n))
     }
 }
 
 /// `n` in decimal ASCII, without the formatting machinery.
-fn decimal(mut n: usize) -> Bytes {
+pub(crate) fn decimal(mut n: usize) -> Bytes {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -168,23 +191,34 @@ impl fmt::Debug for StoredResponse {
     }
 }
 
-/// What a completed record holds.
+/// What a completed record holds. Cheap to clone: a response is shared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoredOutcome {
     /// The response, replayed to every retry.
-    Response(StoredResponse),
+    Response(Arc<StoredResponse>),
     /// The handler ran and answered `status`, but its body was larger than the
     /// storable limit. A retry gets a problem response and never re-runs the handler.
     NotReplayable {
         /// The status the handler answered.
         status: u16,
     },
+    /// A mark that is not an HTTP response: a code of the caller's own (the
+    /// inbox's lease mode marks messages done, dead or failed with it).
+    Mark(u16),
 }
 
 const FORMAT_VERSION: u8 = 1;
+const KIND_RESPONSE: u8 = 0;
+const KIND_NOT_REPLAYABLE: u8 = 1;
+const KIND_MARK: u8 = 2;
 
 impl StoredOutcome {
+    /// A response to replay.
+    pub fn response(response: StoredResponse) -> Self {
+        Self::Response(Arc::new(response))
+    }
+
     /// Encodes into the compact binary form every backend stores.
     pub fn encode(&self) -> Vec<u8> {
         match self {
@@ -200,7 +234,7 @@ impl StoredOutcome {
                     + r.body.len();
                 let mut buf = Vec::with_capacity(len);
                 buf.put_u8(FORMAT_VERSION);
-                buf.put_u8(0);
+                buf.put_u8(KIND_RESPONSE);
                 buf.put_u16(r.status);
                 buf.put_u32(r.headers.len() as u32);
                 for (name, value) in &r.headers {
@@ -212,13 +246,8 @@ impl StoredOutcome {
                 buf.put_slice(&r.body);
                 buf
             }
-            StoredOutcome::NotReplayable { status } => {
-                let mut buf = Vec::with_capacity(4);
-                buf.put_u8(FORMAT_VERSION);
-                buf.put_u8(1);
-                buf.put_u16(*status);
-                buf
-            }
+            StoredOutcome::NotReplayable { status } => short(KIND_NOT_REPLAYABLE, *status),
+            StoredOutcome::Mark(code) => short(KIND_MARK, *code),
         }
     }
 
@@ -226,10 +255,12 @@ impl StoredOutcome {
     /// the body share `bytes`' allocation, so nothing is copied.
     ///
     /// # Errors
-    /// [`StoreError::Corrupt`] when the bytes are not a valid record.
-    pub fn decode(bytes: Bytes) -> Result<Self, StoreError> {
-        let mut b = bytes.clone();
-        let corrupt = |what: &str| StoreError::Corrupt(format!("stored response: {what}"));
+    /// [`CorruptRecord`] when the bytes are not exactly one valid record
+    /// (trailing bytes after a short record included); stores report it as
+    /// the source of [`StoreError::Corrupt`](crate::StoreError::Corrupt).
+    pub fn decode(bytes: Bytes) -> Result<Self, CorruptRecord> {
+        let mut b = bytes;
+        let corrupt = CorruptRecord::new;
         if b.remaining() < 4 {
             return Err(corrupt("truncated header"));
         }
@@ -238,9 +269,17 @@ impl StoredOutcome {
         }
         let kind = b.get_u8();
         let status = b.get_u16();
+        let short = |outcome: StoredOutcome| {
+            if b.has_remaining() {
+                Err(corrupt("trailing bytes after the record"))
+            } else {
+                Ok(outcome)
+            }
+        };
         match kind {
-            1 => return Ok(StoredOutcome::NotReplayable { status }),
-            0 => {}
+            KIND_NOT_REPLAYABLE => return short(StoredOutcome::NotReplayable { status }),
+            KIND_MARK => return short(StoredOutcome::Mark(status)),
+            KIND_RESPONSE => {}
             _ => return Err(corrupt("unknown kind")),
         }
         if b.remaining() < 4 {
@@ -264,11 +303,33 @@ impl StoredOutcome {
             }
             headers.push((name, b.copy_to_bytes(v)));
         }
-        Ok(StoredOutcome::Response(StoredResponse {
+        Ok(StoredOutcome::response(StoredResponse {
             status,
             headers,
             body: b,
         }))
+    }
+}
+
+/// A record of four bytes: version, kind, a 16-bit code.
+fn short(kind: u8, code: u16) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(4);
+    buf.put_u8(FORMAT_VERSION);
+    buf.put_u8(kind);
+    buf.put_u16(code);
+    buf
+}
+
+/// Why stored bytes are not a valid record. Stores report it as the source
+/// of [`StoreError::Corrupt`](crate::StoreError::Corrupt), and leave the record untouched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CorruptRecord(&'static str);
+
+impl CorruptRecord {
+    /// What is wrong with the stored bytes.
+    pub const fn new(what: &'static str) -> Self {
+        Self(what)
     }
 }
 
@@ -290,7 +351,7 @@ pub enum ClaimOutcome {
         /// The fingerprint of the request that completed.
         fingerprint: Fingerprint,
         /// What it left.
-        outcome: Arc<StoredOutcome>,
+        outcome: StoredOutcome,
     },
 }
 
@@ -310,7 +371,7 @@ mod tests {
 
     #[test]
     fn round_trips_binary_and_repeated_headers() {
-        let r = StoredOutcome::Response(StoredResponse {
+        let r = StoredOutcome::response(StoredResponse {
             status: 201,
             headers: vec![
                 ("link".into(), Bytes::from_static(b"</a>; rel=next")),
@@ -322,6 +383,8 @@ mod tests {
         assert_eq!(StoredOutcome::decode(Bytes::from(r.encode())).unwrap(), r);
         let n = StoredOutcome::NotReplayable { status: 200 };
         assert_eq!(StoredOutcome::decode(Bytes::from(n.encode())).unwrap(), n);
+        let m = StoredOutcome::Mark(7);
+        assert_eq!(StoredOutcome::decode(Bytes::from(m.encode())).unwrap(), m);
     }
 
     #[test]
@@ -333,7 +396,7 @@ mod tests {
 
     #[test]
     fn truncated_input_is_a_typed_error() {
-        let r = StoredOutcome::Response(StoredResponse {
+        let r = StoredOutcome::response(StoredResponse {
             status: 200,
             headers: vec![("a".into(), Bytes::from_static(b"b"))],
             body: Bytes::new(),
@@ -344,6 +407,15 @@ mod tests {
                 StoredOutcome::decode(Bytes::copy_from_slice(&r[..cut])).is_err(),
                 "{cut}"
             );
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_after_a_short_record_are_corrupt() {
+        // Found by fuzzing: `01 01 c8 00 00` decoded as NotReplayable { status: 200 }.
+        for bytes in [&[1u8, 1, 0, 200, 0][..], &[1, 2, 0, 7, 0, 0]] {
+            let err = StoredOutcome::decode(Bytes::copy_from_slice(bytes)).unwrap_err();
+            assert_eq!(err.to_string(), "trailing bytes after the record");
         }
     }
 }

@@ -79,7 +79,7 @@ async fn redis_reports_foreign_keys_and_never_overwrites_them() {
 
     use idempotency_core::store::redis::RedisStore;
     use idempotency_core::{
-        ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoreError, StoredOutcome,
+        Claim, Fingerprint, LeaseToken, RecordId, Store, StoreError, StoredOutcome,
     };
     let Some(url) = common::service_url("REDIS_URL", "redis_reports_foreign_keys") else {
         return;
@@ -121,24 +121,26 @@ async fn redis_reports_foreign_keys_and_never_overwrites_them() {
         };
         let before = dump(&mut conn).await;
         let claim = store
-            .claim(ClaimRequest {
-                id: &id,
-                fingerprint: &fingerprint,
+            .claim(
+                &id,
                 token,
-                lease: Duration::from_secs(30),
-                ttl: Duration::from_secs(60),
-            })
+                Claim {
+                    fingerprint: &fingerprint,
+                    lease: Duration::from_secs(30),
+                    ttl: Duration::from_secs(60),
+                },
+            )
             .await;
         assert!(
             matches!(
                 claim,
-                Err(StoreError::Corrupt(_) | StoreError::Backend { .. })
+                Err(StoreError::Corrupt { .. } | StoreError::Backend { .. })
             ),
             "{name}: claim accepted a foreign key: {claim:?}"
         );
-        let outcome = std::sync::Arc::new(StoredOutcome::NotReplayable { status: 201 });
+        let outcome = StoredOutcome::NotReplayable { status: 201 };
         let complete = store
-            .complete(&id, token, outcome, Duration::from_secs(60))
+            .complete(&id, token, &outcome, Duration::from_secs(60))
             .await;
         let release = store.release(&id, token).await;
         let extend = store.extend(&id, token, Duration::from_secs(1)).await;

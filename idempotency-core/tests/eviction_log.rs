@@ -8,10 +8,9 @@
 //! the call site is registered by this test, under its subscriber.
 
 use bytes::Bytes;
-use idempotency_core::store::ClaimRequest;
 use idempotency_core::{
-    ClaimOutcome, FakeClock, Fingerprint, LeaseToken, MemoryStore, RecordId, Store, StoredOutcome,
-    StoredResponse, TokenOutcome,
+    Claim, ClaimOutcome, FakeClock, Fingerprint, LeaseToken, MemoryStore, RecordId, Store,
+    StoredOutcome, StoredResponse, TokenOutcome,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,22 +42,24 @@ async fn claim_and_complete(store: &MemoryStore, n: u8) {
     let id = RecordId::from_parts(b"scope", &[n]);
     let hour = Duration::from_secs(3600);
     let fingerprint = Fingerprint::from_bytes([7; 32]);
-    let claim = store.claim(ClaimRequest {
-        id: &id,
-        fingerprint: &fingerprint,
-        token: LeaseToken::random(),
-        lease: Duration::from_secs(30),
-        ttl: hour,
-    });
+    let claim = store.claim(
+        &id,
+        LeaseToken::random(),
+        Claim {
+            fingerprint: &fingerprint,
+            lease: Duration::from_secs(30),
+            ttl: hour,
+        },
+    );
     let Ok(ClaimOutcome::Acquired(token)) = claim.await else {
         panic!("claim {n} not acquired")
     };
-    let outcome = Arc::new(StoredOutcome::Response(StoredResponse {
+    let outcome = StoredOutcome::response(StoredResponse {
         status: 201,
         headers: vec![],
         body: Bytes::from_static(b"ok"),
-    }));
-    let done = store.complete(&id, token, outcome, hour).await;
+    });
+    let done = store.complete(&id, token, &outcome, hour).await;
     assert_eq!(done.expect("complete"), TokenOutcome::Applied);
 }
 

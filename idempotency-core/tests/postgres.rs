@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use idempotency_core::store::postgres::{PostgresOptions, PostgresStore};
 use idempotency_core::{
-    ClaimOutcome, ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoreError,
-    StoredOutcome, StoredResponse, TokenOutcome,
+    Claim, ClaimOutcome, Fingerprint, LeaseToken, RecordId, Store, StoreError, StoredOutcome,
+    StoredResponse, TokenOutcome,
 };
 use sqlx::Connection;
 
@@ -40,14 +40,13 @@ fn id() -> RecordId {
 }
 
 async fn claim(store: &PostgresStore, id: &RecordId, fp: &Fingerprint) -> ClaimOutcome {
+    let claim = Claim {
+        fingerprint: fp,
+        lease: Duration::from_secs(30),
+        ttl: Duration::from_secs(60),
+    };
     store
-        .claim(ClaimRequest {
-            id,
-            fingerprint: fp,
-            token: LeaseToken::random(),
-            lease: Duration::from_secs(30),
-            ttl: Duration::from_secs(60),
-        })
+        .claim(id, LeaseToken::random(), claim)
         .await
         .expect("claim")
 }
@@ -68,7 +67,7 @@ async fn a_claim_racing_an_uncommitted_insert_sees_the_winner() {
         let id = id();
         let (winner_fp, loser_fp) = (fp(b"winner"), fp(b"loser"));
         let mut tx = other.begin().await.expect("begin");
-        let outcome = StoredOutcome::Response(StoredResponse {
+        let outcome = StoredOutcome::response(StoredResponse {
             status: 201,
             headers: vec![],
             body: bytes::Bytes::from_static(b"winner's"),
@@ -102,7 +101,7 @@ async fn a_claim_racing_an_uncommitted_insert_sees_the_winner() {
                 outcome: o,
             } if winner_state == "completed" => {
                 assert_eq!(fingerprint, winner_fp);
-                assert_eq!(*o, outcome);
+                assert_eq!(o, outcome);
             }
             other => panic!("{winner_state}: the racing claim got {other:?}"),
         }
@@ -188,14 +187,13 @@ async fn two_instances_race_on_many_keys() {
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
                 let f = fp(b"r");
+                let claim = Claim {
+                    fingerprint: &f,
+                    lease: Duration::from_secs(30),
+                    ttl: Duration::from_secs(60),
+                };
                 let outcome = store
-                    .claim(ClaimRequest {
-                        id: &id,
-                        fingerprint: &f,
-                        token: LeaseToken::random(),
-                        lease: Duration::from_secs(30),
-                        ttl: Duration::from_secs(60),
-                    })
+                    .claim(&id, LeaseToken::random(), claim)
                     .await
                     .expect("claim");
                 (id, matches!(outcome, ClaimOutcome::Acquired(_)))
@@ -219,18 +217,20 @@ async fn purge_deletes_only_expired_rows_in_batches() {
         return;
     };
     let f = fp(b"purge");
-    let done = Arc::new(StoredOutcome::NotReplayable { status: 200 });
+    let done = StoredOutcome::NotReplayable { status: 200 };
     for i in 0..25 {
         let id = id();
         let token = LeaseToken::random();
         let ClaimOutcome::Acquired(_) = store
-            .claim(ClaimRequest {
-                id: &id,
-                fingerprint: &f,
+            .claim(
+                &id,
                 token,
-                lease: Duration::from_secs(30),
-                ttl: Duration::from_secs(60),
-            })
+                Claim {
+                    fingerprint: &f,
+                    lease: Duration::from_secs(30),
+                    ttl: Duration::from_secs(60),
+                },
+            )
             .await
             .expect("claim")
         else {
@@ -244,7 +244,7 @@ async fn purge_deletes_only_expired_rows_in_batches() {
         };
         assert_eq!(
             store
-                .complete(&id, token, Arc::clone(&done), ttl)
+                .complete(&id, token, &done, ttl)
                 .await
                 .expect("complete"),
             TokenOutcome::Applied
@@ -273,13 +273,15 @@ async fn the_purger_task_purges_in_the_background() {
     for _ in 0..7 {
         let id = id();
         let _ = store
-            .claim(ClaimRequest {
-                id: &id,
-                fingerprint: &f,
-                token: LeaseToken::random(),
-                lease: Duration::ZERO,
-                ttl: Duration::ZERO,
-            })
+            .claim(
+                &id,
+                LeaseToken::random(),
+                Claim {
+                    fingerprint: &f,
+                    lease: Duration::ZERO,
+                    ttl: Duration::ZERO,
+                },
+            )
             .await
             .expect("claim");
     }
@@ -358,6 +360,16 @@ async fn bad_options_are_typed_errors() {
     let err = PostgresStore::connect_with(&url, PostgresOptions::new().schema("x\"; DROP"))
         .await
         .expect_err("bad schema");
+    assert!(
+        matches!(
+            err,
+            StoreError::Config {
+                backend: "postgres",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let source = std::error::Error::source(&err).expect("source").to_string();
     assert!(source.contains("invalid schema name"), "{source}");
 }
@@ -379,4 +391,33 @@ async fn asynchronous_commit_is_opt_in() {
         .await
         .expect("connect");
     assert_eq!(show(fast).await, "off");
+}
+
+/// An invalid schema name is a configuration error (no server needed: the
+/// pool is lazy and nothing is sent), with `InvalidSchema` as its source.
+#[tokio::test]
+async fn an_invalid_schema_is_a_config_error() {
+    use idempotency_core::store::postgres::InvalidSchema;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+        .expect("a lazy pool");
+    for bad in ["bad-name", "x\"; DROP", "", "1a"] {
+        let err = PostgresStore::from_pool(pool.clone(), bad).expect_err(bad);
+        assert!(
+            matches!(
+                err,
+                StoreError::Config {
+                    backend: "postgres",
+                    ..
+                }
+            ),
+            "{bad}: {err:?}"
+        );
+        let source = std::error::Error::source(&err).expect("source");
+        assert!(
+            matches!(source.downcast_ref::<InvalidSchema>(), Some(InvalidSchema(s)) if s == bad),
+            "{bad}: {source:?}"
+        );
+    }
+    PostgresStore::from_pool(pool, "idempotency").expect("a plain identifier");
 }

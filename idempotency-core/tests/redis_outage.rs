@@ -5,25 +5,38 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idempotency_core::store::redis::RedisStore;
 use idempotency_core::{
-    ClaimOutcome, ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoreError,
+    Claim, ClaimOutcome, Fingerprint, Guarded, LeaseToken, RecordId, Store, StoreError,
 };
 
+fn fresh() -> (RecordId, Fingerprint) {
+    (
+        RecordId::from_parts(b"outage", &rand::random::<[u8; 16]>()),
+        Fingerprint::compute("POST", "/outage", None, None, b""),
+    )
+}
+
+fn lease(fingerprint: &Fingerprint) -> Claim<'_> {
+    Claim {
+        fingerprint,
+        lease: Duration::from_secs(30),
+        ttl: Duration::from_secs(60),
+    }
+}
+
 async fn claim(store: &RedisStore) -> Result<ClaimOutcome, StoreError> {
-    let id = RecordId::from_parts(b"outage", &rand::random::<[u8; 16]>());
-    let fp = Fingerprint::compute("POST", "/outage", None, None, b"");
-    store
-        .claim(ClaimRequest {
-            id: &id,
-            fingerprint: &fp,
-            token: LeaseToken::random(),
-            lease: Duration::from_secs(30),
-            ttl: Duration::from_secs(60),
-        })
-        .await
+    let (id, fp) = fresh();
+    store.claim(&id, LeaseToken::random(), lease(&fp)).await
+}
+
+/// A claim through `Guarded`, as the middleware and the inbox make it.
+async fn guarded_claim(guarded: &Guarded) -> Result<ClaimOutcome, StoreError> {
+    let (id, fp) = fresh();
+    guarded.claim(&id, LeaseToken::random(), lease(&fp)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,19 +101,30 @@ async fn redis_outage_fails_typed_and_recovers_without_a_new_store() {
 
 /// A Redis that accepts commands but does not answer (`CLIENT PAUSE`): each
 /// call fails with `StoreError::Timeout` after the store's response timeout,
-/// by itself (the middleware arms no timer of its own for this store), and
-/// calls succeed again once Redis answers.
+/// by itself: through a `Guarded` whose timeout is far longer than the pause
+/// (so its own timer can never fire first), the call still fails with the
+/// store's bound, within about that bound. Calls succeed again once Redis
+/// answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_that_does_not_answer_times_out_typed() {
     let Some(server) = common::RedisServer::start("redis_that_does_not_answer") else {
         return;
     };
     let bound = Duration::from_millis(300);
-    let store = RedisStore::connect_with_timeout(&server.url(), bound)
-        .await
-        .expect("connect");
-    assert_eq!(store.call_timeout(), Some(bound));
+    let store = Arc::new(
+        RedisStore::connect_with_timeout(&server.url(), bound)
+            .await
+            .expect("connect"),
+    );
+    // Far longer than the pause below: only the store's own bound can end a
+    // call before Redis answers again.
+    let patient = Duration::from_secs(30);
+    let guarded = Guarded::new(Arc::clone(&store) as Arc<dyn Store>, patient);
     assert!(matches!(claim(&store).await, Ok(ClaimOutcome::Acquired(_))));
+    assert!(matches!(
+        guarded_claim(&guarded).await,
+        Ok(ClaimOutcome::Acquired(_))
+    ));
 
     let client = redis::Client::open(server.url()).expect("client");
     let mut admin = client
@@ -114,6 +138,7 @@ async fn redis_that_does_not_answer_times_out_typed() {
         .query_async(&mut admin)
         .await
         .expect("pause");
+    let paused = Instant::now();
     let started = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(5), claim(&store))
         .await
@@ -132,6 +157,29 @@ async fn redis_that_does_not_answer_times_out_typed() {
         started.elapsed() < Duration::from_millis(1400),
         "{:?}",
         started.elapsed()
+    );
+    // The same through `Guarded`: the store's bound, not Guarded's timeout,
+    // and well before the pause ends (a store that stopped bounding its calls
+    // would wait out the pause and then succeed, or time out after 30 s).
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(5), guarded_claim(&guarded))
+        .await
+        .expect("a guarded call to a silent Redis hung");
+    assert!(
+        matches!(
+            result,
+            Err(StoreError::Timeout {
+                backend: "redis",
+                timeout
+            }) if timeout == bound
+        ),
+        "through Guarded: {result:?}"
+    );
+    assert!(
+        started.elapsed() < bound * 3 && paused.elapsed() < Duration::from_millis(1400),
+        "through Guarded: {:?} ({:?} into the pause)",
+        started.elapsed(),
+        paused.elapsed()
     );
 
     // Once the pause is over, the same store answers again.

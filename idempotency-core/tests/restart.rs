@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idempotency_core::{
-    ClaimOutcome, ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome,
-    StoredResponse, TokenOutcome,
+    Claim, ClaimOutcome, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome, StoredResponse,
+    TokenOutcome,
 };
 
 const CHILD: &str = "IDEMPOTENCY_RESTART_CHILD";
 
 fn expected() -> StoredOutcome {
-    StoredOutcome::Response(StoredResponse {
+    StoredOutcome::response(StoredResponse {
         status: 201,
         headers: vec![
             (
@@ -80,20 +80,22 @@ async fn restart_child_writes_a_record() {
     let id = RecordId::from_parts(b"restart", id_hex.as_bytes());
     let token = LeaseToken::random();
     let ClaimOutcome::Acquired(_) = store
-        .claim(ClaimRequest {
-            id: &id,
-            fingerprint: &fingerprint(),
+        .claim(
+            &id,
             token,
-            lease: Duration::from_secs(30),
-            ttl: Duration::from_secs(600),
-        })
+            Claim {
+                fingerprint: &fingerprint(),
+                lease: Duration::from_secs(30),
+                ttl: Duration::from_secs(600),
+            },
+        )
         .await
         .expect("claim")
     else {
         panic!("the child did not acquire");
     };
     let done = store
-        .complete(&id, token, Arc::new(expected()), Duration::from_secs(600))
+        .complete(&id, token, &expected(), Duration::from_secs(600))
         .await
         .expect("complete");
     assert_eq!(done, TokenOutcome::Applied);
@@ -122,13 +124,15 @@ async fn survives_a_process_restart(backend: &str, url: &str, namespace: &str) {
     let store = open(backend, url, namespace).await;
     let id = RecordId::from_parts(b"restart", id_hex.as_bytes());
     match store
-        .claim(ClaimRequest {
-            id: &id,
-            fingerprint: &fingerprint(),
-            token: LeaseToken::random(),
-            lease: Duration::from_secs(30),
-            ttl: Duration::from_secs(600),
-        })
+        .claim(
+            &id,
+            LeaseToken::random(),
+            Claim {
+                fingerprint: &fingerprint(),
+                lease: Duration::from_secs(30),
+                ttl: Duration::from_secs(600),
+            },
+        )
         .await
         .expect("claim after the restart")
     {

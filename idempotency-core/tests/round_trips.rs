@@ -4,36 +4,34 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::CountingProxy;
 use idempotency_core::{
-    ClaimOutcome, ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome,
-    StoredResponse, TokenOutcome,
+    Claim, ClaimOutcome, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome, StoredResponse,
+    TokenOutcome,
 };
 
-fn outcome() -> Arc<StoredOutcome> {
-    Arc::new(StoredOutcome::Response(StoredResponse {
+fn outcome() -> StoredOutcome {
+    StoredOutcome::response(StoredResponse {
         status: 201,
         headers: vec![(
             "content-type".into(),
             bytes::Bytes::from_static(b"application/json"),
         )],
         body: bytes::Bytes::from(vec![b'x'; 1024]),
-    }))
+    })
 }
 
 async fn claim(store: &dyn Store, id: &RecordId) -> ClaimOutcome {
     let fp = Fingerprint::compute("POST", "/rt", None, None, b"body");
+    let claim = Claim {
+        fingerprint: &fp,
+        lease: Duration::from_secs(30),
+        ttl: Duration::from_secs(300),
+    };
     store
-        .claim(ClaimRequest {
-            id,
-            fingerprint: &fp,
-            token: LeaseToken::random(),
-            lease: Duration::from_secs(30),
-            ttl: Duration::from_secs(300),
-        })
+        .claim(id, LeaseToken::random(), claim)
         .await
         .expect("claim")
 }
@@ -45,7 +43,7 @@ async fn fresh(store: &dyn Store) -> RecordId {
         panic!("not acquired");
     };
     let done = store
-        .complete(&id, token, outcome(), Duration::from_secs(300))
+        .complete(&id, token, &outcome(), Duration::from_secs(300))
         .await
         .expect("complete");
     assert_eq!(done, TokenOutcome::Applied);

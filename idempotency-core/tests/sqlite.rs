@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use idempotency_core::store::sqlite::SqliteStore;
 use idempotency_core::{
-    ClaimOutcome, ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome,
-    TokenOutcome,
+    Claim, ClaimOutcome, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome, TokenOutcome,
 };
 
 const CHILD: &str = "IDEMPOTENCY_SQLITE_CHILD";
@@ -45,13 +44,15 @@ async fn sqlite_child_claims_every_key() {
             for k in 0..KEYS {
                 let id = RecordId::from_parts(b"multi-process", &[k as u8]);
                 let outcome = store
-                    .claim(ClaimRequest {
-                        id: &id,
-                        fingerprint: &fp(),
-                        token: LeaseToken::random(),
-                        lease: Duration::from_secs(60),
-                        ttl: Duration::from_secs(60),
-                    })
+                    .claim(
+                        &id,
+                        LeaseToken::random(),
+                        Claim {
+                            fingerprint: &fp(),
+                            lease: Duration::from_secs(60),
+                            ttl: Duration::from_secs(60),
+                        },
+                    )
                     .await
                     .expect("claim");
                 match outcome {
@@ -125,18 +126,20 @@ async fn purge_deletes_only_expired_rows_and_the_purger_runs() {
     let store = SqliteStore::connect(db.path.to_str().expect("utf-8 path"))
         .await
         .expect("open");
-    let done = Arc::new(StoredOutcome::NotReplayable { status: 200 });
+    let done = StoredOutcome::NotReplayable { status: 200 };
     for i in 0..13 {
         let id = RecordId::from_parts(b"purge", &[i]);
         let token = LeaseToken::random();
         let ClaimOutcome::Acquired(_) = store
-            .claim(ClaimRequest {
-                id: &id,
-                fingerprint: &fp(),
+            .claim(
+                &id,
                 token,
-                lease: Duration::from_secs(30),
-                ttl: Duration::from_secs(60),
-            })
+                Claim {
+                    fingerprint: &fp(),
+                    lease: Duration::from_secs(30),
+                    ttl: Duration::from_secs(60),
+                },
+            )
             .await
             .expect("claim")
         else {
@@ -148,7 +151,7 @@ async fn purge_deletes_only_expired_rows_and_the_purger_runs() {
             Duration::from_secs(60)
         };
         let r = store
-            .complete(&id, token, Arc::clone(&done), ttl)
+            .complete(&id, token, &done, ttl)
             .await
             .expect("complete");
         assert_eq!(r, TokenOutcome::Applied);
@@ -168,13 +171,15 @@ async fn purge_deletes_only_expired_rows_and_the_purger_runs() {
     for i in 0..5u8 {
         let id = RecordId::from_parts(b"purger", &[i]);
         let _ = store
-            .claim(ClaimRequest {
-                id: &id,
-                fingerprint: &fp(),
-                token: LeaseToken::random(),
-                lease: Duration::ZERO,
-                ttl: Duration::ZERO,
-            })
+            .claim(
+                &id,
+                LeaseToken::random(),
+                Claim {
+                    fingerprint: &fp(),
+                    lease: Duration::ZERO,
+                    ttl: Duration::ZERO,
+                },
+            )
             .await
             .expect("claim");
     }

@@ -66,13 +66,24 @@
 //! [tower]: https://docs.rs/tower
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
-mod future;
 mod layer;
 mod service;
+#[cfg(all(feature = "axum", any(feature = "postgres", feature = "sqlite")))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(feature = "axum", any(feature = "postgres", feature = "sqlite"))))
+)]
+mod transaction;
 
-pub use body::{RequestBody, ResponseBody};
-pub use future::ResponseFuture;
+pub use body::{Frames, RequestBody, ResponseBody};
 pub use layer::IdempotencyLayer;
-pub use service::IdempotencyService;
+pub use service::{IdempotencyService, ResponseFuture};
+#[cfg(all(feature = "axum", any(feature = "postgres", feature = "sqlite")))]
+pub use transaction::{NoTransaction, Transaction};
+
+/// The core crate: engine, config, stores. Depend on this adapter alone.
+pub use idempotency_core as core;
+pub use idempotency_core::{FailureMode, Idempotency, IdempotencyConfig, MemoryStore, Scope};

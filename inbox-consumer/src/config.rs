@@ -12,6 +12,8 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The default lease of lease mode: 30 s.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// The default bound of each lease-mode store call: 2 s, as on the HTTP side.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The default number of rows one purge statement deletes.
 pub const DEFAULT_PURGE_BATCH: u32 = 1000;
 /// The longest message id or consumer name accepted, in bytes.
@@ -26,6 +28,7 @@ pub struct InboxConfig {
     pub(crate) max_attempts: u32,
     pub(crate) retention: Duration,
     pub(crate) lease: Duration,
+    pub(crate) store_timeout: Duration,
     pub(crate) purge_batch: u32,
     pub(crate) retry_delay: Duration,
     pub(crate) max_retry_delay: Duration,
@@ -39,6 +42,7 @@ impl fmt::Debug for InboxConfig {
             .field("max_attempts", &self.max_attempts)
             .field("retention", &self.retention)
             .field("lease", &self.lease)
+            .field("store_timeout", &self.store_timeout)
             .field("purge_batch", &self.purge_batch)
             .field("retry_delay", &self.retry_delay)
             .field("max_retry_delay", &self.max_retry_delay)
@@ -57,6 +61,7 @@ impl InboxConfig {
                 max_attempts: DEFAULT_MAX_ATTEMPTS,
                 retention: DEFAULT_RETENTION,
                 lease: DEFAULT_LEASE,
+                store_timeout: DEFAULT_STORE_TIMEOUT,
                 purge_batch: DEFAULT_PURGE_BATCH,
                 retry_delay: Duration::from_secs(1),
                 max_retry_delay: Duration::from_secs(60),
@@ -83,6 +88,11 @@ impl InboxConfig {
     /// The lease of lease mode.
     pub fn lease(&self) -> Duration {
         self.lease
+    }
+
+    /// The bound of each lease-mode store call.
+    pub fn store_timeout(&self) -> Duration {
+        self.store_timeout
     }
 
     /// The redelivery delay suggested after failed attempt `attempt` (1-based):
@@ -124,6 +134,20 @@ impl InboxConfigBuilder {
     /// The running handler extends it every half lease.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.config.lease = lease;
+        self
+    }
+
+    /// How long one lease-mode store call (claim, complete, release, lease
+    /// extension) may take before it fails with
+    /// [`StoreError::Timeout`](idempotency_core::StoreError::Timeout)
+    /// (default 2 s, at least 1 ns). A store that hangs then makes
+    /// [`process`](crate::Inbox::process) answer
+    /// [`Outcome::Unavailable`](crate::Outcome::Unavailable) within this
+    /// time instead of waiting for ever. Keep it well below half the lease,
+    /// so a slow heartbeat fails before the lease passes. Transactional mode
+    /// does not use it: bound its database with the pool's own timeouts.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config.store_timeout = timeout;
         self
     }
 
@@ -170,6 +194,9 @@ impl InboxConfigBuilder {
         if c.lease < Duration::from_millis(10) {
             return Err(ConfigError::LeaseTooShort(c.lease));
         }
+        if c.store_timeout.is_zero() {
+            return Err(ConfigError::ZeroStoreTimeout);
+        }
         if c.retention < Duration::from_secs(1) {
             return Err(ConfigError::RetentionTooShort(c.retention));
         }
@@ -202,6 +229,9 @@ pub enum ConfigError {
     /// The lease is shorter than 10 ms.
     #[error("the lease must be at least 10ms, got {0:?}")]
     LeaseTooShort(Duration),
+    /// The store timeout is zero.
+    #[error("the store timeout must be longer than zero")]
+    ZeroStoreTimeout,
     /// The retention is shorter than 1 s.
     #[error("the retention must be at least 1s, got {0:?}")]
     RetentionTooShort(Duration),
@@ -228,6 +258,7 @@ mod tests {
         assert_eq!(c.max_attempts(), 5);
         assert_eq!(c.retention(), Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.lease(), Duration::from_secs(30));
+        assert_eq!(c.store_timeout(), Duration::from_secs(2));
         assert_eq!(c.consumer(), "ledger");
     }
 
@@ -250,6 +281,19 @@ mod tests {
             b().lease(Duration::ZERO).build(),
             Err(ConfigError::LeaseTooShort(_))
         ));
+        let zero = b().store_timeout(Duration::ZERO).build().unwrap_err();
+        assert_eq!(zero, ConfigError::ZeroStoreTimeout);
+        assert_eq!(
+            zero.to_string(),
+            "the store timeout must be longer than zero"
+        );
+        assert_eq!(
+            b().store_timeout(Duration::from_nanos(1))
+                .build()
+                .unwrap()
+                .store_timeout(),
+            Duration::from_nanos(1)
+        );
         assert!(matches!(
             b().retention(Duration::ZERO).build(),
             Err(ConfigError::RetentionTooShort(_))

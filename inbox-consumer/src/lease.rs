@@ -4,7 +4,10 @@
 //!
 //! Per delivery: `claim` the record `(consumer, message id)` with a lease; run
 //! the handler while a heartbeat extends the lease every half lease; then
-//! `complete` it with the retention as its TTL. A failure `release`s the claim
+//! `complete` it with the retention as its TTL. Every store call goes through
+//! [`idempotency_core::Guarded`], the same guard the HTTP engine uses: it
+//! bounds each call by the store timeout (a store that hangs gives
+//! [`Outcome::Unavailable`]) and runs the heartbeat. A failure `release`s the claim
 //! (or completes it as dead). Failures are counted in separate records
 //! `(consumer, message id, k)`, one per failed attempt, so the count needs no
 //! operation the store trait does not have.
@@ -18,10 +21,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use idempotency_core::store::{Claim, Guarded, Held};
 use idempotency_core::{
-    BoxFuture, ClaimOutcome, ClaimRequest, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome,
-    StoredResponse, TokenOutcome,
+    BoxFuture, ClaimOutcome, Fingerprint, LeaseToken, RecordId, Store, StoreError, StoredOutcome,
+    TokenOutcome,
 };
 
 use crate::error::InboxError;
@@ -29,40 +32,72 @@ use crate::inbox::{run_guarded, Inbox};
 use crate::message::InboxMessage;
 use crate::outcome::{DeadReason, HandlerError, Outcome};
 
-const DONE: u16 = 200;
-const DEAD: u16 = 410;
-const FAILURE: u16 = 500;
+/// The mark of a processed message.
+const DONE: StoredOutcome = StoredOutcome::Mark(1);
+/// The mark of a dead message.
+const DEAD: StoredOutcome = StoredOutcome::Mark(2);
+/// The mark of one failed attempt (in a failure record).
+const FAILED: StoredOutcome = StoredOutcome::Mark(3);
+/// The status an earlier version stored (as an HTTP response) for a dead message.
+const LEGACY_DEAD_STATUS: u16 = 410;
+/// The fingerprint an earlier version claimed every record with.
+const LEGACY_FINGERPRINT: Fingerprint = Fingerprint::from_bytes([0; 32]);
 const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 
-/// Lease mode over the store `S`.
-#[derive(Debug, Clone)]
+/// Lease mode over the store `S`: every store call goes through a
+/// [`Guarded`] (bounded by [`InboxConfig::store_timeout`](crate::InboxConfig::store_timeout)),
+/// which also keeps the claim alive while the handler runs.
 pub struct Lease<S> {
-    store: S,
+    store: Arc<S>,
+    // The same store, shared with `store`.
+    guarded: Guarded,
 }
 
-fn marker(status: u16) -> Arc<StoredOutcome> {
-    Arc::new(StoredOutcome::Response(StoredResponse {
-        status,
-        headers: Vec::new(),
-        body: Bytes::new(),
-    }))
-}
-
-fn status_of(outcome: &StoredOutcome) -> Option<u16> {
-    match outcome {
-        StoredOutcome::Response(r) => Some(r.status),
-        _ => None,
+impl<S> Clone for Lease<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            guarded: self.guarded.clone(),
+        }
     }
 }
 
-// Every claim of one message must carry the same fingerprint, so that a
-// redelivery can take over a crashed holder's lease.
-const FINGERPRINT: Fingerprint = Fingerprint::from_bytes([0; 32]);
+impl<S: std::fmt::Debug> std::fmt::Debug for Lease<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("store", &self.store)
+            .field("timeout", &self.guarded.timeout())
+            .finish()
+    }
+}
+
+/// Whether a completed record marks the message dead. Records written by
+/// this version carry [`DEAD`]. An earlier version stored HTTP responses as
+/// marks (200 done, 410 dead, 500 failed) and such records may still be in a
+/// store within their retention: a stored response with status 410 still
+/// reads as dead, and any other completed record as done (a duplicate).
+fn is_dead(outcome: &StoredOutcome) -> bool {
+    match outcome {
+        StoredOutcome::Mark(_) => *outcome == DEAD,
+        StoredOutcome::Response(r) => r.status == LEGACY_DEAD_STATUS,
+        _ => false,
+    }
+}
+
+/// The fingerprint a record is claimed with: the record id's own bytes. It
+/// is the same for every claim of one message, which a redelivery needs to
+/// take over a crashed holder's lease.
+fn fingerprint_of(id: &RecordId) -> Fingerprint {
+    Fingerprint::from_bytes(*id.as_bytes())
+}
 
 impl<S: Store> Inbox<Lease<S>> {
-    /// An inbox in lease mode over `store`.
+    /// An inbox in lease mode over `store`. Each store call is bounded by the
+    /// config's [`store_timeout`](crate::InboxConfig::store_timeout).
     pub fn lease(store: S, config: crate::InboxConfig) -> Self {
-        Self::from_parts(Lease { store }, config)
+        let store = Arc::new(store);
+        let guarded = Guarded::new(store.clone(), config.store_timeout());
+        Self::from_parts(Lease { store, guarded }, config)
     }
 
     /// The store.
@@ -111,13 +146,37 @@ impl<S: Store> Inbox<Lease<S>> {
         RecordId::from_parts(&scope, key.as_bytes())
     }
 
-    fn claim_request<'a>(&self, id: &'a RecordId, token: LeaseToken) -> ClaimRequest<'a> {
-        ClaimRequest {
-            id,
-            fingerprint: &FINGERPRINT,
-            token,
+    /// Claims `id` with a fresh token, through the guard.
+    async fn claim(&self, id: &RecordId) -> Result<ClaimOutcome, StoreError> {
+        let fingerprint = fingerprint_of(id);
+        let claim = Claim {
+            fingerprint: &fingerprint,
             lease: self.config().lease(),
             ttl: self.config().retention(),
+        };
+        let outcome = self
+            .backend
+            .guarded
+            .claim(id, LeaseToken::random(), claim)
+            .await?;
+        match outcome {
+            // A claim an earlier version made (with the all-zero fingerprint)
+            // and left in flight when its holder died: once its lease has
+            // passed, take it over with that fingerprint, as that version would.
+            ClaimOutcome::InFlight {
+                fingerprint,
+                lease_remaining,
+            } if fingerprint == LEGACY_FINGERPRINT && lease_remaining.is_zero() => {
+                let legacy = Claim {
+                    fingerprint: &LEGACY_FINGERPRINT,
+                    ..claim
+                };
+                self.backend
+                    .guarded
+                    .claim(id, LeaseToken::random(), legacy)
+                    .await
+            }
+            outcome => Ok(outcome),
         }
     }
 
@@ -126,19 +185,15 @@ impl<S: Store> Inbox<Lease<S>> {
         key: &str,
         message: &InboxMessage,
         handler: F,
-    ) -> Result<Outcome, idempotency_core::StoreError>
+    ) -> Result<Outcome, StoreError>
     where
         F: for<'t> FnOnce(&'t InboxMessage) -> BoxFuture<'t, Result<(), HandlerError>>,
     {
-        let store = &self.backend.store;
         let id = self.record_id(key);
-        let token = match store
-            .claim(self.claim_request(&id, LeaseToken::random()))
-            .await?
-        {
+        let token = match self.claim(&id).await? {
             ClaimOutcome::Acquired(token) => token,
             ClaimOutcome::Completed { outcome, .. } => {
-                return Ok(if status_of(&outcome) == Some(DEAD) {
+                return Ok(if is_dead(&outcome) {
                     Outcome::Dead {
                         reason: DeadReason::AlreadyDead,
                     }
@@ -154,9 +209,10 @@ impl<S: Store> Inbox<Lease<S>> {
                 })
             }
             other => {
-                return Err(idempotency_core::StoreError::Corrupt(format!(
-                    "unexpected claim outcome {other:?}"
-                )))
+                return Err(StoreError::corrupt(
+                    self.backend.guarded.backend(),
+                    format!("unexpected claim outcome {other:?}"),
+                ))
             }
         };
         let max = self.config().max_attempts();
@@ -173,18 +229,18 @@ impl<S: Store> Inbox<Lease<S>> {
             0
         };
         if failures >= max {
-            self.complete(&id, token, DEAD, key).await?;
+            self.complete(&id, token, &DEAD, key, Held::Kept).await?;
             return Ok(Outcome::Dead {
                 reason: DeadReason::AlreadyDead,
             });
         }
         let attempt = failures + 1;
-        match self
+        let (result, held) = self
             .run_with_heartbeat(&id, token, key, handler(message))
-            .await
-        {
+            .await;
+        match result {
             Ok(()) => {
-                if let Err(e) = self.complete(&id, token, DONE, key).await {
+                if let Err(e) = self.complete(&id, token, &DONE, key, held).await {
                     // The effect happened: ack it rather than run it again on
                     // a redelivery. The claim lapses after its lease.
                     tracing::error!(consumer = self.consumer(), message_id = key, error = %e,
@@ -202,7 +258,7 @@ impl<S: Store> Inbox<Lease<S>> {
                 };
                 let outcome = self.failure_outcome(counted, error);
                 if matches!(outcome, Outcome::Dead { .. }) {
-                    self.complete(&id, token, DEAD, key).await?;
+                    self.complete(&id, token, &DEAD, key, held).await?;
                 } else {
                     self.release_quietly(&id, token, key).await;
                 }
@@ -211,55 +267,48 @@ impl<S: Store> Inbox<Lease<S>> {
         }
     }
 
+    /// Runs the handler while the guard extends its lease every half lease;
+    /// counts and logs a lease taken over meanwhile.
     async fn run_with_heartbeat(
         &self,
         id: &RecordId,
         token: LeaseToken,
         key: &str,
         handler: BoxFuture<'_, Result<(), HandlerError>>,
-    ) -> Result<(), HandlerError> {
+    ) -> (Result<(), HandlerError>, Held) {
         let lease = self.config().lease();
-        let run = run_guarded(handler);
-        tokio::pin!(run);
-        // The first beat after half a lease (an immediate first tick would cost a
-        // trip through the timer on every message).
-        let half = lease / 2;
-        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
-        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lost = false;
-        loop {
-            tokio::select! {
-                result = &mut run => return result,
-                _ = beat.tick(), if !lost => {
-                    match self.backend.store.extend(id, token, lease).await {
-                        Ok(TokenOutcome::Applied) => {}
-                        Ok(TokenOutcome::Fenced) => {
-                            lost = true;
-                            self.shared.counters.lease_lost();
-                            tracing::warn!(consumer = self.consumer(), message_id = key,
-                                "inbox: lease taken over while the handler ran; its effect may run twice");
-                        }
-                        Err(e) => tracing::warn!(consumer = self.consumer(), message_id = key,
-                            error = %e, "inbox: could not extend the lease"),
-                    }
-                }
-            }
+        let (result, held) = self
+            .backend
+            .guarded
+            .hold(id, token, lease, run_guarded(handler))
+            .await;
+        if held == Held::Lost {
+            self.shared.counters.lease_lost();
+            tracing::warn!(
+                consumer = self.consumer(),
+                message_id = key,
+                "inbox: lease taken over while the handler ran; its effect may run twice"
+            );
         }
+        (result, held)
     }
 
+    /// Marks the claim of `token` on `id`. A fenced mark is counted as a lost
+    /// lease, unless the heartbeat already counted it (`held` is `Lost`).
     async fn complete(
         &self,
         id: &RecordId,
         token: LeaseToken,
-        status: u16,
+        mark: &StoredOutcome,
         key: &str,
-    ) -> Result<(), idempotency_core::StoreError> {
+        held: Held,
+    ) -> Result<(), StoreError> {
         let done = self
             .backend
-            .store
-            .complete(id, token, marker(status), self.config().retention())
+            .guarded
+            .complete(id, token, mark, self.config().retention())
             .await?;
-        if done == TokenOutcome::Fenced {
+        if done == TokenOutcome::Fenced && held == Held::Kept {
             self.shared.counters.lease_lost();
             tracing::warn!(
                 consumer = self.consumer(),
@@ -271,7 +320,7 @@ impl<S: Store> Inbox<Lease<S>> {
     }
 
     async fn release_quietly(&self, id: &RecordId, token: LeaseToken, key: &str) {
-        if let Err(e) = self.backend.store.release(id, token).await {
+        if let Err(e) = self.backend.guarded.release(id, token).await {
             // The claim lapses after its lease; the next delivery waits for that.
             tracing::warn!(consumer = self.consumer(), message_id = key, error = %e,
                 "inbox: could not release the claim");
@@ -279,16 +328,12 @@ impl<S: Store> Inbox<Lease<S>> {
     }
 
     /// Failed attempts recorded for `key`: the first `k` whose record is absent, minus one.
-    async fn count_failures(&self, key: &str) -> Result<u32, idempotency_core::StoreError> {
-        let store = &self.backend.store;
+    async fn count_failures(&self, key: &str) -> Result<u32, StoreError> {
         for k in 1..=self.config().max_attempts() {
             let fid = self.failure_id(key, k);
-            match store
-                .claim(self.claim_request(&fid, LeaseToken::random()))
-                .await?
-            {
+            match self.claim(&fid).await? {
                 ClaimOutcome::Acquired(probe) => {
-                    let _ = store.release(&fid, probe).await?;
+                    let _ = self.backend.guarded.release(&fid, probe).await?;
                     return Ok(k - 1);
                 }
                 ClaimOutcome::InFlight { .. } => return Ok(k - 1),
@@ -299,21 +344,15 @@ impl<S: Store> Inbox<Lease<S>> {
     }
 
     /// Records a failure, starting at attempt `from`; returns its number.
-    async fn record_failure(
-        &self,
-        key: &str,
-        from: u32,
-    ) -> Result<u32, idempotency_core::StoreError> {
-        let store = &self.backend.store;
+    async fn record_failure(&self, key: &str, from: u32) -> Result<u32, StoreError> {
         let max = self.config().max_attempts();
         for k in from.max(1)..=max {
             let fid = self.failure_id(key, k);
-            if let ClaimOutcome::Acquired(t) = store
-                .claim(self.claim_request(&fid, LeaseToken::random()))
-                .await?
-            {
-                let _ = store
-                    .complete(&fid, t, marker(FAILURE), self.config().retention())
+            if let ClaimOutcome::Acquired(t) = self.claim(&fid).await? {
+                let _ = self
+                    .backend
+                    .guarded
+                    .complete(&fid, t, &FAILED, self.config().retention())
                     .await?;
                 return Ok(k);
             }

@@ -125,6 +125,12 @@
 //!   [`Outcome::InFlightElsewhere`] while its lease holds (extended by a
 //!   heartbeat every half lease).
 //! - Attempts and dead marks as in transactional mode.
+//! - *A store that hangs* does not hang [`Inbox::process`]: every store call
+//!   (claim, complete, release, the heartbeat's extensions) is bounded by
+//!   [`InboxConfig::store_timeout`](config::InboxConfigBuilder::store_timeout)
+//!   (default 2 s), through [`idempotency_core::Guarded`], the same guard the
+//!   HTTP middleware uses. A claim that times out gives
+//!   [`Outcome::Unavailable`] within that time.
 //!
 //! **Does not promise.**
 //! - A crash after the effect and before the mark: the claim lapses after its
@@ -137,7 +143,16 @@
 //! ## Store outages (both modes)
 //!
 //! The handler does not run; the outcome is [`Outcome::Unavailable`] and the
-//! message is requeued, not counted as an attempt.
+//! message is requeued, not counted as an attempt. In lease mode a store that
+//! does not answer at all counts as an outage once the store timeout has
+//! passed ([`StoreError::Timeout`](idempotency_core::StoreError::Timeout)):
+//! a store that hangs gives `Unavailable` within the store timeout (the
+//! first claim times out). One that stops answering midway stops `process`
+//! at the first call that times out, plus at most one more (the release of
+//! the claim it holds). If the store stops answering *after* the handler
+//! ran, the effect is kept and the message is `Processed` (the missing mark
+//! is logged; the claim lapses after the lease). In transactional mode the
+//! database pool's own timeouts bound the wait.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

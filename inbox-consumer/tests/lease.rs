@@ -8,9 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idempotency_core::store::redis::RedisStore;
-use idempotency_core::{FakeClock, MemoryStore, Store};
+use idempotency_core::store::{Claim, StoreFuture};
+use idempotency_core::{
+    ClaimOutcome, FakeClock, Fingerprint, LeaseToken, MemoryStore, RecordId, Store, StoreError,
+    StoredOutcome, StoredResponse, TokenOutcome,
+};
 use inbox_consumer::{
-    BoxFuture, DeadReason, HandlerError, Inbox, InboxConfig, InboxMessage, LeaseInbox, Outcome,
+    BoxFuture, DeadReason, HandlerError, Inbox, InboxConfig, InboxError, InboxMessage, LeaseInbox,
+    Outcome,
 };
 
 /// The effect: counts runs per test; fails while `fail` > 0.
@@ -333,4 +338,308 @@ async fn redis_crash_mid_handler_runs_again_after_the_lease() {
         tokio::time::sleep(Duration::from_millis(400)),
     )
     .await;
+}
+
+/// A store whose every call waits for ever: a network partition, a backend
+/// that accepts the connection and never answers.
+struct HangingStore;
+
+impl Store for HangingStore {
+    fn claim<'a>(
+        &'a self,
+        _: &'a RecordId,
+        _: LeaseToken,
+        _: Claim<'a>,
+    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+        StoreFuture::new(std::future::pending())
+    }
+    fn complete<'a>(
+        &'a self,
+        _: &'a RecordId,
+        _: LeaseToken,
+        _: &'a StoredOutcome,
+        _: Duration,
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        StoreFuture::new(std::future::pending())
+    }
+    fn release<'a>(
+        &'a self,
+        _: &'a RecordId,
+        _: LeaseToken,
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        StoreFuture::new(std::future::pending())
+    }
+    fn extend<'a>(
+        &'a self,
+        _: &'a RecordId,
+        _: LeaseToken,
+        _: Duration,
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        StoreFuture::new(std::future::pending())
+    }
+    fn backend(&self) -> &'static str {
+        "hanging"
+    }
+}
+
+/// A store that never answers makes `process` report `Unavailable` within
+/// the store timeout, without running the handler (it used to hang for ever).
+#[tokio::test]
+async fn a_hanging_store_is_unavailable_within_the_store_timeout() {
+    let timeout = Duration::from_millis(200);
+    let inbox = Inbox::lease(
+        HangingStore,
+        InboxConfig::builder(common::unique("c"))
+            .store_timeout(timeout)
+            .build()
+            .unwrap(),
+    );
+    let effect = Effect::default();
+    let start = std::time::Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(5),
+        inbox.process(&msg("m-hang"), effect.handler()),
+    )
+    .await
+    .expect("process hung on a store that never answers");
+    let took = start.elapsed();
+    match &outcome {
+        Outcome::Unavailable {
+            error:
+                InboxError::Store(StoreError::Timeout {
+                    backend,
+                    timeout: t,
+                }),
+            ..
+        } => assert_eq!((*backend, *t), ("hanging", timeout)),
+        other => panic!("expected Unavailable with a store timeout, got {other:?}"),
+    }
+    assert!(took >= timeout, "answered before the timeout: {took:?}");
+    assert!(
+        took < timeout * 5,
+        "took {took:?} for a {timeout:?} timeout"
+    );
+    assert_eq!(effect.runs(), 0, "the handler must not run");
+    assert_eq!(inbox.metrics().unavailable, 1);
+}
+
+/// The record of `id` for `consumer`, as the inbox addresses it.
+fn record_of(consumer: &str, id: &str) -> RecordId {
+    RecordId::from_parts(consumer.as_bytes(), id.as_bytes())
+}
+
+/// A claim such as an earlier version made: the all-zero fingerprint.
+async fn legacy_claim(store: &MemoryStore, id: &RecordId, lease: Duration) -> LeaseToken {
+    let zero = Fingerprint::from_bytes([0; 32]);
+    let claim = Claim {
+        fingerprint: &zero,
+        lease,
+        ttl: Duration::from_secs(3600),
+    };
+    match store.claim(id, LeaseToken::random(), claim).await.unwrap() {
+        ClaimOutcome::Acquired(token) => token,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// What an earlier version stored: a made-up HTTP response with that status.
+async fn legacy_mark(store: &MemoryStore, id: &RecordId, status: u16) {
+    let token = legacy_claim(store, id, Duration::from_secs(30)).await;
+    let response = StoredOutcome::response(StoredResponse {
+        status,
+        headers: Vec::new(),
+        body: bytes::Bytes::new(),
+    });
+    let done = store
+        .complete(id, token, &response, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(done, TokenOutcome::Applied);
+}
+
+/// Records written by an earlier version (HTTP responses 200 and 410 as
+/// marks) still read as done and dead.
+#[tokio::test]
+async fn marks_of_an_earlier_version_still_read_as_done_and_dead() {
+    let store = MemoryStore::new();
+    let consumer = common::unique("c");
+    legacy_mark(&store, &record_of(&consumer, "old-done"), 200).await;
+    legacy_mark(&store, &record_of(&consumer, "old-dead"), 410).await;
+    let inbox = Inbox::lease(store, config(&consumer, 5));
+    let effect = Effect::default();
+    let done = inbox
+        .process(&msg("old-done").redelivered(true), effect.handler())
+        .await;
+    assert!(matches!(done, Outcome::Duplicate), "{done:?}");
+    let dead = inbox
+        .process(&msg("old-dead").redelivered(true), effect.handler())
+        .await;
+    assert!(
+        matches!(
+            dead,
+            Outcome::Dead {
+                reason: DeadReason::AlreadyDead
+            }
+        ),
+        "{dead:?}"
+    );
+    assert_eq!(effect.runs(), 0);
+}
+
+/// A claim an earlier version left in flight is taken over once its lease
+/// has passed, like any crashed holder's.
+#[tokio::test]
+async fn a_lapsed_claim_of_an_earlier_version_is_taken_over() {
+    let clock = FakeClock::new();
+    let store = MemoryStore::with_clock(1000, clock.clone());
+    let consumer = common::unique("c");
+    let _crashed = legacy_claim(
+        &store,
+        &record_of(&consumer, "m-old"),
+        Duration::from_millis(200),
+    )
+    .await;
+    let inbox = Inbox::lease(store, config(&consumer, 5));
+    let effect = Effect::default();
+    let held = inbox
+        .process(&msg("m-old").redelivered(true), effect.handler())
+        .await;
+    assert!(
+        matches!(held, Outcome::InFlightElsewhere { .. }),
+        "{held:?}"
+    );
+    clock.advance(Duration::from_millis(201));
+    let taken = inbox
+        .process(&msg("m-old").redelivered(true), effect.handler())
+        .await;
+    assert!(
+        matches!(taken, Outcome::Processed { attempt: 1 }),
+        "{taken:?}"
+    );
+    assert_eq!(effect.runs(), 1);
+}
+
+/// The inbox stores marks, not HTTP responses, under a fingerprint that is
+/// the record id's own bytes (not all zeros).
+#[tokio::test]
+async fn done_and_dead_are_stored_as_marks_under_the_record_id() {
+    let store = Arc::new(MemoryStore::new());
+    let consumer = common::unique("c");
+    let inbox = Inbox::lease(store.clone(), config(&consumer, 1));
+    let fine = Effect::default();
+    let poison = Effect::failing(u32::MAX);
+    assert_eq!(
+        inbox.process(&msg("ok"), fine.handler()).await.name(),
+        "processed"
+    );
+    assert_eq!(
+        inbox.process(&msg("bad"), poison.handler()).await.name(),
+        "dead"
+    );
+    let mut marks = Vec::new();
+    for key in ["ok", "bad"] {
+        let id = record_of(&consumer, key);
+        let fingerprint = Fingerprint::from_bytes(*id.as_bytes());
+        let claim = Claim {
+            fingerprint: &fingerprint,
+            lease: Duration::from_secs(1),
+            ttl: Duration::from_secs(1),
+        };
+        match store.claim(&id, LeaseToken::random(), claim).await.unwrap() {
+            ClaimOutcome::Completed {
+                fingerprint: stored,
+                outcome: outcome @ StoredOutcome::Mark(_),
+            } => {
+                assert_eq!(stored, fingerprint, "{key}");
+                marks.push(outcome);
+            }
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+    assert_ne!(marks[0], marks[1], "done and dead are different marks");
+    // `store()` is the store given to `lease`.
+    assert!(Arc::ptr_eq(inbox.store(), &store));
+}
+
+/// A handler slower than its lease keeps its claim: the heartbeat extends it,
+/// so a concurrent copy is in flight elsewhere, not a takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_its_lease_keeps_its_claim() {
+    let store = MemoryStore::new();
+    let name = common::unique("c");
+    let a = Inbox::lease(store.clone(), config(&name, 5));
+    let b = Inbox::lease(store, config(&name, 5));
+    let effect = Effect::default();
+    let first = {
+        let (a, effect) = (a.clone(), effect.clone());
+        tokio::spawn(async move {
+            a.process(&msg("slow"), move |m| {
+                Box::pin(async move {
+                    // Three leases of 200 ms.
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    effect.handler()(m).await
+                })
+            })
+            .await
+        })
+    };
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let during = b
+            .process(&msg("slow").redelivered(true), effect.handler())
+            .await;
+        assert!(
+            matches!(during, Outcome::InFlightElsewhere { .. }),
+            "{during:?}"
+        );
+    }
+    let first = common::bounded("slow handler", first).await.unwrap();
+    assert!(
+        matches!(first, Outcome::Processed { attempt: 1 }),
+        "{first:?}"
+    );
+    assert_eq!(effect.runs(), 1);
+    assert_eq!(a.metrics().lease_lost, 0);
+}
+
+/// A handler whose claim is taken over while it runs (its lease passed) is
+/// counted once as a lost lease, and the new holder's mark stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_over_while_the_handler_runs_is_counted_once() {
+    let clock = FakeClock::new();
+    let store = MemoryStore::with_clock(1000, clock.clone());
+    let name = common::unique("c");
+    let a = Inbox::lease(store.clone(), config(&name, 5));
+    let b = Inbox::lease(store, config(&name, 5));
+    let effect = Effect::default();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let go = Arc::new(tokio::sync::Notify::new());
+    let first = {
+        let (a, effect, entered, go) = (a.clone(), effect.clone(), entered.clone(), go.clone());
+        tokio::spawn(async move {
+            a.process(&msg("lost"), move |m| {
+                Box::pin(async move {
+                    entered.notify_one();
+                    go.notified().await;
+                    effect.handler()(m).await
+                })
+            })
+            .await
+        })
+    };
+    common::bounded("first handler starts", entered.notified()).await;
+    // The store's time passes the lease at once; the heartbeat (every 100 ms
+    // of real time) then finds the claim taken over.
+    clock.advance(Duration::from_millis(201));
+    let taken = b
+        .process(&msg("lost").redelivered(true), effect.handler())
+        .await;
+    assert!(matches!(taken, Outcome::Processed { .. }), "{taken:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    go.notify_one();
+    let first = common::bounded("first", first).await.unwrap();
+    assert!(matches!(first, Outcome::Processed { .. }), "{first:?}");
+    assert_eq!(effect.runs(), 2, "at-least-once: both ran");
+    assert_eq!(a.metrics().lease_lost, 1);
+    assert_eq!(b.metrics().lease_lost, 0);
 }

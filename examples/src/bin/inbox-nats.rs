@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use clap::Parser;
-use examples::ledger;
+use examples::{ledger, ResultExt, StartError};
 use futures_util::StreamExt;
 use inbox_consumer::nats;
 
@@ -41,13 +41,19 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), examples::StartError> {
+async fn main() -> std::process::ExitCode {
     examples::init_tracing("info,inbox_consumer=debug");
     let args = Args::parse();
+    examples::finish(env!("CARGO_BIN_NAME"), run(args).await)
+}
 
+async fn run(args: Args) -> Result<(), StartError> {
     let inbox = ledger::open(&args.database, &args.consumer).await?;
 
-    let js = jetstream::new(async_nats::connect(&args.nats).await?);
+    let client = async_nats::connect(&args.nats)
+        .await
+        .context("could not connect to NATS (--nats)")?;
+    let js = jetstream::new(client);
     // Created when missing; an existing stream is used as it is.
     let stream = js
         .get_or_create_stream(jetstream::stream::Config {
@@ -55,7 +61,8 @@ async fn main() -> Result<(), examples::StartError> {
             subjects: vec![SUBJECTS.to_owned()],
             ..Default::default()
         })
-        .await?;
+        .await
+        .context(format!("could not open or create the stream {STREAM}"))?;
     let consumer = stream
         .get_or_create_consumer(
             &args.consumer,
@@ -64,15 +71,22 @@ async fn main() -> Result<(), examples::StartError> {
                 ..Default::default()
             },
         )
-        .await?;
-    let mut messages = consumer.messages().await?;
+        .await
+        .context(format!(
+            "could not open or create the consumer {}",
+            args.consumer
+        ))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .context("could not start pulling messages")?;
     tracing::info!(stream = STREAM, consumer = %args.consumer, "consuming");
 
     let delay = args.handler_delay;
     loop {
         let msg = tokio::select! {
             next = messages.next() => match next {
-                Some(msg) => msg?,
+                Some(msg) => msg.context("receiving a message failed")?,
                 None => break,
             },
             _ = tokio::signal::ctrl_c() => break,
@@ -80,7 +94,9 @@ async fn main() -> Result<(), examples::StartError> {
         let message = nats::message(&msg);
         let outcome = ledger::process(&inbox, &message, delay).await;
         // Ack only now, after the commit.
-        nats::settle(&msg, &outcome).await?;
+        nats::settle(&msg, &outcome)
+            .await
+            .context("could not settle a message")?;
     }
     tracing::info!(metrics = ?inbox.metrics(), "stopped");
     Ok(())

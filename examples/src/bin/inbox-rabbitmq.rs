@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use examples::ledger;
+use examples::{ledger, ResultExt, StartError};
 use futures_util::StreamExt;
 use inbox_consumer::rabbitmq;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
@@ -41,14 +41,22 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), examples::StartError> {
+async fn main() -> std::process::ExitCode {
     examples::init_tracing("info,inbox_consumer=debug");
     let args = Args::parse();
+    examples::finish(env!("CARGO_BIN_NAME"), run(args).await)
+}
 
+async fn run(args: Args) -> Result<(), StartError> {
     let inbox = ledger::open(&args.database, &args.consumer).await?;
 
-    let amqp = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
-    let channel = amqp.create_channel().await?;
+    let amqp = Connection::connect(&args.amqp, ConnectionProperties::default())
+        .await
+        .context("could not connect to RabbitMQ (--amqp)")?;
+    let channel = amqp
+        .create_channel()
+        .await
+        .context("could not open a RabbitMQ channel")?;
     channel
         .queue_declare(
             args.queue.as_str().into(),
@@ -58,8 +66,15 @@ async fn main() -> Result<(), examples::StartError> {
             },
             FieldTable::default(),
         )
-        .await?;
-    channel.basic_qos(32, BasicQosOptions::default()).await?;
+        .await
+        .context(format!(
+            "could not declare the queue {} (--queue)",
+            args.queue
+        ))?;
+    channel
+        .basic_qos(32, BasicQosOptions::default())
+        .await
+        .context("could not set the prefetch count")?;
     let mut consumer = channel
         .basic_consume(
             args.queue.as_str().into(),
@@ -67,14 +82,15 @@ async fn main() -> Result<(), examples::StartError> {
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await?;
+        .await
+        .context(format!("could not consume the queue {}", args.queue))?;
     tracing::info!(queue = %args.queue, consumer = %args.consumer, "consuming");
 
     let delay = args.handler_delay;
     loop {
         let delivery = tokio::select! {
             next = consumer.next() => match next {
-                Some(delivery) => delivery?,
+                Some(delivery) => delivery.context("receiving a delivery failed")?,
                 None => break,
             },
             _ = tokio::signal::ctrl_c() => break,
@@ -82,7 +98,9 @@ async fn main() -> Result<(), examples::StartError> {
         let message = rabbitmq::message(&delivery);
         let outcome = ledger::process(&inbox, &message, delay).await;
         // Ack only now, after the commit.
-        rabbitmq::settle(&delivery, &outcome).await?;
+        rabbitmq::settle(&delivery, &outcome)
+            .await
+            .context("could not settle a delivery")?;
     }
     tracing::info!(metrics = ?inbox.metrics(), "stopped");
     Ok(())

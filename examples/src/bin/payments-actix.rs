@@ -6,7 +6,9 @@
 use actix_web::http::header;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use clap::Parser;
-use examples::{init_tracing, shutdown_signal, Ledger, PaymentsArgs, StartError, PROBLEM_JSON};
+use examples::{
+    init_tracing, shutdown_signal, Ledger, PaymentsArgs, ResultExt, StartError, PROBLEM_JSON,
+};
 use idempotency_actix::IdempotencyMiddleware;
 use std::time::Duration;
 
@@ -40,18 +42,29 @@ async fn list_payments(ledger: web::Data<Ledger>) -> HttpResponse {
         .body(ledger.list_json())
 }
 
+// HEAD is served wherever GET is, as axum's `get` does (same status and
+// headers; actix drops the body on the wire and keeps its Content-Length).
 fn payments(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/payments")
             .route(web::get().to(list_payments))
+            .route(web::head().to(list_payments))
             .route(web::post().to(create_payment)),
     );
 }
 
+async fn healthz() -> &'static str {
+    "ok"
+}
+
 #[actix_web::main]
-async fn main() -> Result<(), StartError> {
+async fn main() -> std::process::ExitCode {
     init_tracing("info");
     let args = PaymentsArgs::parse();
+    examples::finish(env!("CARGO_BIN_NAME"), run(args).await)
+}
+
+async fn run(args: PaymentsArgs) -> Result<(), StartError> {
     let idempotency = args.engine().await?.map(IdempotencyMiddleware::new);
     let ledger = web::Data::new(Ledger::default());
     let delay = web::Data::new(HandlerDelay(args.handler_delay));
@@ -62,7 +75,11 @@ async fn main() -> Result<(), StartError> {
             .app_data(delay.clone())
             .app_data(web::PayloadConfig::new(BODY_LIMIT))
             // Outside the middleware: health checks never touch the store.
-            .route("/healthz", web::get().to(|| async { "ok" }))
+            .service(
+                web::resource("/healthz")
+                    .route(web::get().to(healthz))
+                    .route(web::head().to(healthz)),
+            )
             .configure(move |cfg| match idempotency {
                 Some(idempotency) => {
                     cfg.service(web::scope("").wrap(idempotency).configure(payments));
@@ -71,7 +88,8 @@ async fn main() -> Result<(), StartError> {
             })
     })
     .disable_signals()
-    .bind(args.listen)?;
+    .bind(args.listen)
+    .context(format!("could not listen on {} (--listen)", args.listen))?;
     let addrs = server.addrs();
     let server = server.run();
     let handle = server.handle();
@@ -85,6 +103,6 @@ async fn main() -> Result<(), StartError> {
         idempotency = !args.no_idempotency,
         "payments-actix serving"
     );
-    server.await?;
+    server.await.context("the server failed")?;
     Ok(())
 }

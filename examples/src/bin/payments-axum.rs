@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use clap::Parser;
-use examples::{init_tracing, shutdown_signal, Ledger, PaymentsArgs, StartError, PROBLEM_JSON};
+use examples::{
+    init_tracing, shutdown_signal, Ledger, PaymentsArgs, ResultExt, StartError, PROBLEM_JSON,
+};
 use idempotency_tower::IdempotencyLayer;
 
 #[derive(Clone)]
@@ -52,9 +54,13 @@ async fn list_payments(State(app): State<App>) -> Response {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), StartError> {
+async fn main() -> std::process::ExitCode {
     init_tracing("info");
     let args = PaymentsArgs::parse();
+    examples::finish(env!("CARGO_BIN_NAME"), run(args).await)
+}
+
+async fn run(args: PaymentsArgs) -> Result<(), StartError> {
     let engine = args.engine().await?;
     let app = App {
         ledger: Arc::default(),
@@ -68,7 +74,9 @@ async fn main() -> Result<(), StartError> {
     }
     // Outside the layer: health checks never touch the store.
     let router = router.route("/healthz", get(|| async { "ok" }));
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .context(format!("could not listen on {} (--listen)", args.listen))?;
     tracing::info!(
         listen = %listener.local_addr()?,
         store = %args.store,
@@ -77,6 +85,7 @@ async fn main() -> Result<(), StartError> {
     );
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
-        .await?;
+        .await
+        .context("the server failed")?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{BoxFuture, ClaimRequest, Store, StoreError};
+use super::{Claim, Store, StoreError, StoreFuture};
 use crate::clock::{Clock, SystemClock};
 use crate::fingerprint::{Fingerprint, RecordId};
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
@@ -165,7 +165,7 @@ enum State {
         expires_at: u64,
     },
     Completed {
-        outcome: Arc<StoredOutcome>,
+        outcome: StoredOutcome,
         expires_at: u64,
     },
 }
@@ -259,7 +259,7 @@ impl MemoryStore {
         &self,
         id: &RecordId,
         token: LeaseToken,
-        outcome: Arc<StoredOutcome>,
+        outcome: StoredOutcome,
         ttl: Duration,
     ) -> TokenOutcome {
         self.with_token(id, token, |inner, i, now| {
@@ -275,18 +275,23 @@ impl MemoryStore {
         })
     }
 
-    fn claim_now(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+    fn claim_now(
+        &self,
+        id: &RecordId,
+        token: LeaseToken,
+        req: Claim<'_>,
+    ) -> Result<ClaimOutcome, StoreError> {
         let now = self.shared.clock.now_millis();
         let lease_until = now.saturating_add(millis(req.lease));
         let fresh = || State::InFlight {
-            token: req.token,
+            token,
             lease_until,
             expires_at: lease_until.saturating_add(millis(req.ttl)),
         };
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.sweep_front(now);
-        let found = inner.records.find(req.id);
+        let found = inner.records.find(id);
         if found.is_none() && inner.records.len() >= self.shared.capacity {
             self.make_room(inner, now)?;
         }
@@ -294,12 +299,12 @@ impl MemoryStore {
         let Some(i) = found else {
             *seq += 1;
             records.insert(Slot {
-                id: *req.id,
+                id: *id,
                 fingerprint: *req.fingerprint,
                 state: fresh(),
                 seq: *seq,
             });
-            return Ok(ClaimOutcome::Acquired(req.token));
+            return Ok(ClaimOutcome::Acquired(token));
         };
         let slot = records.slot_mut(i);
         let expired = slot.state.expires_at() <= now;
@@ -319,7 +324,7 @@ impl MemoryStore {
             State::Completed { outcome, .. } => {
                 return Ok(ClaimOutcome::Completed {
                     fingerprint: slot.fingerprint,
-                    outcome: Arc::clone(outcome),
+                    outcome: outcome.clone(),
                 });
             }
             // `find` never returns a vacant slot.
@@ -330,7 +335,7 @@ impl MemoryStore {
         slot.seq = *seq;
         slot.fingerprint = *req.fingerprint;
         slot.state = fresh();
-        Ok(ClaimOutcome::Acquired(req.token))
+        Ok(ClaimOutcome::Acquired(token))
     }
 
     fn make_room(&self, inner: &mut Inner, now: u64) -> Result<(), StoreError> {
@@ -431,47 +436,32 @@ impl Inner {
 impl Store for MemoryStore {
     fn claim<'a>(
         &'a self,
-        req: ClaimRequest<'a>,
-    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
-        let result = self.claim_now(&req);
-        Box::pin(std::future::ready(result))
-    }
-
-    fn claim_ready(&self, req: ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
-        Some(self.claim_now(&req))
-    }
-
-    fn complete_ready(
-        &self,
-        id: &RecordId,
+        id: &'a RecordId,
         token: LeaseToken,
-        outcome: &Arc<StoredOutcome>,
-        ttl: Duration,
-    ) -> Option<Result<TokenOutcome, StoreError>> {
-        Some(Ok(self.complete_now(id, token, Arc::clone(outcome), ttl)))
+        claim: Claim<'a>,
+    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+        StoreFuture::ready(self.claim_now(id, token, claim))
     }
 
     fn complete<'a>(
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-        outcome: Arc<StoredOutcome>,
+        outcome: &'a StoredOutcome,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(std::future::ready(Ok(
-            self.complete_now(id, token, outcome, ttl)
-        )))
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        StoreFuture::ready(Ok(self.complete_now(id, token, outcome.clone(), ttl)))
     }
 
     fn release<'a>(
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
         let result = self.with_token(id, token, |inner, i, _| {
             inner.records.remove(i);
         });
-        Box::pin(std::future::ready(Ok(result)))
+        StoreFuture::ready(Ok(result))
     }
 
     fn extend<'a>(
@@ -479,7 +469,7 @@ impl Store for MemoryStore {
         id: &'a RecordId,
         token: LeaseToken,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
         let result = self.with_token(id, token, |inner, i, now| {
             if let State::InFlight {
                 lease_until,
@@ -492,7 +482,7 @@ impl Store for MemoryStore {
                 *expires_at = lease_until.saturating_add(ttl_after_lease);
             }
         });
-        Box::pin(std::future::ready(Ok(result)))
+        StoreFuture::ready(Ok(result))
     }
 
     fn backend(&self) -> &'static str {
@@ -514,22 +504,21 @@ mod tests {
     const FP: Fingerprint = Fingerprint::from_bytes([7; 32]);
     const HOUR: Duration = Duration::from_secs(3600);
 
-    fn outcome() -> Arc<StoredOutcome> {
-        Arc::new(StoredOutcome::Response(StoredResponse {
+    fn outcome() -> StoredOutcome {
+        StoredOutcome::response(StoredResponse {
             status: 201,
             headers: vec![],
             body: Bytes::from_static(b"ok"),
-        }))
+        })
     }
 
     fn claim(store: &MemoryStore, n: u8) -> Result<ClaimOutcome, StoreError> {
-        store.claim_now(&ClaimRequest {
-            id: &id(n),
+        let claim = Claim {
             fingerprint: &FP,
-            token: LeaseToken::random(),
             lease: Duration::from_secs(30),
             ttl: HOUR,
-        })
+        };
+        store.claim_now(&id(n), LeaseToken::random(), claim)
     }
 
     async fn claim_and_complete(store: &MemoryStore, n: u8) {
@@ -542,7 +531,7 @@ mod tests {
             panic!("claim {n} not acquired")
         };
         let done = store
-            .complete(&id(n), token, outcome(), ttl)
+            .complete(&id(n), token, &outcome(), ttl)
             .await
             .expect("complete");
         assert_eq!(done, TokenOutcome::Applied);

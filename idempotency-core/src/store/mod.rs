@@ -30,34 +30,130 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::fingerprint::{Fingerprint, RecordId};
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
 
+mod guarded;
 pub mod memory;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod sql;
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+pub mod transaction;
 
-/// A boxed `Send` future, so that [`Store`] is object-safe (`Arc<dyn Store>`).
+pub use guarded::{Bounded, Guarded, Held, Hold};
+
+/// A boxed `Send` future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The arguments of [`Store::claim`].
+/// The future a [`Store`] method returns: either an answer the store already
+/// has (an in-process store answers at once, with no allocation), or a boxed
+/// future.
+///
+/// ```
+/// # use idempotency_core::store::StoreFuture;
+/// let ready: StoreFuture<'_, u8> = StoreFuture::ready(1);
+/// let later: StoreFuture<'_, u8> = StoreFuture::new(async { 1 });
+/// # let _ = (ready, later);
+/// ```
+#[must_use = "futures do nothing unless polled"]
+pub struct StoreFuture<'a, T>(Kind<'a, T>);
+
+enum Kind<'a, T> {
+    Ready(Option<T>),
+    Boxed {
+        future: BoxFuture<'a, T>,
+        bound: Option<Duration>,
+    },
+}
+
+impl<'a, T> StoreFuture<'a, T> {
+    /// An answer the store already has.
+    pub fn ready(value: T) -> Self {
+        Self(Kind::Ready(Some(value)))
+    }
+
+    /// The store's work, boxed.
+    pub fn new(future: impl Future<Output = T> + Send + 'a) -> Self {
+        Self(Kind::Boxed {
+            future: Box::pin(future),
+            bound: None,
+        })
+    }
+
+    /// The store's work, which fails by itself with [`StoreError::Timeout`]
+    /// once `bound` has passed (the Redis store bounds every command). When
+    /// `bound` is within the caller's store timeout, [`Guarded`] arms no timer
+    /// of its own. A store that does not bound its calls uses [`new`](Self::new).
+    pub fn bounded(future: impl Future<Output = T> + Send + 'a, bound: Duration) -> Self {
+        Self(Kind::Boxed {
+            future: Box::pin(future),
+            bound: Some(bound),
+        })
+    }
+
+    /// The answer, if the store already had it.
+    pub(crate) fn into_ready(self) -> Result<T, Self> {
+        match self.0 {
+            Kind::Ready(Some(value)) => Ok(value),
+            kind => Err(Self(kind)),
+        }
+    }
+
+    /// How long the store lets this call run before failing it itself.
+    pub(crate) fn bound(&self) -> Option<Duration> {
+        match &self.0 {
+            Kind::Ready(_) => Some(Duration::ZERO),
+            Kind::Boxed { bound, .. } => *bound,
+        }
+    }
+}
+
+// The value is never pinned: it is moved out when ready.
+impl<T> Unpin for StoreFuture<'_, T> {}
+
+impl<T> Future for StoreFuture<'_, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match &mut self.get_mut().0 {
+            Kind::Ready(value) => match value.take() {
+                Some(value) => Poll::Ready(value),
+                None => panic!("StoreFuture polled after completion"),
+            },
+            Kind::Boxed { future, .. } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for StoreFuture<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.0 {
+            Kind::Ready(_) => "ready",
+            Kind::Boxed { .. } => "boxed",
+        };
+        f.debug_tuple("StoreFuture").field(&kind).finish()
+    }
+}
+
+/// What a [`Store::claim`] asks for besides the record and the token.
 #[derive(Debug, Clone, Copy)]
-pub struct ClaimRequest<'a> {
-    /// The record.
-    pub id: &'a RecordId,
-    /// The fingerprint of the request that claims it.
+pub struct Claim<'a> {
+    /// The fingerprint of the request that claims the record.
     pub fingerprint: &'a Fingerprint,
-    /// The token the claim will carry if it is acquired.
-    pub token: LeaseToken,
-    /// How long the claim holds without `extend`.
+    /// How long the claim holds without [`Store::extend`].
     pub lease: Duration,
     /// How long after its lease an abandoned in-flight record is kept (so a
     /// crashed request still answers 409/422 for a while and is then forgotten).
@@ -67,29 +163,114 @@ pub struct ClaimRequest<'a> {
 /// Where idempotency records live. One implementation serves both the tower
 /// and the actix adapter, and the inbox's lease mode.
 ///
-/// Implementations must make `claim` a single atomic step (never
-/// read-then-write), take the time from one clock of their own (so instances
-/// with skewed clocks agree), and keep the errors of their backend as the
-/// `source()` of [`StoreError`].
+/// Every method takes the record and the token first. Implementations must
+/// make each method a single atomic step (never read-then-write), take the
+/// time from one clock of their own (so instances with skewed clocks agree),
+/// and keep the errors of their backend as the `source()` of [`StoreError`].
+/// Callers bound every call by a timeout and keep claims alive with
+/// [`Guarded`]; a store needs neither.
+///
+/// A whole store, run through the conformance suite (feature `test-util`):
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use std::time::{Duration, Instant};
+/// use idempotency_core::store::{Claim, Store, StoreError, StoreFuture};
+/// use idempotency_core::{ClaimOutcome, LeaseToken, RecordId, StoredOutcome, TokenOutcome};
+///
+/// enum State { InFlight(LeaseToken, Instant), Completed(StoredOutcome) }
+/// struct Entry { fingerprint: idempotency_core::Fingerprint, state: State, expires: Instant }
+///
+/// /// One mutex over a map: every method is one locked step.
+/// #[derive(Default)]
+/// struct MapStore(Mutex<HashMap<RecordId, Entry>>);
+///
+/// impl MapStore {
+///     fn fenced(&self, id: &RecordId, token: LeaseToken, change: impl FnOnce(&mut HashMap<RecordId, Entry>, Instant)) -> TokenOutcome {
+///         let mut map = self.0.lock().unwrap();
+///         let now = Instant::now();
+///         match map.get(id) {
+///             Some(Entry { state: State::InFlight(held, lease_until), .. }) if *held == token && *lease_until > now => {
+///                 change(&mut map, now);
+///                 TokenOutcome::Applied
+///             }
+///             _ => TokenOutcome::Fenced,
+///         }
+///     }
+/// }
+///
+/// impl Store for MapStore {
+///     fn claim<'a>(&'a self, id: &'a RecordId, token: LeaseToken, claim: Claim<'a>) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+///         let mut map = self.0.lock().unwrap();
+///         let now = Instant::now();
+///         let outcome = match map.get(id) {
+///             Some(e) if e.expires > now => match &e.state {
+///                 State::Completed(outcome) => ClaimOutcome::Completed { fingerprint: e.fingerprint, outcome: outcome.clone() },
+///                 State::InFlight(_, lease_until) if *lease_until > now || e.fingerprint != *claim.fingerprint => {
+///                     ClaimOutcome::InFlight { fingerprint: e.fingerprint, lease_remaining: lease_until.saturating_duration_since(now) }
+///                 }
+///                 State::InFlight(..) => ClaimOutcome::Acquired(token), // a takeover
+///             },
+///             _ => ClaimOutcome::Acquired(token),
+///         };
+///         if let ClaimOutcome::Acquired(_) = outcome {
+///             let lease_until = now + claim.lease;
+///             map.insert(*id, Entry { fingerprint: *claim.fingerprint, state: State::InFlight(token, lease_until), expires: lease_until + claim.ttl });
+///         }
+///         StoreFuture::ready(Ok(outcome))
+///     }
+///
+///     fn complete<'a>(&'a self, id: &'a RecordId, token: LeaseToken, outcome: &'a StoredOutcome, ttl: Duration) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+///         StoreFuture::ready(Ok(self.fenced(id, token, |map, now| {
+///             let e = map.get_mut(id).unwrap();
+///             (e.state, e.expires) = (State::Completed(outcome.clone()), now + ttl);
+///         })))
+///     }
+///
+///     fn release<'a>(&'a self, id: &'a RecordId, token: LeaseToken) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+///         StoreFuture::ready(Ok(self.fenced(id, token, |map, _| { map.remove(id); })))
+///     }
+///
+///     fn extend<'a>(&'a self, id: &'a RecordId, token: LeaseToken, lease: Duration) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+///         StoreFuture::ready(Ok(self.fenced(id, token, |map, now| {
+///             let e = map.get_mut(id).unwrap();
+///             let ttl = e.expires.saturating_duration_since(match e.state { State::InFlight(_, l) => l, _ => now });
+///             e.state = State::InFlight(token, now + lease);
+///             e.expires = now + lease + ttl;
+///         })))
+///     }
+///
+///     fn backend(&self) -> &'static str { "map" }
+/// }
+///
+/// # #[cfg(feature = "test-util")]
+/// # #[tokio::main(flavor = "multi_thread")] async fn main() {
+/// idempotency_core::conformance::Conformance::new(MapStore::default()).run_all().await;
+/// # }
+/// # #[cfg(not(feature = "test-util"))] fn main() {}
+/// ```
 pub trait Store: Send + Sync + 'static {
-    /// Claims the record, atomically:
-    /// - absent, or past its ttl: stores it in flight with `token`, returns `Acquired`;
-    /// - in flight, lease passed, same fingerprint: takes it over with `token`, `Acquired`;
+    /// Claims the record for `token`, atomically:
+    /// - absent, or past its ttl: stores it in flight, returns `Acquired`;
+    /// - in flight, lease passed, same fingerprint: takes it over, `Acquired`;
     /// - in flight otherwise: `InFlight`;
     /// - completed: `Completed`.
     fn claim<'a>(
         &'a self,
-        req: ClaimRequest<'a>,
-    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>>;
+        id: &'a RecordId,
+        token: LeaseToken,
+        claim: Claim<'a>,
+    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>>;
 
     /// Stores the outcome and keeps it for `ttl`, if `token` still holds the claim.
     fn complete<'a>(
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-        outcome: Arc<StoredOutcome>,
+        outcome: &'a StoredOutcome,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>>;
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>>;
 
     /// Deletes the in-flight record, if `token` still holds the claim, so a
     /// retry runs the handler again.
@@ -97,7 +278,7 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>>;
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>>;
 
     /// Pushes the lease to `lease` from now, if `token` still holds the claim.
     fn extend<'a>(
@@ -105,64 +286,35 @@ pub trait Store: Send + Sync + 'static {
         id: &'a RecordId,
         token: LeaseToken,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>>;
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>>;
 
     /// A short name for logs (`"memory"`, `"redis"`, …).
     fn backend(&self) -> &'static str;
-
-    /// How long this store lets any one call run before it fails it with
-    /// [`StoreError::Timeout`] by itself, if it bounds its calls. When this
-    /// is at most the engine's `store_timeout`, the engine arms no timer of
-    /// its own around the call (a second timer per call costs a wake-up of
-    /// the runtime's timer on a busy path). Default: `None` (the engine
-    /// bounds every call).
-    fn call_timeout(&self) -> Option<Duration> {
-        None
-    }
-
-    /// Claims at once, without a future, if this store answers without
-    /// waiting (the in-process store does); `None` means: call
-    /// [`claim`](Self::claim). The engine tries it first, which spares a
-    /// boxed future per call. Default: `None`.
-    fn claim_ready(&self, req: ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
-        let _ = req;
-        None
-    }
-
-    /// As [`claim_ready`](Self::claim_ready), for [`complete`](Self::complete).
-    fn complete_ready(
-        &self,
-        id: &RecordId,
-        token: LeaseToken,
-        outcome: &Arc<StoredOutcome>,
-        ttl: Duration,
-    ) -> Option<Result<TokenOutcome, StoreError>> {
-        let _ = (id, token, outcome, ttl);
-        None
-    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
     fn claim<'a>(
         &'a self,
-        req: ClaimRequest<'a>,
-    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
-        (**self).claim(req)
+        id: &'a RecordId,
+        token: LeaseToken,
+        claim: Claim<'a>,
+    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+        (**self).claim(id, token, claim)
     }
     fn complete<'a>(
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-        outcome: Arc<StoredOutcome>,
+        outcome: &'a StoredOutcome,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
         (**self).complete(id, token, outcome, ttl)
     }
     fn release<'a>(
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
         (**self).release(id, token)
     }
     fn extend<'a>(
@@ -170,28 +322,16 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         id: &'a RecordId,
         token: LeaseToken,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
         (**self).extend(id, token, lease)
     }
     fn backend(&self) -> &'static str {
         (**self).backend()
     }
-    fn call_timeout(&self) -> Option<Duration> {
-        (**self).call_timeout()
-    }
-    fn claim_ready(&self, req: ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
-        (**self).claim_ready(req)
-    }
-    fn complete_ready(
-        &self,
-        id: &RecordId,
-        token: LeaseToken,
-        outcome: &Arc<StoredOutcome>,
-        ttl: Duration,
-    ) -> Option<Result<TokenOutcome, StoreError>> {
-        (**self).complete_ready(id, token, outcome, ttl)
-    }
 }
+
+/// A boxed error with its own `source()` chain.
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why a store operation failed. The backend's own error is kept as `source()`.
 #[derive(Debug, thiserror::Error)]
@@ -204,9 +344,9 @@ pub enum StoreError {
         backend: &'static str,
         /// The backend's error.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+        source: Cause,
     },
-    /// The call took longer than the configured store timeout.
+    /// The call took longer than the store timeout.
     #[error("the {backend} store did not answer within {timeout:?}")]
     Timeout {
         /// Which backend.
@@ -221,17 +361,46 @@ pub enum StoreError {
         capacity: usize,
     },
     /// A stored record could not be decoded. It is left untouched.
-    #[error("a stored record is corrupt: {0}")]
-    Corrupt(String),
+    #[error("a record in the {backend} store is corrupt")]
+    Corrupt {
+        /// Which backend.
+        backend: &'static str,
+        /// What is wrong with it (often a [`CorruptRecord`](crate::record::CorruptRecord)).
+        #[source]
+        source: Cause,
+    },
+    /// The store is set up wrongly: a schema it cannot use, a name it
+    /// refuses. Retrying does not help; fix the configuration.
+    #[error("the {backend} store is misconfigured")]
+    Config {
+        /// Which backend.
+        backend: &'static str,
+        /// What is wrong.
+        #[source]
+        source: Cause,
+    },
 }
 
 impl StoreError {
     /// Wraps a backend error.
-    pub fn backend(
-        backend: &'static str,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
-    ) -> Self {
+    pub fn backend(backend: &'static str, source: impl Into<Cause>) -> Self {
         Self::Backend {
+            backend,
+            source: source.into(),
+        }
+    }
+
+    /// A record of `backend` that cannot be decoded, and why.
+    pub fn corrupt(backend: &'static str, source: impl Into<Cause>) -> Self {
+        Self::Corrupt {
+            backend,
+            source: source.into(),
+        }
+    }
+
+    /// A configuration of `backend` that cannot work, and why.
+    pub fn config(backend: &'static str, source: impl Into<Cause>) -> Self {
+        Self::Config {
             backend,
             source: source.into(),
         }
@@ -243,8 +412,25 @@ impl StoreError {
 #[non_exhaustive]
 pub enum ConnectError {
     /// The URL names no store this crate knows.
-    #[error("unknown store URL {url:?}: expected `memory`, `sqlite://PATH`, `redis://...` or `postgres://...`")]
+    #[error("unknown store URL `{url}`: use `memory`, `sqlite://PATH`, `redis://HOST:PORT` or `postgres://USER@HOST/DB`")]
     UnknownScheme {
+        /// The URL, with any password removed.
+        url: String,
+    },
+    /// A `sqlite:` URL without a file (`sqlite://`, `sqlite:`). SQLite would
+    /// open a new, empty, private in-memory database for each pooled
+    /// connection, so the store would start and then fail every request.
+    #[error("the store URL `{url}` names no SQLite file: write `sqlite://PATH` with a relative path (e.g. `sqlite://payments.sqlite`) or `sqlite:///PATH` with an absolute one")]
+    MissingPath {
+        /// The URL, with any password removed.
+        url: String,
+    },
+    /// A `sqlite:` URL of an in-memory database (`sqlite::memory:`,
+    /// `sqlite://:memory:`, `mode=memory`): it lives only as long as the
+    /// pool keeps a connection open (a private-cache one per connection),
+    /// so records would vanish, or never be shared, while the store serves.
+    #[error("the store URL `{url}` names an in-memory SQLite database, which lasts only while the pool holds its connections: use `memory` for records in this process, or a file such as `sqlite://payments.sqlite`")]
+    InMemory {
         /// The URL, with any password removed.
         url: String,
     },
@@ -279,15 +465,24 @@ pub enum ConnectError {
 ///   [`PostgresStore`](postgres::PostgresStore) (feature `postgres`), schema
 ///   `idempotency`, migrated.
 ///
+/// A `sqlite:` URL must name a file: `sqlite://`, `sqlite:` and in-memory
+/// databases (`sqlite::memory:`, `mode=memory`) are refused, since each would
+/// start a store that loses its records (or never shares them) while it
+/// serves; use `memory` for an in-process store.
+///
 /// # Errors
-/// [`ConnectError::UnknownScheme`], [`ConnectError::FeatureDisabled`] when the
-/// scheme's feature is off, and [`ConnectError::Store`] when the store cannot
-/// connect.
+/// [`ConnectError::UnknownScheme`], [`ConnectError::MissingPath`] and
+/// [`ConnectError::InMemory`] for a `sqlite:` URL without a file,
+/// [`ConnectError::FeatureDisabled`] when the scheme's feature is off, and
+/// [`ConnectError::Store`] when the store cannot connect.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, ConnectError> {
     let url = url.trim();
     let scheme = match url.split_once(':') {
         _ if url == "memory" || url == "memory://" => "memory",
-        Some(("sqlite", _)) => "sqlite",
+        Some(("sqlite", rest)) => {
+            sqlite_file(url, rest)?;
+            "sqlite"
+        }
         Some(("redis" | "rediss", _)) => "redis",
         Some(("postgres" | "postgresql", _)) => "postgres",
         _ => return Err(ConnectError::UnknownScheme { url: redact(url) }),
@@ -324,6 +519,25 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, ConnectError> {
             }
         };
     Ok(store)
+}
+
+/// Refuses a `sqlite:` URL (`rest` is what follows `sqlite:`) that names no
+/// file, or an in-memory database.
+fn sqlite_file(url: &str, rest: &str) -> Result<(), ConnectError> {
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory = database == ":memory:"
+        || database.starts_with("file::memory:")
+        || params
+            .split('&')
+            .any(|pair| pair.trim().eq_ignore_ascii_case("mode=memory"));
+    if in_memory {
+        return Err(ConnectError::InMemory { url: redact(url) });
+    }
+    if database.trim().is_empty() || database == "/" {
+        return Err(ConnectError::MissingPath { url: redact(url) });
+    }
+    Ok(())
 }
 
 /// The URL without the password between `:` and `@`, for error messages.
@@ -408,6 +622,55 @@ mod tests {
         }
         let memory = connect("memory").await.expect("memory");
         assert_eq!(memory.backend(), "memory");
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn a_sqlite_url_without_a_file_is_refused() {
+        for url in [
+            "sqlite://",
+            "sqlite:",
+            " sqlite:// ",
+            "sqlite:///",
+            "sqlite://?mode=rwc",
+        ] {
+            let err = connect(url).await.err().expect(url);
+            assert!(
+                matches!(err, ConnectError::MissingPath { .. }),
+                "{url}: {err}"
+            );
+            assert!(
+                err.to_string().contains("sqlite://payments.sqlite"),
+                "{err}"
+            );
+        }
+        for url in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://?mode=memory",
+            "sqlite://a.db?mode=memory&cache=shared",
+            "sqlite://file::memory:?cache=shared",
+        ] {
+            let err = connect(url).await.err().expect(url);
+            assert!(matches!(err, ConnectError::InMemory { .. }), "{url}: {err}");
+            assert!(err.to_string().contains("use `memory`"), "{err}");
+        }
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn a_sqlite_url_with_a_file_connects() {
+        let dir = std::env::temp_dir().join(format!(
+            "idempotency-connect-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("sqlite://{}", dir.join("records.sqlite").display());
+        let store = connect(&url).await.expect(&url);
+        assert_eq!(store.backend(), "sqlite");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[cfg(not(feature = "redis"))]

@@ -57,14 +57,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use super::sql::millis;
-use super::{ClaimRequest, StoreError};
-use crate::fingerprint::Fingerprint;
-use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
+use super::{Claim, StoreError};
+use crate::fingerprint::RecordId;
+use crate::record::{ClaimOutcome, LeaseToken, TokenOutcome};
 
 const BACKEND: &str = "postgres";
 
@@ -73,8 +72,8 @@ pub const DEFAULT_SCHEMA: &str = "idempotency";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
-    StoreError::backend(BACKEND, e)
+fn backend(e: sqlx::Error) -> StoreError {
+    super::sql::error(BACKEND, e)
 }
 
 /// A schema name that is not a plain SQL identifier.
@@ -151,6 +150,7 @@ impl PostgresOptions {
 }
 
 struct Queries {
+    snapshot: String,
     claim: String,
     complete: String,
     release: String,
@@ -200,6 +200,15 @@ impl Queries {
         );
         let held = "id = $1 AND token = $2 AND outcome IS NULL AND expires_at > now()";
         Self {
+            snapshot: format!(
+                "SELECT fingerprint, outcome, {remaining} AS remaining,
+                    (expires_at <= now() OR (outcome IS NULL AND lease_until <= now() AND fingerprint = $2)) AS takeable
+                 FROM {t} WHERE id = $1",
+                remaining = remaining("lease_until"),
+            )
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
             // sqlx finds its prepared statement by hashing the SQL text on
             // every call: keep the text short.
             claim: claim.split_whitespace().collect::<Vec<_>>().join(" "),
@@ -278,10 +287,13 @@ impl PostgresStore {
     /// yet: call [`migrate`](Self::migrate) unless the table exists.
     ///
     /// # Errors
-    /// [`InvalidSchema`] (as the source of [`StoreError::Backend`]).
+    /// [`StoreError::Config`] with [`InvalidSchema`] as its source.
     pub fn from_pool(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
         if !valid_identifier(schema) {
-            return Err(backend(InvalidSchema(schema.to_owned())));
+            return Err(StoreError::config(
+                BACKEND,
+                InvalidSchema(schema.to_owned()),
+            ));
         }
         Ok(Self {
             pool,
@@ -361,18 +373,25 @@ impl PostgresStore {
         })
     }
 
-    async fn claim_now(&self, req: ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+    async fn claim_now(
+        &self,
+        id: &RecordId,
+        token: LeaseToken,
+        claim: Claim<'_>,
+    ) -> Result<ClaimOutcome, StoreError> {
         let row = sqlx::query(&self.queries.claim)
-            .bind(req.id.as_bytes().as_slice())
-            .bind(req.fingerprint.as_bytes().as_slice())
-            .bind(req.token.to_bytes().to_vec())
-            .bind(millis(req.lease))
-            .bind(millis(req.ttl))
-            .fetch_optional(&self.pool)
+            .bind(id.as_bytes().as_slice())
+            .bind(claim.fingerprint.as_bytes().as_slice())
+            .bind(token.to_bytes().to_vec())
+            .bind(millis(claim.lease))
+            .bind(millis(claim.ttl))
+            .fetch_one(&self.pool)
             .await
-            .map_err(backend)?
-            .ok_or_else(|| StoreError::Corrupt("postgres claim returned no row".into()))?;
-        parse_claim(&row, req.token).map_err(backend)
+            .map_err(backend)?;
+        if row.try_get::<bool, _>("acquired").map_err(backend)? {
+            return Ok(ClaimOutcome::Acquired(token));
+        }
+        super::sql::existing(BACKEND, &row)
     }
 
     async fn fenced(
@@ -388,33 +407,79 @@ impl PostgresStore {
     }
 }
 
-fn parse_claim(row: &PgRow, token: LeaseToken) -> Result<ClaimOutcome, sqlx::Error> {
-    if row.try_get::<bool, _>("acquired")? {
-        return Ok(ClaimOutcome::Acquired(token));
+super::sql::sql_store!(PostgresStore);
+super::sql::sql_open!(PgOpen, sqlx::Postgres, Postgres);
+
+/// The record's transaction-scoped advisory lock, on 64 bits of its id
+/// (another record that shares them only ever gets a false 409).
+const LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
+
+impl super::transaction::TransactionalStore for PostgresStore {
+    fn snapshot<'a>(
+        &'a self,
+        id: &'a RecordId,
+        fingerprint: &'a crate::Fingerprint,
+    ) -> super::BoxFuture<'a, Result<Option<ClaimOutcome>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(&self.queries.snapshot)
+                .bind(id.as_bytes().as_slice())
+                .bind(fingerprint.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+            match row {
+                Some(row) if !row.try_get::<bool, _>("takeable").map_err(backend)? => {
+                    super::sql::existing(BACKEND, &row).map(Some)
+                }
+                _ => Ok(None),
+            }
+        })
     }
-    let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
-    let fingerprint = <[u8; 32]>::try_from(fingerprint)
-        .map(Fingerprint::from_bytes)
-        .map_err(|_| sqlx::Error::Decode("stored fingerprint is not 32 bytes".into()))?;
-    match row.try_get::<Option<Vec<u8>>, _>("outcome")? {
-        Some(bytes) => Ok(ClaimOutcome::Completed {
-            fingerprint,
-            outcome: Arc::new(
-                StoredOutcome::decode(Bytes::from(bytes))
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-            ),
-        }),
-        None => {
-            let remaining: i64 = row.try_get("remaining")?;
-            Ok(ClaimOutcome::InFlight {
-                fingerprint,
-                lease_remaining: Duration::from_millis(u64::try_from(remaining).unwrap_or(0)),
-            })
-        }
+
+    fn begin<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        claim: Claim<'a>,
+    ) -> super::BoxFuture<'a, Result<super::transaction::Begun, StoreError>> {
+        use super::transaction::Begun;
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(backend)?;
+            let key = i64::from_be_bytes(id.as_bytes()[..8].try_into().unwrap_or_default());
+            let locked: bool = sqlx::query_scalar(LOCK)
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if !locked {
+                return Ok(Begun::Locked);
+            }
+            let row = sqlx::query(&self.queries.claim)
+                .bind(id.as_bytes().as_slice())
+                .bind(claim.fingerprint.as_bytes().as_slice())
+                .bind(token.to_bytes().to_vec())
+                .bind(millis(claim.lease))
+                .bind(millis(claim.ttl))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if !row.try_get::<bool, _>("acquired").map_err(backend)? {
+                return super::sql::existing(BACKEND, &row).map(Begun::Existing);
+            }
+            Ok(Begun::Acquired(Box::new(PgOpen {
+                slot: super::transaction::TxSlot::new(tx),
+                id: *id,
+                token,
+                queries: Arc::clone(&self.queries),
+                _lock: None,
+            })))
+        })
+    }
+
+    fn backend(&self) -> &'static str {
+        BACKEND
     }
 }
-
-super::sql::sql_store!(PostgresStore);
 
 #[cfg(test)]
 mod tests {

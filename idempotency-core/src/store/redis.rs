@@ -50,7 +50,9 @@
 //! - **Timeouts.** [`RedisStore::connect`] bounds each command's answer by
 //!   [`DEFAULT_RESPONSE_TIMEOUT`] (the middleware's default
 //!   `store_timeout`); one that takes longer fails with
-//!   [`StoreError::Timeout`]. The middleware then arms no timer of its own.
+//!   [`StoreError::Timeout`]. Its futures say so
+//!   ([`StoreFuture::bounded`](super::StoreFuture::bounded)), and the
+//!   middleware then arms no timer of its own.
 //! - **Outages.** A call to an unreachable Redis fails with
 //!   [`StoreError::Backend`] (the `redis` error as its source), and the
 //!   middleware answers 503 (fail-closed) or runs unguarded (fail-open). The
@@ -64,9 +66,9 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use super::{BoxFuture, ClaimRequest, Store, StoreError};
+use super::{Claim, Store, StoreError, StoreFuture};
 use crate::fingerprint::{Fingerprint, RecordId};
-use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
+use crate::record::{ClaimOutcome, CorruptRecord, LeaseToken, StoredOutcome, TokenOutcome};
 
 const BACKEND: &str = "redis";
 
@@ -367,15 +369,15 @@ impl RedisStore {
         }
     }
 
-    async fn claim_now(&self, req: ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let script = &self.scripts.claim;
-        let mut cmd = self.call(script, req.id, 96);
-        cmd.arg(req.fingerprint.as_bytes().as_slice())
-            .arg(req.token.to_bytes().as_slice())
-            .arg(millis(req.lease))
-            .arg(millis(req.ttl));
-        let reply: Value = self.invoke(script, &cmd).await?;
-        parse_claim(reply, req.token)
+    /// `call` as a store future, bounded when this store bounds its commands.
+    fn future<'a, T>(
+        &self,
+        call: impl std::future::Future<Output = T> + Send + 'a,
+    ) -> StoreFuture<'a, T> {
+        match self.response_timeout {
+            Some(bound) => StoreFuture::bounded(call, bound),
+            None => StoreFuture::new(call),
+        }
     }
 
     async fn fenced(&self, script: &Script, cmd: redis::Cmd) -> Result<TokenOutcome, StoreError> {
@@ -388,8 +390,8 @@ impl RedisStore {
     }
 }
 
-fn corrupt(what: &str) -> StoreError {
-    StoreError::Corrupt(format!("redis claim reply: {what}"))
+fn corrupt(what: &'static str) -> StoreError {
+    StoreError::corrupt(BACKEND, CorruptRecord::new(what))
 }
 
 fn fingerprint(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
@@ -415,7 +417,8 @@ fn parse_claim(reply: Value, token: LeaseToken) -> Result<ClaimOutcome, StoreErr
                 let outcome = Bytes::from(record).slice(33..);
                 Ok(ClaimOutcome::Completed {
                     fingerprint,
-                    outcome: Arc::new(StoredOutcome::decode(outcome)?),
+                    outcome: StoredOutcome::decode(outcome)
+                        .map_err(|e| StoreError::corrupt(BACKEND, e))?,
                 })
             }
             _ => Err(corrupt("the key holds something this store did not write")),
@@ -427,19 +430,30 @@ fn parse_claim(reply: Value, token: LeaseToken) -> Result<ClaimOutcome, StoreErr
 impl Store for RedisStore {
     fn claim<'a>(
         &'a self,
-        req: ClaimRequest<'a>,
-    ) -> BoxFuture<'a, Result<ClaimOutcome, StoreError>> {
-        Box::pin(self.claim_now(req))
+        id: &'a RecordId,
+        token: LeaseToken,
+        claim: Claim<'a>,
+    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+        self.future(async move {
+            let script = &self.scripts.claim;
+            let mut cmd = self.call(script, id, 96);
+            cmd.arg(claim.fingerprint.as_bytes().as_slice())
+                .arg(token.to_bytes().as_slice())
+                .arg(millis(claim.lease))
+                .arg(millis(claim.ttl));
+            let reply: Value = self.invoke(script, &cmd).await?;
+            parse_claim(reply, token)
+        })
     }
 
     fn complete<'a>(
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-        outcome: Arc<StoredOutcome>,
+        outcome: &'a StoredOutcome,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(async move {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        self.future(async move {
             let script = &self.scripts.complete;
             let outcome = outcome.encode();
             let mut cmd = self.call(script, id, outcome.len() + 48);
@@ -454,8 +468,8 @@ impl Store for RedisStore {
         &'a self,
         id: &'a RecordId,
         token: LeaseToken,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(async move {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        self.future(async move {
             let script = &self.scripts.release;
             let mut cmd = self.call(script, id, 16);
             cmd.arg(token.to_bytes().as_slice());
@@ -468,8 +482,8 @@ impl Store for RedisStore {
         id: &'a RecordId,
         token: LeaseToken,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<TokenOutcome, StoreError>> {
-        Box::pin(async move {
+    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+        self.future(async move {
             let script = &self.scripts.extend;
             let mut cmd = self.call(script, id, 40);
             cmd.arg(token.to_bytes().as_slice()).arg(millis(lease));
@@ -479,12 +493,6 @@ impl Store for RedisStore {
 
     fn backend(&self) -> &'static str {
         BACKEND
-    }
-
-    fn call_timeout(&self) -> Option<Duration> {
-        // Each command is bounded by the connection manager, and the
-        // NOSCRIPT fallback by what is left of the same bound.
-        self.response_timeout
     }
 }
 
@@ -508,7 +516,7 @@ mod tests {
             Value::BulkString([&b"c"[..], &[0; 32], &[9, 9]].concat()),
         ] {
             assert!(
-                matches!(parse_claim(reply, t), Err(StoreError::Corrupt(_))),
+                matches!(parse_claim(reply, t), Err(StoreError::Corrupt { .. })),
                 "accepted a malformed reply"
             );
         }

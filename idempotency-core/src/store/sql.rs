@@ -3,11 +3,81 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
+use super::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::record::{ClaimOutcome, CorruptRecord, StoredOutcome};
+
 /// Durations are capped at about 31 years.
 const MAX_MILLIS: u64 = 1_000_000_000_000;
 
 pub(super) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis().min(u128::from(MAX_MILLIS))).unwrap_or(i64::MAX)
+}
+
+/// How a sqlx error maps onto [`StoreError`]: a missing or mistyped column
+/// or a migration history this version does not know is a configuration
+/// problem, a value that does not decode is a corrupt record, anything else
+/// is the database failing.
+pub(super) fn error(backend: &'static str, e: sqlx::Error) -> StoreError {
+    use sqlx::migrate::MigrateError;
+    match e {
+        sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. } => StoreError::config(backend, e),
+        sqlx::Error::Migrate(m)
+            if matches!(
+                *m,
+                MigrateError::VersionMissing(_)
+                    | MigrateError::VersionMismatch(_)
+                    | MigrateError::VersionTooOld(..)
+                    | MigrateError::VersionTooNew(..)
+                    | MigrateError::Dirty(_)
+            ) =>
+        {
+            StoreError::config(backend, sqlx::Error::Migrate(m))
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::corrupt(backend, e)
+        }
+        e => StoreError::backend(backend, e),
+    }
+}
+
+/// The answer of a claim that did not acquire, from its row's
+/// `fingerprint`, `outcome` (completed) and `remaining` (in flight) columns.
+pub(super) fn existing<R>(backend: &'static str, row: &R) -> Result<ClaimOutcome, StoreError>
+where
+    R: sqlx::Row,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'static str: sqlx::ColumnIndex<R>,
+{
+    let get = |e| error(backend, e);
+    let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(get)?;
+    let fingerprint = <[u8; 32]>::try_from(fingerprint)
+        .map(Fingerprint::from_bytes)
+        .map_err(|_| {
+            StoreError::corrupt(
+                backend,
+                CorruptRecord::new("the fingerprint is not 32 bytes"),
+            )
+        })?;
+    match row.try_get::<Option<Vec<u8>>, _>("outcome").map_err(get)? {
+        Some(bytes) => Ok(ClaimOutcome::Completed {
+            fingerprint,
+            outcome: StoredOutcome::decode(Bytes::from(bytes))
+                .map_err(|e| StoreError::corrupt(backend, e))?,
+        }),
+        None => {
+            let remaining: i64 = row.try_get("remaining").map_err(get)?;
+            Ok(ClaimOutcome::InFlight {
+                fingerprint,
+                lease_remaining: Duration::from_millis(u64::try_from(remaining).unwrap_or(0)),
+            })
+        }
+    }
 }
 
 /// Implements [`Store`](super::Store) for a sqlx store that has `claim_now`,
@@ -18,25 +88,27 @@ macro_rules! sql_store {
         impl $crate::store::Store for $store {
             fn claim<'a>(
                 &'a self,
-                req: $crate::store::ClaimRequest<'a>,
-            ) -> $crate::store::BoxFuture<
+                id: &'a $crate::fingerprint::RecordId,
+                token: $crate::record::LeaseToken,
+                claim: $crate::store::Claim<'a>,
+            ) -> $crate::store::StoreFuture<
                 'a,
                 Result<$crate::record::ClaimOutcome, $crate::store::StoreError>,
             > {
-                Box::pin(self.claim_now(req))
+                $crate::store::StoreFuture::new(self.claim_now(id, token, claim))
             }
 
             fn complete<'a>(
                 &'a self,
                 id: &'a $crate::fingerprint::RecordId,
                 token: $crate::record::LeaseToken,
-                outcome: std::sync::Arc<$crate::record::StoredOutcome>,
+                outcome: &'a $crate::record::StoredOutcome,
                 ttl: std::time::Duration,
-            ) -> $crate::store::BoxFuture<
+            ) -> $crate::store::StoreFuture<
                 'a,
                 Result<$crate::record::TokenOutcome, $crate::store::StoreError>,
             > {
-                Box::pin(async move {
+                $crate::store::StoreFuture::new(async move {
                     let query = sqlx::query(&self.queries.complete)
                         .bind(id.as_bytes().as_slice())
                         .bind(token.to_bytes().to_vec())
@@ -50,11 +122,11 @@ macro_rules! sql_store {
                 &'a self,
                 id: &'a $crate::fingerprint::RecordId,
                 token: $crate::record::LeaseToken,
-            ) -> $crate::store::BoxFuture<
+            ) -> $crate::store::StoreFuture<
                 'a,
                 Result<$crate::record::TokenOutcome, $crate::store::StoreError>,
             > {
-                Box::pin(async move {
+                $crate::store::StoreFuture::new(async move {
                     let query = sqlx::query(&self.queries.release)
                         .bind(id.as_bytes().as_slice())
                         .bind(token.to_bytes().to_vec());
@@ -67,11 +139,11 @@ macro_rules! sql_store {
                 id: &'a $crate::fingerprint::RecordId,
                 token: $crate::record::LeaseToken,
                 lease: std::time::Duration,
-            ) -> $crate::store::BoxFuture<
+            ) -> $crate::store::StoreFuture<
                 'a,
                 Result<$crate::record::TokenOutcome, $crate::store::StoreError>,
             > {
-                Box::pin(async move {
+                $crate::store::StoreFuture::new(async move {
                     let query = sqlx::query(&self.queries.extend)
                         .bind(id.as_bytes().as_slice())
                         .bind(token.to_bytes().to_vec())
@@ -87,3 +159,62 @@ macro_rules! sql_store {
     };
 }
 pub(super) use sql_store;
+
+/// What an open transaction of a sqlx store needs to finish: its slot (shared
+/// with the handler), the record and token, and the `complete` statement.
+/// `_lock` is dropped when the transaction ends (SQLite's in-process lock).
+macro_rules! sql_open {
+    ($name:ident, $db:ty, $variant:ident) => {
+        pub(super) struct $name {
+            slot: $crate::store::transaction::TxSlot<$db>,
+            id: $crate::fingerprint::RecordId,
+            token: $crate::record::LeaseToken,
+            queries: std::sync::Arc<Queries>,
+            _lock: Option<Box<dyn Send>>,
+        }
+
+        impl $crate::store::transaction::OpenTransaction for $name {
+            fn handle(&self) -> $crate::engine::TxHandle {
+                $crate::engine::TxHandle::$variant(self.slot.clone())
+            }
+
+            fn commit(
+                self: Box<Self>,
+                outcome: $crate::record::StoredOutcome,
+                ttl: std::time::Duration,
+                bound: std::time::Duration,
+            ) -> $crate::store::BoxFuture<'static, Result<(), $crate::store::StoreError>> {
+                Box::pin(async move {
+                    let mut tx = self.slot.take(BACKEND, bound).await?;
+                    let done = sqlx::query(&self.queries.complete)
+                        .bind(self.id.as_bytes().as_slice())
+                        .bind(self.token.to_bytes().to_vec())
+                        .bind(outcome.encode())
+                        .bind($crate::store::sql::millis(ttl))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                    if done.rows_affected() != 1 {
+                        // Only this transaction could have changed the record.
+                        return Err($crate::store::StoreError::backend(
+                            BACKEND,
+                            "the record left in flight by this transaction was not there to complete",
+                        ));
+                    }
+                    tx.commit().await.map_err(backend)
+                })
+            }
+
+            fn rollback(
+                self: Box<Self>,
+                bound: std::time::Duration,
+            ) -> $crate::store::BoxFuture<'static, Result<(), $crate::store::StoreError>> {
+                Box::pin(async move {
+                    let tx = self.slot.take(BACKEND, bound).await?;
+                    tx.rollback().await.map_err(backend)
+                })
+            }
+        }
+    };
+}
+pub(super) use sql_open;

@@ -46,17 +46,15 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::Row;
 
 use super::sql::millis;
-use super::{ClaimRequest, StoreError};
-use crate::fingerprint::Fingerprint;
-use crate::record::{ClaimOutcome, StoredOutcome, TokenOutcome};
+use super::{Claim, StoreError};
+use crate::fingerprint::RecordId;
+use crate::record::{ClaimOutcome, LeaseToken, TokenOutcome};
 
 const BACKEND: &str = "sqlite";
 
@@ -69,8 +67,8 @@ const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 /// it gives up.
 const CLAIM_ATTEMPTS: usize = 16;
 
-fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
-    StoreError::backend(BACKEND, e)
+fn backend(e: sqlx::Error) -> StoreError {
+    super::sql::error(BACKEND, e)
 }
 
 /// A claim lost the race for a row 16 times in a row (the
@@ -182,6 +180,9 @@ impl Queries {
 pub struct SqliteStore {
     pool: SqlitePool,
     queries: Arc<Queries>,
+    /// Records held in flight by this process's transactions (transactional
+    /// mode): a duplicate answers 409 at once instead of waiting for the file.
+    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<RecordId>>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -252,6 +253,7 @@ impl SqliteStore {
         Self {
             pool,
             queries: Arc::new(Queries::new()),
+            in_flight: Arc::default(),
         }
     }
 
@@ -270,8 +272,8 @@ impl SqliteStore {
             tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
         }
         Err(match last {
-            Some(e) => backend(e),
-            None => backend("migration did not run"),
+            Some(e) => backend(sqlx::Error::Migrate(Box::new(e))),
+            None => StoreError::backend(BACKEND, "migration did not run"),
         })
     }
 
@@ -303,9 +305,14 @@ impl SqliteStore {
         })
     }
 
-    async fn claim_now(&self, req: ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let id = req.id.as_bytes().as_slice();
-        let fingerprint = req.fingerprint.as_bytes().as_slice();
+    async fn claim_now(
+        &self,
+        id: &RecordId,
+        token: LeaseToken,
+        claim: Claim<'_>,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let id = id.as_bytes().as_slice();
+        let fingerprint = claim.fingerprint.as_bytes().as_slice();
         for _ in 0..CLAIM_ATTEMPTS {
             let row = sqlx::query(&self.queries.read)
                 .bind(id)
@@ -316,24 +323,24 @@ impl SqliteStore {
             if let Some(row) = row {
                 let takeable: bool = row.try_get("takeable").map_err(backend)?;
                 if !takeable {
-                    return parse_existing(&row);
+                    return super::sql::existing(BACKEND, &row);
                 }
             }
             let acquired = sqlx::query(&self.queries.upsert)
                 .bind(id)
                 .bind(fingerprint)
-                .bind(req.token.to_bytes().to_vec())
-                .bind(millis(req.lease))
-                .bind(millis(req.ttl))
+                .bind(token.to_bytes().to_vec())
+                .bind(millis(claim.lease))
+                .bind(millis(claim.ttl))
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(backend)?;
             if acquired.is_some() {
-                return Ok(ClaimOutcome::Acquired(req.token));
+                return Ok(ClaimOutcome::Acquired(token));
             }
             // Someone changed the row between the read and the upsert.
         }
-        Err(backend(Contended(CLAIM_ATTEMPTS)))
+        Err(StoreError::backend(BACKEND, Contended(CLAIM_ATTEMPTS)))
     }
 
     async fn fenced<'q>(
@@ -349,27 +356,112 @@ impl SqliteStore {
     }
 }
 
-fn parse_existing(row: &SqliteRow) -> Result<ClaimOutcome, StoreError> {
-    let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(backend)?;
-    let fingerprint = <[u8; 32]>::try_from(fingerprint)
-        .map(Fingerprint::from_bytes)
-        .map_err(|_| StoreError::Corrupt("sqlite: stored fingerprint is not 32 bytes".into()))?;
-    match row
-        .try_get::<Option<Vec<u8>>, _>("outcome")
-        .map_err(backend)?
-    {
-        Some(bytes) => Ok(ClaimOutcome::Completed {
-            fingerprint,
-            outcome: Arc::new(StoredOutcome::decode(Bytes::from(bytes))?),
-        }),
-        None => {
-            let remaining: i64 = row.try_get("remaining").map_err(backend)?;
-            Ok(ClaimOutcome::InFlight {
-                fingerprint,
-                lease_remaining: Duration::from_millis(u64::try_from(remaining).unwrap_or(0)),
-            })
-        }
+super::sql::sql_store!(SqliteStore);
+super::sql::sql_open!(SqliteOpen, sqlx::Sqlite, Sqlite);
+
+/// A record held in flight by one of this process's transactions, until
+/// dropped.
+struct InFlight {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<RecordId>>>,
+    id: RecordId,
+}
+
+impl InFlight {
+    fn try_new(
+        set: &Arc<std::sync::Mutex<std::collections::HashSet<RecordId>>>,
+        id: RecordId,
+    ) -> Option<Self> {
+        let mut held = set.lock().unwrap_or_else(|p| p.into_inner());
+        held.insert(id).then(|| Self {
+            set: Arc::clone(set),
+            id,
+        })
     }
 }
 
-super::sql::sql_store!(SqliteStore);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut held = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        held.remove(&self.id);
+    }
+}
+
+impl super::transaction::TransactionalStore for SqliteStore {
+    fn snapshot<'a>(
+        &'a self,
+        id: &'a RecordId,
+        fingerprint: &'a crate::Fingerprint,
+    ) -> super::BoxFuture<'a, Result<Option<ClaimOutcome>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(&self.queries.read)
+                .bind(id.as_bytes().as_slice())
+                .bind(fingerprint.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+            match row {
+                Some(row) if !row.try_get::<bool, _>("takeable").map_err(backend)? => {
+                    super::sql::existing(BACKEND, &row).map(Some)
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// The lock: this process's own set of records in flight (409 at once);
+    /// other processes on the same file wait for SQLite's write lock
+    /// (`BEGIN IMMEDIATE`, within the busy timeout) and then see the
+    /// record as it was committed.
+    fn begin<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        claim: Claim<'a>,
+    ) -> super::BoxFuture<'a, Result<super::transaction::Begun, StoreError>> {
+        use super::transaction::Begun;
+        Box::pin(async move {
+            let Some(lock) = InFlight::try_new(&self.in_flight, *id) else {
+                return Ok(Begun::Locked);
+            };
+            let mut tx = self
+                .pool
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(backend)?;
+            let fingerprint = claim.fingerprint.as_bytes().as_slice();
+            let row = sqlx::query(&self.queries.read)
+                .bind(id.as_bytes().as_slice())
+                .bind(fingerprint)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if let Some(row) = row {
+                if !row.try_get::<bool, _>("takeable").map_err(backend)? {
+                    return super::sql::existing(BACKEND, &row).map(Begun::Existing);
+                }
+            }
+            // The write lock is this transaction's: nothing changes the row
+            // between the read and the upsert.
+            sqlx::query(&self.queries.upsert)
+                .bind(id.as_bytes().as_slice())
+                .bind(fingerprint)
+                .bind(token.to_bytes().to_vec())
+                .bind(millis(claim.lease))
+                .bind(millis(claim.ttl))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend)?;
+            Ok(Begun::Acquired(Box::new(SqliteOpen {
+                slot: super::transaction::TxSlot::new(tx),
+                id: *id,
+                token,
+                queries: Arc::clone(&self.queries),
+                _lock: Some(Box::new(lock)),
+            })))
+        })
+    }
+
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+}

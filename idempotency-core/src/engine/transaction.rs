@@ -1,0 +1,191 @@
+//! Steps 3 to 5 in transactional mode (PostgreSQL, SQLite): the record is
+//! claimed, and settled, in the handler's own database transaction.
+//!
+//! 1. One snapshot read, no transaction: completed → replay (or 422, 410).
+//! 2. A transaction on the store's pool, the record's lock taken without
+//!    waiting (held elsewhere → 409 at once, no connection kept), the
+//!    record in flight inside it.
+//! 3. The handler runs with the transaction (the adapter puts its handle
+//!    into the request), bounded by the transaction timeout.
+//! 4. A response to store: written into the record, then **one commit** for
+//!    the effect and the record. Anything else (a status that is not
+//!    stored, a body that failed, the handler's error, a panic, a timeout,
+//!    a crash) rolls both back, and the retry runs at once.
+
+use bytes::Bytes;
+use std::future::Future;
+use std::time::Duration;
+
+use super::body::{Chunks, Read, ResponseBody};
+use super::settle::{capture, read, Handled, ResponseHead};
+use super::{Decision, Handoff, Idempotency, Pending, Reply};
+use crate::problem::{Problem, ProblemKind};
+use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome};
+use crate::store::transaction::{Begun, OpenTransaction, TransactionalStore};
+use crate::store::{Claim, StoreError};
+
+impl Idempotency {
+    pub(super) async fn respond_in_transaction<C, F, H, S, E>(
+        &self,
+        store: &dyn TransactionalStore,
+        pending: Pending,
+        body: Bytes,
+        call: C,
+    ) -> Result<Reply<H, S>, E>
+    where
+        C: FnOnce(Handoff) -> F,
+        F: Future<Output = Result<(H, S), E>>,
+        H: ResponseHead,
+        S: Chunks,
+    {
+        let config = self.config();
+        let Pending {
+            id, fingerprint, ..
+        } = pending;
+        let fingerprint = fingerprint.finish(&body);
+        let claim = Claim {
+            fingerprint: &fingerprint,
+            lease: config.lease,
+            ttl: config.ttl,
+        };
+        let token = LeaseToken::random();
+        let deadline = tokio::time::Instant::now() + config.wait_for_in_flight;
+        let open = loop {
+            match self.bounded(store, store.snapshot(&id, &fingerprint)).await {
+                Ok(Some(existing)) => return Ok(self.existing(existing, &fingerprint)),
+                Ok(None) => {}
+                Err(e) => return Ok(self.transaction_failed(&e)),
+            }
+            match self.bounded(store, store.begin(&id, token, claim)).await {
+                Ok(Begun::Acquired(open)) => break open,
+                Ok(Begun::Existing(existing)) => return Ok(self.existing(existing, &fingerprint)),
+                Ok(Begun::Locked) if tokio::time::Instant::now() < deadline => {
+                    // Waiting for the first (`wait_for_in_flight`): read again.
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Ok(Begun::Locked) => {
+                    tracing::debug!(decision = "conflict", "idempotency");
+                    return Ok(Reply::problem(in_flight(Duration::from_secs(1))));
+                }
+                Err(e) => return Ok(self.transaction_failed(&e)),
+            }
+        };
+        tracing::debug!(decision = "executed", transactional = true, "idempotency");
+        let bound = config.transaction_timeout();
+        let handoff = Handoff {
+            body,
+            transaction: Some(open.handle()),
+        };
+        let work = async {
+            let (head, body) = call(handoff).await?;
+            let handled = read(config, head.status(), body).await;
+            Ok((head, handled))
+        };
+        let (head, handled) = match tokio::time::timeout(bound, work).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                rollback(open, bound).await;
+                return Err(e);
+            }
+            Err(_) => {
+                // The handler was cancelled; its transaction rolls back.
+                rollback(open, bound).await;
+                tracing::warn!(timeout = ?bound, "idempotency: the handler held its transaction too long; rolled back");
+                return Ok(Reply::problem(
+                    Problem::new(
+                        ProblemKind::TransactionTimeout,
+                        "The request took longer than allowed and was rolled back; nothing was done. Retry with the same Idempotency-Key.",
+                    )
+                    .retry_after(Duration::from_secs(1)),
+                ));
+            }
+        };
+        let status = head.status();
+        let (outcome, body) = match handled {
+            Handled::NotStored(body) => {
+                rollback(open, bound).await;
+                return Ok(Reply::Handler(head, ResponseBody::stream(body)));
+            }
+            Handled::Read(Read::Failed(error)) => {
+                rollback(open, bound).await;
+                return Ok(Reply::Handler(head, ResponseBody::failed(error)));
+            }
+            Handled::Read(Read::Complete(bytes)) => {
+                let stored = capture(config, status, head.headers(), bytes.clone());
+                (StoredOutcome::response(stored), ResponseBody::full(bytes))
+            }
+            Handled::Read(Read::TooLarge { mut prefix, rest }) => {
+                let body = match rest {
+                    Some(rest) => ResponseBody::chain(prefix, rest),
+                    None => ResponseBody::full(prefix.pop_front().unwrap_or_default()),
+                };
+                (StoredOutcome::NotReplayable { status }, body)
+            }
+        };
+        match open.commit(outcome, config.ttl, bound).await {
+            Ok(()) => Ok(Reply::Handler(head, body)),
+            // Nothing was done: the client must not see the handler's answer.
+            Err(e) => Ok(self.transaction_failed(&e)),
+        }
+    }
+
+    /// A store call bounded by the store timeout.
+    async fn bounded<T>(
+        &self,
+        store: &dyn TransactionalStore,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.config().store_timeout;
+        tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout {
+                backend: store.backend(),
+                timeout,
+            }))
+    }
+
+    /// A record that was not acquired: a conflict, a mismatch or a replay.
+    fn existing<H, S: Chunks>(
+        &self,
+        outcome: ClaimOutcome,
+        fingerprint: &crate::Fingerprint,
+    ) -> Reply<H, S> {
+        match self.decided(outcome, fingerprint) {
+            Decision::Replay(replay) => Reply::Answer(super::Answer::Replay(replay)),
+            Decision::Reject(problem) => Reply::problem(problem),
+            // Fail-open has no meaning here: the store is the handler's database.
+            Decision::Unguarded | Decision::Execute(_) => Reply::problem(unavailable()),
+        }
+    }
+
+    fn transaction_failed<H, S: Chunks>(&self, e: &StoreError) -> Reply<H, S> {
+        tracing::error!(error = e as &dyn std::error::Error, cause = ?std::error::Error::source(e), decision = "rejected", "idempotency: the transaction failed; nothing was done (fail-closed)");
+        Reply::problem(unavailable())
+    }
+}
+
+async fn rollback(open: Box<dyn OpenTransaction>, bound: Duration) {
+    if let Err(e) = open.rollback(bound).await {
+        // Dropped instead: the database rolls it back all the same.
+        tracing::warn!(
+            error = &e as &dyn std::error::Error,
+            "idempotency: rollback failed"
+        );
+    }
+}
+
+fn in_flight(retry_after: Duration) -> Problem {
+    Problem::new(
+        ProblemKind::InFlight,
+        "A request with this Idempotency-Key is still being processed. Retry after the delay in Retry-After to get its response.",
+    )
+    .retry_after(retry_after)
+}
+
+fn unavailable() -> Problem {
+    Problem::new(
+        ProblemKind::StoreUnavailable,
+        "The request was not processed because its idempotency could not be guaranteed right now. Retry with the same Idempotency-Key.",
+    )
+    .retry_after(Duration::from_secs(1))
+}
