@@ -12,7 +12,9 @@ pub const MAX_KEY_LEN: usize = 255;
 /// A validated idempotency key: 1..=255 printable ASCII characters.
 ///
 /// Both the draft's quoted Structured-Field string (`"abc"`) and Stripe's bare
-/// form (`abc`) are accepted and mean the same key.
+/// form (`abc`) are accepted and mean the same key. A comma outside a quoted
+/// string makes the value a list of keys (`a, b`; `"a", "b"`), refused like two
+/// fields with [`KeyError::Multiple`]; `"a,b"` is the one key `a,b`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey(String);
 
@@ -35,6 +37,9 @@ impl IdempotencyKey {
 fn parse_value(value: &[u8]) -> Result<Cow<'_, str>, KeyError> {
     let value = trim_ows(value);
     if value.first() == Some(&b'"') {
+        if has_comma_outside_strings(value) {
+            return Err(KeyError::Multiple);
+        }
         let item: sfv::Item = sfv::Parser::new(value)
             .parse()
             .map_err(|e| KeyError::MalformedQuoted(e.to_string()))?;
@@ -51,10 +56,32 @@ fn parse_value(value: &[u8]) -> Result<Cow<'_, str>, KeyError> {
             _ => Err(KeyError::MalformedQuoted("not a string".into())),
         }
     } else {
+        if value.contains(&b',') {
+            return Err(KeyError::Multiple);
+        }
         let s = std::str::from_utf8(value).map_err(|_| KeyError::InvalidCharacter)?;
         validate(s)?;
         Ok(Cow::Borrowed(s))
     }
+}
+
+/// Whether `value` has a comma that is not inside a quoted string: then it is a
+/// list of values, which is what a proxy makes of two fields (RFC 9110 §5.3),
+/// and it means what two fields mean.
+fn has_comma_outside_strings(value: &[u8]) -> bool {
+    let mut in_string = false;
+    let mut bytes = value.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' if in_string => {
+                bytes.next();
+            }
+            b'"' => in_string = !in_string,
+            b',' if !in_string => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 fn validate(s: &str) -> Result<(), KeyError> {
@@ -99,8 +126,11 @@ pub enum KeyError {
     /// The request has no `Idempotency-Key` header and one is required.
     #[error("the Idempotency-Key header is required for this request")]
     Missing,
-    /// The request has more than one `Idempotency-Key` field.
-    #[error("the request has more than one Idempotency-Key header")]
+    /// The request has more than one `Idempotency-Key` field, or one field
+    /// with a comma-separated list of keys (what a proxy makes of two fields).
+    #[error(
+        "the request has more than one Idempotency-Key (two fields, or a comma-separated list)"
+    )]
     Multiple,
     /// The key is empty.
     #[error("the Idempotency-Key is empty")]
@@ -122,7 +152,8 @@ pub enum KeyError {
 /// there was no such field.
 ///
 /// # Errors
-/// [`KeyError::Multiple`] for more than one field, or the value's own error.
+/// [`KeyError::Multiple`] for more than one field or a comma-separated list,
+/// or the value's own error.
 pub fn parse_key<'a>(
     values: impl Iterator<Item = &'a [u8]>,
 ) -> Result<Option<IdempotencyKey>, KeyError> {
@@ -204,5 +235,53 @@ mod tests {
         let v = [&b"a"[..], b"a"];
         assert_eq!(parse_key(v.into_iter()), Err(KeyError::Multiple));
         assert_eq!(parse_key(std::iter::empty()), Ok(None));
+    }
+
+    #[test]
+    fn comma_joined_values_are_refused_as_multiple() {
+        // What a proxy makes of two fields (RFC 9110 §5.3): the same 400 as two fields.
+        for joined in [
+            &b"c1, c2"[..],
+            b"c1,c2",
+            b"c1,",
+            b",c1",
+            b"\"a\", \"b\"",
+            b"\"a\",\"b\"",
+            b"\"a\", b",
+            b"\"a\";p=1, \"b\"",
+            b"\"a\", \"b",
+        ] {
+            assert_eq!(
+                IdempotencyKey::parse(joined),
+                Err(KeyError::Multiple),
+                "{:?}",
+                String::from_utf8_lossy(joined)
+            );
+            assert_eq!(parse_key(std::iter::once(joined)), Err(KeyError::Multiple));
+        }
+        // A comma inside a quoted string is part of one key.
+        assert_eq!(IdempotencyKey::parse(b"\"a,b\"").unwrap().as_str(), "a,b");
+        assert_eq!(
+            IdempotencyKey::parse(br#""a\",b""#).unwrap().as_str(),
+            "a\",b"
+        );
+        // An unterminated string is malformed, not two keys.
+        assert!(matches!(
+            IdempotencyKey::parse(b"\"a,b"),
+            Err(KeyError::MalformedQuoted(_))
+        ));
+    }
+
+    #[test]
+    fn a_bare_key_is_borrowed_not_copied() {
+        let value = &b"order-12345"[..];
+        assert!(matches!(
+            parse_key_ref(std::iter::once(value)),
+            Ok(Some(Cow::Borrowed("order-12345")))
+        ));
+        assert!(matches!(
+            parse_key_ref(std::iter::once(&b" order-12345 "[..])),
+            Ok(Some(Cow::Borrowed("order-12345")))
+        ));
     }
 }
