@@ -6,13 +6,26 @@ use std::fmt;
 /// The header that carries the client's key.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-/// The longest key accepted, in bytes.
+/// The longest key accepted, in characters (a key is ASCII, so also in bytes).
 pub const MAX_KEY_LEN: usize = 255;
 
 /// A validated idempotency key: 1..=255 printable ASCII characters.
 ///
 /// Both the draft's quoted Structured-Field string (`"abc"`) and Stripe's bare
-/// form (`abc`) are accepted and mean the same key. A comma outside a quoted
+/// form (`abc`) are accepted and mean the same key:
+///
+/// - a **bare** key is 1..=255 visible ASCII characters (`0x21..=0x7E`) other
+///   than `"`, `,`, `;` and `\`: no spaces, no parameters, nothing that would
+///   need quoting. Whitespace around the value is not part of the key.
+/// - a **quoted** key is a Structured-Field string (RFC 9651 §3.3.3) without
+///   parameters: 1..=255 printable ASCII characters (`0x20..=0x7E`, space,
+///   `,`, `;` included) once `\"` and `\\` are unescaped.
+///
+/// A key with a space, `"`, `,`, `;` or `\` has to be sent quoted.
+///
+/// The characters are checked before the length, so a value with a character
+/// outside its form's alphabet is [`KeyError::InvalidCharacter`] whatever its
+/// length, and [`KeyError::TooLong`] counts characters. A comma outside a quoted
 /// string makes the value a list of keys (`a, b`; `"a", "b"`), refused like two
 /// fields with [`KeyError::Multiple`]; `"a,b"` is the one key `a,b`.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -50,7 +63,7 @@ fn parse_value(value: &[u8]) -> Result<Cow<'_, str>, KeyError> {
         }
         match item.bare_item {
             sfv::BareItem::String(s) => {
-                validate(s.as_str())?;
+                validate(s.as_str().as_bytes(), is_quoted_key_char)?;
                 Ok(Cow::Owned(s.into()))
             }
             _ => Err(KeyError::MalformedQuoted("not a string".into())),
@@ -59,8 +72,9 @@ fn parse_value(value: &[u8]) -> Result<Cow<'_, str>, KeyError> {
         if value.contains(&b',') {
             return Err(KeyError::Multiple);
         }
+        validate(value, is_bare_key_char)?;
+        // Only ASCII passes `validate`.
         let s = std::str::from_utf8(value).map_err(|_| KeyError::InvalidCharacter)?;
-        validate(s)?;
         Ok(Cow::Borrowed(s))
     }
 }
@@ -84,15 +98,27 @@ fn has_comma_outside_strings(value: &[u8]) -> bool {
     false
 }
 
-fn validate(s: &str) -> Result<(), KeyError> {
-    if s.is_empty() {
+/// A bare key's alphabet: visible ASCII except `"`, `,`, `;` and `\`.
+const fn is_bare_key_char(b: u8) -> bool {
+    matches!(b, 0x21..=0x7e) && !matches!(b, b'"' | b',' | b';' | b'\\')
+}
+
+/// A quoted key's alphabet (unescaped): printable ASCII, space included.
+const fn is_quoted_key_char(b: u8) -> bool {
+    matches!(b, 0x20..=0x7e)
+}
+
+/// Checks the characters first and the length second: only ASCII passes the
+/// first check, so the length in bytes is the length in characters.
+fn validate(key: &[u8], allowed: fn(u8) -> bool) -> Result<(), KeyError> {
+    if key.is_empty() {
         return Err(KeyError::Empty);
     }
-    if s.len() > MAX_KEY_LEN {
-        return Err(KeyError::TooLong(s.len()));
-    }
-    if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+    if !key.iter().all(|&b| allowed(b)) {
         return Err(KeyError::InvalidCharacter);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong(key.len()));
     }
     Ok(())
 }
@@ -138,8 +164,12 @@ pub enum KeyError {
     /// The key is longer than 255 characters.
     #[error("the Idempotency-Key is {0} characters long; at most 255 are allowed")]
     TooLong(usize),
-    /// The key has a character outside printable ASCII.
-    #[error("the Idempotency-Key may only contain printable ASCII characters")]
+    /// The key has a character outside its form's alphabet: printable ASCII
+    /// for a quoted key; visible ASCII except `"`, `,`, `;` and `\` (so no
+    /// space either) for a bare one.
+    #[error(
+        "the Idempotency-Key may only contain printable ASCII characters, and an unquoted key no space, '\"', ',', ';' or '\\' (send such a key as a quoted string)"
+    )]
     InvalidCharacter,
     /// The key starts with a quote but is not a valid Structured-Field string.
     #[error("the Idempotency-Key is not a valid quoted string: {0}")]
@@ -270,6 +300,75 @@ mod tests {
             IdempotencyKey::parse(b"\"a,b"),
             Err(KeyError::MalformedQuoted(_))
         ));
+    }
+
+    #[test]
+    fn bare_alphabet_is_visible_ascii_without_separators() {
+        for b in 0x21..=0x7eu8 {
+            let value = [b'k', b, b'k'];
+            let got = IdempotencyKey::parse(&value);
+            match b {
+                b',' => assert_eq!(got, Err(KeyError::Multiple)),
+                b'"' | b';' | b'\\' => {
+                    assert_eq!(got, Err(KeyError::InvalidCharacter), "{:?}", b as char);
+                }
+                _ => assert_eq!(got.unwrap().as_str().as_bytes(), value),
+            }
+        }
+        for bad in [
+            &b"a;p=1"[..],
+            b"a b",
+            b"a\tb",
+            b"a\"b",
+            b"a\\b",
+            b"abc\"",
+            b"a\x7f",
+        ] {
+            assert_eq!(
+                IdempotencyKey::parse(bad),
+                Err(KeyError::InvalidCharacter),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Surrounding whitespace is not part of the key.
+        assert_eq!(IdempotencyKey::parse(b" \tabc \t").unwrap().as_str(), "abc");
+        assert_eq!(
+            KeyError::InvalidCharacter.to_string(),
+            r#"the Idempotency-Key may only contain printable ASCII characters, and an unquoted key no space, '"', ',', ';' or '\' (send such a key as a quoted string)"#
+        );
+        // A quoted key keeps the whole printable range, space included.
+        for (quoted, key) in [
+            (&br#"" a;b ""#[..], " a;b "),
+            (br#""a\\b""#, "a\\b"),
+            (br#""~!""#, "~!"),
+        ] {
+            assert_eq!(IdempotencyKey::parse(quoted).unwrap().as_str(), key);
+        }
+    }
+
+    #[test]
+    fn characters_are_checked_before_the_length() {
+        // 300 bytes, 150 characters: the problem is the characters, not the length.
+        let non_ascii = "é".repeat(150);
+        assert_eq!(
+            IdempotencyKey::parse(non_ascii.as_bytes()),
+            Err(KeyError::InvalidCharacter)
+        );
+        let long_and_bad = format!("{} x", "k".repeat(300));
+        assert_eq!(
+            IdempotencyKey::parse(long_and_bad.as_bytes()),
+            Err(KeyError::InvalidCharacter)
+        );
+        let quoted = format!("\"{}\"", "k".repeat(256));
+        assert_eq!(
+            IdempotencyKey::parse(quoted.as_bytes()),
+            Err(KeyError::TooLong(256))
+        );
+        assert_eq!(
+            KeyError::TooLong(256).to_string(),
+            "the Idempotency-Key is 256 characters long; at most 255 are allowed"
+        );
     }
 
     #[test]
