@@ -140,8 +140,10 @@ impl FingerprintBuilder {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
-        // Distinguish "no query" from "empty query" (`/a` vs `/a?`).
+        // Distinguish "no query" from "empty query" (`/a` vs `/a?`), and no
+        // Content-Type from an empty one.
         h.update([u8::from(query.is_some())]);
+        h.update([u8::from(content_type.is_some())]);
         Self(h)
     }
 
@@ -211,6 +213,19 @@ mod tests {
         assert_ne!(
             fp("POST", "/p", None, None, b""),
             fp("POST", "/p", Some(""), None, b"")
+        );
+    }
+
+    #[test]
+    fn missing_and_empty_content_type_differ() {
+        // An empty Content-Type is not the same request as none at all (422, not a replay).
+        assert_ne!(
+            fp("POST", "/p", None, None, b"{}"),
+            fp("POST", "/p", None, Some(b""), b"{}")
+        );
+        assert_ne!(
+            fp("POST", "/p", Some(""), None, b""),
+            fp("POST", "/p", Some(""), Some(b""), b"")
         );
     }
 
