@@ -31,6 +31,15 @@ pub struct PaymentsArgs {
     /// Serve the same routes without the middleware (a baseline for load tests).
     #[arg(long)]
     pub no_idempotency: bool,
+    /// Insert each payment as a row of table `payments` in the request's own
+    /// transaction, committed with its idempotency record (needs a
+    /// postgres:// or sqlite:// store).
+    #[arg(long, conflicts_with = "no_idempotency")]
+    pub transactional: bool,
+    /// A duplicate waits up to this long for the first request and gets its
+    /// response instead of 409 (off by default).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub wait_for_in_flight: Option<Duration>,
 }
 
 /// Why the example could not start (or stopped): any error, its causes
@@ -112,13 +121,28 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Flags that cannot work together, in a sentence.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
 /// Whether the chain says the flags or the configuration are wrong (so
 /// retrying the same command cannot help).
 fn is_usage_error(error: &(dyn std::error::Error + 'static)) -> bool {
     use idempotency_core::store::ConnectError;
     let mut cause = Some(error);
     while let Some(e) = cause {
-        if e.is::<idempotency_core::ConfigError>() || e.is::<inbox_consumer::ConfigError>() {
+        if e.is::<idempotency_core::ConfigError>()
+            || e.is::<inbox_consumer::ConfigError>()
+            || e.is::<UsageError>()
+        {
             return true;
         }
         if let Some(c) = e.downcast_ref::<ConnectError>() {
@@ -130,20 +154,39 @@ fn is_usage_error(error: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 impl PaymentsArgs {
-    /// The engine for these flags, connected to its store; `None` with
-    /// `--no-idempotency`. The scope is the `Authorization` header's value.
-    pub async fn engine(&self) -> Result<Option<Idempotency>, StartError> {
+    /// The engine for these flags, connected to its store (`None` with
+    /// `--no-idempotency`), and where the payments live: this process's
+    /// ledger, or with `--transactional` table `payments` of the store's
+    /// database, created when missing. The scope is the `Authorization`
+    /// header's value.
+    pub async fn open(&self) -> Result<(Option<Idempotency>, Payments), StartError> {
+        let memory = || Payments {
+            ledger: Ledger::default(),
+            table: None,
+        };
         if self.no_idempotency {
-            return Ok(None);
+            return Ok((None, memory()));
         }
-        let config = IdempotencyConfig::builder()
+        let mut config = IdempotencyConfig::builder()
             .ttl(self.ttl)
             .lease(self.lease)
-            .scope_header("authorization")
+            .scope_header("authorization");
+        if let Some(bound) = self.wait_for_in_flight {
+            config = config.wait_for_in_flight(bound);
+        }
+        let config = config
             .build()
             .context("the idempotency settings are invalid")?;
-        let store = connect_store(&self.store).await?;
-        Ok(Some(Idempotency::from_arc(store, config)))
+        if !self.transactional {
+            let store = connect_store(&self.store).await?;
+            return Ok((Some(Idempotency::from_arc(store, config)), memory()));
+        }
+        let (engine, table) = PaymentsTable::open(&self.store, config).await?;
+        let payments = Payments {
+            ledger: Ledger::default(),
+            table: Some(table),
+        };
+        Ok((Some(engine), payments))
     }
 }
 
@@ -205,22 +248,7 @@ impl Ledger {
     /// Validates and records a payment. `Err` is the body of a 400
     /// `application/problem+json` response.
     pub fn create(&self, body: &[u8]) -> Result<Payment, String> {
-        let new: NewPayment = serde_json::from_slice(body).map_err(|e| {
-            invalid(format!(
-                "expected JSON {{\"amount\": <integer>, \"currency\": \"<string>\"}}: {e}"
-            ))
-        })?;
-        if new.amount <= 0 {
-            return Err(invalid("amount must be a positive integer".into()));
-        }
-        if new.currency.is_empty() || new.currency.len() > 16 {
-            return Err(invalid("currency must be 1 to 16 characters".into()));
-        }
-        let payment = Payment {
-            id: format!("pay_{:024x}", rand::random::<u128>() >> 32),
-            amount: new.amount,
-            currency: new.currency,
-        };
+        let payment = new_payment(body)?;
         self.payments
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -235,6 +263,27 @@ impl Ledger {
     }
 }
 
+/// A payment with a new id from the body of `POST /payments`. `Err` is the
+/// body of a 400 `application/problem+json` response.
+pub fn new_payment(body: &[u8]) -> Result<Payment, String> {
+    let new: NewPayment = serde_json::from_slice(body).map_err(|e| {
+        invalid(format!(
+            "expected JSON {{\"amount\": <integer>, \"currency\": \"<string>\"}}: {e}"
+        ))
+    })?;
+    if new.amount <= 0 {
+        return Err(invalid("amount must be a positive integer".into()));
+    }
+    if new.currency.is_empty() || new.currency.len() > 16 {
+        return Err(invalid("currency must be 1 to 16 characters".into()));
+    }
+    Ok(Payment {
+        id: format!("pay_{:024x}", rand::random::<u128>() >> 32),
+        amount: new.amount,
+        currency: new.currency,
+    })
+}
+
 fn invalid(detail: String) -> String {
     serde_json::json!({
         "type": "urn:payments:problem:invalid-payment",
@@ -244,6 +293,192 @@ fn invalid(detail: String) -> String {
     })
     .to_string()
 }
+
+/// The body of the 500 `application/problem+json` response when the
+/// payments table fails (the cause is logged; a retry with the same key
+/// runs again, since nothing was committed).
+pub fn database_problem(error: &sqlx::Error) -> String {
+    tracing::error!(
+        error = error as &dyn std::error::Error,
+        "the payments table failed"
+    );
+    serde_json::json!({
+        "type": "urn:payments:problem:database",
+        "title": "The payment could not be recorded",
+        "status": 500,
+        "detail": "Nothing was done. Retry with the same Idempotency-Key.",
+    })
+    .to_string()
+}
+
+/// Where the payments live.
+#[derive(Debug)]
+pub struct Payments {
+    /// Without `--transactional`: this process's payments.
+    pub ledger: Ledger,
+    /// With `--transactional`: table `payments` of the store's database.
+    pub table: Option<PaymentsTable>,
+}
+
+impl Payments {
+    /// Every payment, as JSON: the ledger's, or every row of the table.
+    pub async fn list_json(&self) -> Result<String, sqlx::Error> {
+        match &self.table {
+            Some(table) => table.list_json().await,
+            None => Ok(self.ledger.list_json()),
+        }
+    }
+}
+
+/// Table `payments` (`--transactional`), on the pool of the store whose
+/// transactions insert its rows.
+#[derive(Debug, Clone)]
+pub enum PaymentsTable {
+    /// In the PostgreSQL database, in the connection's schema (`public`
+    /// unless the URL sets a `search_path`), not the records' `idempotency`.
+    Postgres(sqlx::PgPool),
+    /// In the SQLite file of the records.
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// Creates the table on PostgreSQL; concurrent `CREATE TABLE IF NOT EXISTS`
+/// can fail on the catalog's unique index, hence the lock around it.
+const CREATE_POSTGRES: [&str; 2] = [
+    "SELECT pg_advisory_xact_lock(7355608112234)",
+    "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, amount BIGINT NOT NULL, \
+     currency TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())",
+];
+
+/// Creates the table on SQLite (statements are serialized by its write lock).
+const CREATE_SQLITE: &str = "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, \
+     amount INTEGER NOT NULL, currency TEXT NOT NULL, \
+     created_at INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)))";
+
+/// One payment, in the request's transaction (both databases).
+const INSERT: &str = "INSERT INTO payments (id, amount, currency) VALUES ($1, $2, $3)";
+
+/// Every payment, oldest first (both databases).
+const LIST: &str = "SELECT id, amount, currency FROM payments ORDER BY created_at, id";
+
+/// `--transactional` with a store that has no transactions to share.
+fn no_transactions(scheme: &str) -> StartError {
+    Box::new(UsageError(format!(
+        "--transactional needs a postgres:// or sqlite:// store, where the payment and its \
+         idempotency record commit in one transaction: the {scheme} store (--store) has no transactions"
+    )))
+}
+
+impl PaymentsTable {
+    /// The engine in transactional mode on the store named by `url`
+    /// (`postgres://...` or `sqlite://PATH`), and its table, created when
+    /// missing. Any other store has no transactions to share: a usage
+    /// error.
+    async fn open(url: &str, config: IdempotencyConfig) -> Result<(Idempotency, Self), StartError> {
+        use idempotency_core::store::{postgres::PostgresStore, sqlite::SqliteStore, ConnectError};
+        let scheme = url.trim().split_once(':').map_or(url.trim(), |(s, _)| s);
+        let failed = |backend| move |source| ConnectError::Store { backend, source };
+        match scheme {
+            "postgres" | "postgresql" => {
+                let store = PostgresStore::connect(url.trim())
+                    .await
+                    .map_err(failed("postgres"))?;
+                let pool = store.pool().clone();
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .context("could not create the payments table")?;
+                for statement in CREATE_POSTGRES {
+                    sqlx::query(statement)
+                        .execute(&mut *tx)
+                        .await
+                        .context("could not create the payments table")?;
+                }
+                tx.commit()
+                    .await
+                    .context("could not create the payments table")?;
+                Ok((
+                    Idempotency::transactional(store, config),
+                    Self::Postgres(pool),
+                ))
+            }
+            "sqlite" => {
+                // Refuses a URL without a file, or of an in-memory database,
+                // as every other mode does.
+                drop(connect_store(url).await?);
+                let store = SqliteStore::connect(url.trim())
+                    .await
+                    .map_err(failed("sqlite"))?;
+                let pool = store.pool().clone();
+                sqlx::query(CREATE_SQLITE)
+                    .execute(&pool)
+                    .await
+                    .context("could not create the payments table")?;
+                Ok((
+                    Idempotency::transactional(store, config),
+                    Self::Sqlite(pool),
+                ))
+            }
+            "memory" | "redis" | "rediss" | "redis+cluster" => Err(no_transactions(scheme)),
+            _ => {
+                // An unknown URL gets the usual sentence naming the valid ones.
+                drop(connect_store(url).await?);
+                Err(no_transactions(scheme))
+            }
+        }
+    }
+
+    /// Every row, as JSON.
+    pub async fn list_json(&self) -> Result<String, sqlx::Error> {
+        let rows: Vec<(String, i64, String)> = match self {
+            Self::Postgres(pool) => sqlx::query_as(LIST).fetch_all(pool).await?,
+            Self::Sqlite(pool) => sqlx::query_as(LIST).fetch_all(pool).await?,
+        };
+        let list: Vec<Payment> = rows
+            .into_iter()
+            .map(|(id, amount, currency)| Payment {
+                id,
+                amount,
+                currency,
+            })
+            .collect();
+        Ok(serde_json::to_string(&list).unwrap_or_else(|_| "[]".into()))
+    }
+}
+
+/// A database whose request transactions hold payments: what the
+/// transactional handler is generic over (`sqlx::Postgres`, `sqlx::Sqlite`).
+pub trait PaymentsDatabase: idempotency_core::store::transaction::TxDatabase {
+    /// Inserts `payment` through `conn`, the request's transaction.
+    fn insert<'c>(
+        conn: &'c mut Self::Connection,
+        payment: &'c Payment,
+    ) -> futures_util::future::BoxFuture<'c, Result<(), sqlx::Error>>;
+}
+
+macro_rules! payments_database {
+    ($db:ty) => {
+        impl PaymentsDatabase for $db {
+            fn insert<'c>(
+                conn: &'c mut Self::Connection,
+                payment: &'c Payment,
+            ) -> futures_util::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+                Box::pin(async move {
+                    sqlx::query(INSERT)
+                        .bind(&payment.id)
+                        .bind(payment.amount)
+                        .bind(&payment.currency)
+                        .execute(conn)
+                        .await?;
+                    tracing::debug!(payment = %payment.id, "payment inserted in the request's transaction");
+                    Ok(())
+                })
+            }
+        }
+    };
+}
+
+payments_database!(sqlx::Postgres);
+payments_database!(sqlx::Sqlite);
 
 /// The media type of problem responses.
 pub const PROBLEM_JSON: &str = "application/problem+json";

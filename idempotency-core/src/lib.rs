@@ -58,8 +58,10 @@
 //!   its lease (default 30 s), then the next retry of the *same* request takes
 //!   it over and runs the handler. A running handler extends its lease every
 //!   half lease. So a crash *during* the handler means the handler may run
-//!   again on retry: make the effect itself transactional where that matters
-//!   (see `inbox-consumer`).
+//!   again on retry. **Transactional mode** ([`Idempotency::transactional`],
+//!   PostgreSQL and SQLite, [`store::transaction`]) removes that window: the
+//!   record commits in the handler's own transaction, one commit for both,
+//!   and a crash before it rolls both back, so the retry runs at once.
 //! - **Store outages.** Each store call times out (default 2 s). Fail-closed
 //!   (default): the request gets 503 with `Retry-After` and the handler does
 //!   not run. Fail-open: the handler runs unprotected and the outage is logged

@@ -25,6 +25,14 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Transactional mode
+//!
+//! With `Idempotency::transactional(store, config)` (a PostgreSQL or SQLite
+//! store) a handler takes the request's transaction with the
+//! `Transaction<DB>` extractor (feature `axum`), writes its effect through it
+//! and never commits it: the middleware writes the response into the record
+//! and commits both, or rolls both back. See the workspace README.
+//!
 //! # Behaviour
 //!
 //! | situation | answer |
@@ -52,7 +60,10 @@
 //!   dropped, never handed off or polled again.
 //! - **Slow handlers** keep their claim: the lease is extended every half lease.
 //! - **Crashes**: a claim left by a dead process is taken over by the next
-//!   retry once its lease passes; the handler may then run again.
+//!   retry once its lease passes; the handler may then run again. In
+//!   transactional mode (`Transaction`, features `axum` and `postgres` or
+//!   `sqlite`) the effect and the record are one commit: a crash before it
+//!   rolls both back and the retry runs at once.
 //! - **Large responses**: a body over the storable limit still reaches the
 //!   client in full; the record completes as not replayable and a retry gets
 //!   410 problem+json, never a second run.

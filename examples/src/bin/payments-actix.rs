@@ -7,9 +7,10 @@ use actix_web::http::header;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use clap::Parser;
 use examples::{
-    init_tracing, shutdown_signal, Ledger, PaymentsArgs, ResultExt, StartError, PROBLEM_JSON,
+    init_tracing, shutdown_signal, Payment, Payments, PaymentsArgs, PaymentsDatabase,
+    PaymentsTable, ResultExt, StartError, PROBLEM_JSON,
 };
-use idempotency_actix::IdempotencyMiddleware;
+use idempotency_actix::{IdempotencyMiddleware, Transaction};
 use std::time::Duration;
 
 /// The largest request body the handlers read, as axum's default.
@@ -18,38 +19,80 @@ const BODY_LIMIT: usize = 2 * 1024 * 1024;
 struct HandlerDelay(Duration);
 
 async fn create_payment(
-    ledger: web::Data<Ledger>,
+    payments: web::Data<Payments>,
     delay: web::Data<HandlerDelay>,
     body: web::Bytes,
 ) -> HttpResponse {
     if !delay.0.is_zero() {
         tokio::time::sleep(delay.0).await;
     }
-    match ledger.create(&body) {
-        Ok(p) => HttpResponse::Created()
-            .insert_header((header::LOCATION, format!("/payments/{}", p.id)))
-            .content_type("application/json")
-            .body(serde_json::to_string(&p).unwrap_or_default()),
+    match payments.ledger.create(&body) {
+        Ok(p) => created(&p),
         Err(problem) => HttpResponse::BadRequest()
             .content_type(PROBLEM_JSON)
             .body(problem),
     }
 }
 
-async fn list_payments(ledger: web::Data<Ledger>) -> HttpResponse {
-    HttpResponse::Ok()
+/// `--transactional`: the row goes into the request's transaction, which the
+/// middleware commits with the record after this returns.
+async fn create_payment_in<DB: PaymentsDatabase>(
+    delay: web::Data<HandlerDelay>,
+    mut tx: Transaction<DB>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let payment = match examples::new_payment(&body) {
+        Ok(p) => p,
+        Err(problem) => {
+            return HttpResponse::BadRequest()
+                .content_type(PROBLEM_JSON)
+                .body(problem)
+        }
+    };
+    if let Err(e) = DB::insert(&mut tx, &payment).await {
+        return database_failed(&e);
+    }
+    if !delay.0.is_zero() {
+        tokio::time::sleep(delay.0).await;
+    }
+    created(&payment)
+}
+
+fn created(p: &Payment) -> HttpResponse {
+    HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/payments/{}", p.id)))
         .content_type("application/json")
-        .body(ledger.list_json())
+        .body(serde_json::to_string(p).unwrap_or_default())
+}
+
+fn database_failed(e: &sqlx::Error) -> HttpResponse {
+    HttpResponse::InternalServerError()
+        .content_type(PROBLEM_JSON)
+        .body(examples::database_problem(e))
+}
+
+async fn list_payments(payments: web::Data<Payments>) -> HttpResponse {
+    match payments.list_json().await {
+        Ok(list) => HttpResponse::Ok()
+            .content_type("application/json")
+            .body(list),
+        Err(e) => database_failed(&e),
+    }
 }
 
 // HEAD is served wherever GET is, as axum's `get` does (same status and
 // headers; actix drops the body on the wire and keeps its Content-Length).
-fn payments(cfg: &mut web::ServiceConfig) {
+fn payment_routes(cfg: &mut web::ServiceConfig, table: Option<&PaymentsTable>) {
+    let create = match table {
+        None => web::post().to(create_payment),
+        Some(PaymentsTable::Postgres(_)) => web::post().to(create_payment_in::<sqlx::Postgres>),
+        Some(PaymentsTable::Sqlite(_)) => web::post().to(create_payment_in::<sqlx::Sqlite>),
+    };
     cfg.service(
         web::resource("/payments")
             .route(web::get().to(list_payments))
             .route(web::head().to(list_payments))
-            .route(web::post().to(create_payment)),
+            .route(create),
     );
 }
 
@@ -65,13 +108,15 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: PaymentsArgs) -> Result<(), StartError> {
-    let idempotency = args.engine().await?.map(IdempotencyMiddleware::new);
-    let ledger = web::Data::new(Ledger::default());
+    let (engine, payments) = args.open().await?;
+    let idempotency = engine.map(IdempotencyMiddleware::new);
+    let payments = web::Data::new(payments);
     let delay = web::Data::new(HandlerDelay(args.handler_delay));
     let server = HttpServer::new(move || {
         let idempotency = idempotency.clone();
+        let table = payments.table.clone();
         App::new()
-            .app_data(ledger.clone())
+            .app_data(payments.clone())
             .app_data(delay.clone())
             .app_data(web::PayloadConfig::new(BODY_LIMIT))
             // Outside the middleware: health checks never touch the store.
@@ -82,9 +127,13 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
             )
             .configure(move |cfg| match idempotency {
                 Some(idempotency) => {
-                    cfg.service(web::scope("").wrap(idempotency).configure(payments));
+                    cfg.service(
+                        web::scope("")
+                            .wrap(idempotency)
+                            .configure(|cfg| payment_routes(cfg, table.as_ref())),
+                    );
                 }
-                None => payments(cfg),
+                None => payment_routes(cfg, table.as_ref()),
             })
     })
     .disable_signals()
@@ -99,8 +148,9 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
     });
     tracing::info!(
         listen = ?addrs,
-        store = %args.store,
+        store = %idempotency_core::store::redact(&args.store),
         idempotency = !args.no_idempotency,
+        transactional = args.transactional,
         "payments-actix serving"
     );
     server.await.context("the server failed")?;

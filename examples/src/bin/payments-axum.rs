@@ -8,17 +8,18 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use clap::Parser;
 use examples::{
-    init_tracing, shutdown_signal, Ledger, PaymentsArgs, ResultExt, StartError, PROBLEM_JSON,
+    init_tracing, shutdown_signal, Payment, Payments, PaymentsArgs, PaymentsDatabase,
+    PaymentsTable, ResultExt, StartError, PROBLEM_JSON,
 };
-use idempotency_tower::IdempotencyLayer;
+use idempotency_tower::{IdempotencyLayer, Transaction};
 
 #[derive(Clone)]
 struct App {
-    ledger: Arc<Ledger>,
+    payments: Arc<Payments>,
     delay: std::time::Duration,
 }
 
@@ -26,31 +27,59 @@ async fn create_payment(State(app): State<App>, body: Bytes) -> Response {
     if !app.delay.is_zero() {
         tokio::time::sleep(app.delay).await;
     }
-    match app.ledger.create(&body) {
-        Ok(p) => (
-            StatusCode::CREATED,
-            [
-                (header::LOCATION, format!("/payments/{}", p.id)),
-                (header::CONTENT_TYPE, "application/json".to_owned()),
-            ],
-            serde_json::to_string(&p).unwrap_or_default(),
-        )
-            .into_response(),
-        Err(problem) => (
-            StatusCode::BAD_REQUEST,
-            [(header::CONTENT_TYPE, PROBLEM_JSON)],
-            problem,
-        )
-            .into_response(),
+    match app.payments.ledger.create(&body) {
+        Ok(p) => created(&p),
+        Err(problem) => problem_response(StatusCode::BAD_REQUEST, problem),
     }
 }
 
-async fn list_payments(State(app): State<App>) -> Response {
+/// `--transactional`: the row goes into the request's transaction, which the
+/// middleware commits with the record after this returns.
+async fn create_payment_in<DB: PaymentsDatabase>(
+    State(app): State<App>,
+    mut tx: Transaction<DB>,
+    body: Bytes,
+) -> Response {
+    let payment = match examples::new_payment(&body) {
+        Ok(p) => p,
+        Err(problem) => return problem_response(StatusCode::BAD_REQUEST, problem),
+    };
+    if let Err(e) = DB::insert(&mut tx, &payment).await {
+        return problem_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            examples::database_problem(&e),
+        );
+    }
+    if !app.delay.is_zero() {
+        tokio::time::sleep(app.delay).await;
+    }
+    created(&payment)
+}
+
+fn created(p: &Payment) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/json")],
-        app.ledger.list_json(),
+        StatusCode::CREATED,
+        [
+            (header::LOCATION, format!("/payments/{}", p.id)),
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+        ],
+        serde_json::to_string(p).unwrap_or_default(),
     )
         .into_response()
+}
+
+fn problem_response(status: StatusCode, problem: String) -> Response {
+    (status, [(header::CONTENT_TYPE, PROBLEM_JSON)], problem).into_response()
+}
+
+async fn list_payments(State(app): State<App>) -> Response {
+    match app.payments.list_json().await {
+        Ok(list) => ([(header::CONTENT_TYPE, "application/json")], list).into_response(),
+        Err(e) => problem_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            examples::database_problem(&e),
+        ),
+    }
 }
 
 #[tokio::main]
@@ -61,13 +90,18 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: PaymentsArgs) -> Result<(), StartError> {
-    let engine = args.engine().await?;
+    let (engine, payments) = args.open().await?;
+    let create = match &payments.table {
+        None => post(create_payment),
+        Some(PaymentsTable::Postgres(_)) => post(create_payment_in::<sqlx::Postgres>),
+        Some(PaymentsTable::Sqlite(_)) => post(create_payment_in::<sqlx::Sqlite>),
+    };
     let app = App {
-        ledger: Arc::default(),
+        payments: Arc::new(payments),
         delay: args.handler_delay,
     };
     let mut router = Router::new()
-        .route("/payments", get(list_payments).post(create_payment))
+        .route("/payments", create.get(list_payments))
         .with_state(app);
     if let Some(engine) = engine {
         router = router.layer(IdempotencyLayer::new(engine));
@@ -79,8 +113,9 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
         .context(format!("could not listen on {} (--listen)", args.listen))?;
     tracing::info!(
         listen = %listener.local_addr()?,
-        store = %args.store,
+        store = %idempotency_core::store::redact(&args.store),
         idempotency = !args.no_idempotency,
+        transactional = args.transactional,
         "payments-axum serving"
     );
     axum::serve(listener, router)

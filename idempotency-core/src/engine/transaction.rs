@@ -122,9 +122,15 @@ impl Idempotency {
                 (StoredOutcome::NotReplayable { status }, body)
             }
         };
-        match open.commit(outcome, config.ttl, bound).await {
+        // Waiting for the handler to let go is bounded by `bound`, the two
+        // statements after it by the store timeout.
+        let commit = open.commit(outcome, config.ttl, bound);
+        let limit = bound.saturating_add(config.store_timeout);
+        match self.bounded_by(limit, store, commit).await {
             Ok(()) => Ok(Reply::Handler(head, body)),
-            // Nothing was done: the client must not see the handler's answer.
+            // Not committed (or, if the connection broke during COMMIT, not
+            // known to be): the client must not see the handler's answer.
+            // A retry replays what did commit, or runs again.
             Err(e) => Ok(self.transaction_failed(&e)),
         }
     }
@@ -135,7 +141,16 @@ impl Idempotency {
         store: &dyn TransactionalStore,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let timeout = self.config().store_timeout;
+        self.bounded_by(self.config().store_timeout, store, call)
+            .await
+    }
+
+    async fn bounded_by<T>(
+        &self,
+        timeout: Duration,
+        store: &dyn TransactionalStore,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         tokio::time::timeout(timeout, call)
             .await
             .unwrap_or(Err(StoreError::Timeout {
@@ -165,7 +180,10 @@ impl Idempotency {
 }
 
 async fn rollback(open: Box<dyn OpenTransaction>, bound: Duration) {
-    if let Err(e) = open.rollback(bound).await {
+    // Bounded: past it the transaction is dropped, and the database rolls it
+    // back all the same.
+    let rollback = tokio::time::timeout(bound, open.rollback(bound));
+    if let Ok(Err(e)) = rollback.await {
         // Dropped instead: the database rolls it back all the same.
         tracing::warn!(
             error = &e as &dyn std::error::Error,

@@ -540,8 +540,9 @@ fn sqlite_file(url: &str, rest: &str) -> Result<(), ConnectError> {
     Ok(())
 }
 
-/// The URL without the password between `:` and `@`, for error messages.
-fn redact(url: &str) -> String {
+/// `url` without the password between `:` and `@`, for logs and error
+/// messages.
+pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

@@ -150,8 +150,12 @@ impl PostgresOptions {
 }
 
 struct Queries {
+    /// Mixed into the advisory lock key of a record: advisory locks are the
+    /// database's, so stores in two schemas must not share them.
+    lock_salt: i64,
     snapshot: String,
     claim: String,
+    lock_claim: String,
     complete: String,
     release: String,
     extend: String,
@@ -174,32 +178,53 @@ impl Queries {
         // takeable; it then decides on the locked latest version, and a
         // loser (a concurrent claimer won first) leaves the row unchanged and
         // gets it back, marked by a token that is not its own.
-        let claim = format!(
-            "WITH existing AS (
-                SELECT fingerprint, outcome, lease_until,
-                       (expires_at <= now() OR (outcome IS NULL AND lease_until <= now() AND fingerprint = $2)) AS takeable
-                FROM {t} WHERE id = $1
-            ), claimed AS (
-                INSERT INTO {t} AS r (id, fingerprint, token, lease_until, expires_at, outcome)
-                SELECT $1, $2, $3, now() + $4::int8 {ms}, now() + ($4::int8 + $5::int8) {ms}, NULL
-                WHERE NOT EXISTS (SELECT 1 FROM existing WHERE NOT takeable)
-                ON CONFLICT (id) DO UPDATE SET
-                    {fingerprint}, {token}, {lease_until}, {expires_at},
-                    outcome = CASE WHEN {take} THEN NULL ELSE r.outcome END
-                RETURNING r.token = $3 AS acquired, r.fingerprint, r.outcome, {claimed_remaining} AS remaining
+        // Transactional mode's claim (`$6`: the record's advisory lock key)
+        // takes the record's lock without waiting first, and claims only
+        // when it got it: one round trip for both. A first row with
+        // `locked = false` means another transaction holds the record.
+        let claim_with = |lock: &str, locked: &str, unlocked: &str| {
+            format!(
+                "WITH {lock}existing AS (
+                    SELECT fingerprint, outcome, lease_until,
+                           (expires_at <= now() OR (outcome IS NULL AND lease_until <= now() AND fingerprint = $2)) AS takeable
+                    FROM {t} WHERE id = $1
+                ), claimed AS (
+                    INSERT INTO {t} AS r (id, fingerprint, token, lease_until, expires_at, outcome)
+                    SELECT $1, $2, $3, now() + $4::int8 {ms}, now() + ($4::int8 + $5::int8) {ms}, NULL
+                    WHERE {locked}NOT EXISTS (SELECT 1 FROM existing WHERE NOT takeable)
+                    ON CONFLICT (id) DO UPDATE SET
+                        {fingerprint}, {token}, {lease_until}, {expires_at},
+                        outcome = CASE WHEN {take} THEN NULL ELSE r.outcome END
+                    RETURNING r.token = $3 AS acquired, r.fingerprint, r.outcome, {claimed_remaining} AS remaining
+                )
+                SELECT {held_col}acquired, fingerprint, outcome, remaining FROM claimed
+                UNION ALL
+                SELECT {held_col}false, fingerprint, outcome, {existing_remaining} FROM existing WHERE {locked}NOT takeable
+                {unlocked}",
+                held_col = if lock.is_empty() { "" } else { "true AS locked, " },
+                fingerprint = keep("fingerprint"),
+                token = keep("token"),
+                lease_until = keep("lease_until"),
+                expires_at = keep("expires_at"),
+                claimed_remaining = remaining("r.lease_until"),
+                existing_remaining = remaining("lease_until"),
             )
-            SELECT acquired, fingerprint, outcome, remaining FROM claimed
-            UNION ALL
-            SELECT false, fingerprint, outcome, {existing_remaining} FROM existing WHERE NOT takeable",
-            fingerprint = keep("fingerprint"),
-            token = keep("token"),
-            lease_until = keep("lease_until"),
-            expires_at = keep("expires_at"),
-            claimed_remaining = remaining("r.lease_until"),
-            existing_remaining = remaining("lease_until"),
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+        };
+        // sqlx finds its prepared statement by hashing the SQL text on every
+        // call: keep the text short.
+        let claim = claim_with("", "", "");
+        let lock_claim = claim_with(
+            "lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($6) AS locked), ",
+            "(SELECT locked FROM lock) AND ",
+            "UNION ALL SELECT false, false, NULL, NULL, NULL FROM lock WHERE NOT locked",
         );
         let held = "id = $1 AND token = $2 AND outcome IS NULL AND expires_at > now()";
+        let salt = RecordId::from_parts(b"idempotency advisory lock", schema.as_bytes());
         Self {
+            lock_salt: lock_key(&salt, 0),
             snapshot: format!(
                 "SELECT fingerprint, outcome, {remaining} AS remaining,
                     (expires_at <= now() OR (outcome IS NULL AND lease_until <= now() AND fingerprint = $2)) AS takeable
@@ -209,9 +234,8 @@ impl Queries {
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" "),
-            // sqlx finds its prepared statement by hashing the SQL text on
-            // every call: keep the text short.
-            claim: claim.split_whitespace().collect::<Vec<_>>().join(" "),
+            claim,
+            lock_claim,
             complete: format!(
                 "UPDATE {t} SET outcome = $3, expires_at = now() + $4::int8 {ms} WHERE {held}"
             ),
@@ -410,31 +434,17 @@ impl PostgresStore {
 super::sql::sql_store!(PostgresStore);
 super::sql::sql_open!(PgOpen, sqlx::Postgres, Postgres);
 
-/// The record's transaction-scoped advisory lock, on 64 bits of its id
-/// (another record that shares them only ever gets a false 409).
-const LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
+/// The key of a record's transaction-scoped advisory lock: 64 bits of its
+/// id mixed with `salt`, the store's schema (another record that shares
+/// them only ever gets a false 409).
+fn lock_key(id: &RecordId, salt: i64) -> i64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&id.as_bytes()[..8]);
+    i64::from_be_bytes(first) ^ salt
+}
 
 impl super::transaction::TransactionalStore for PostgresStore {
-    fn snapshot<'a>(
-        &'a self,
-        id: &'a RecordId,
-        fingerprint: &'a crate::Fingerprint,
-    ) -> super::BoxFuture<'a, Result<Option<ClaimOutcome>, StoreError>> {
-        Box::pin(async move {
-            let row = sqlx::query(&self.queries.snapshot)
-                .bind(id.as_bytes().as_slice())
-                .bind(fingerprint.as_bytes().as_slice())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(backend)?;
-            match row {
-                Some(row) if !row.try_get::<bool, _>("takeable").map_err(backend)? => {
-                    super::sql::existing(BACKEND, &row).map(Some)
-                }
-                _ => Ok(None),
-            }
-        })
-    }
+    super::sql::sql_snapshot!(snapshot);
 
     fn begin<'a>(
         &'a self,
@@ -445,24 +455,19 @@ impl super::transaction::TransactionalStore for PostgresStore {
         use super::transaction::Begun;
         Box::pin(async move {
             let mut tx = self.pool.begin().await.map_err(backend)?;
-            let key = i64::from_be_bytes(id.as_bytes()[..8].try_into().unwrap_or_default());
-            let locked: bool = sqlx::query_scalar(LOCK)
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(backend)?;
-            if !locked {
-                return Ok(Begun::Locked);
-            }
-            let row = sqlx::query(&self.queries.claim)
+            let row = sqlx::query(&self.queries.lock_claim)
                 .bind(id.as_bytes().as_slice())
                 .bind(claim.fingerprint.as_bytes().as_slice())
                 .bind(token.to_bytes().to_vec())
                 .bind(millis(claim.lease))
                 .bind(millis(claim.ttl))
+                .bind(lock_key(id, self.queries.lock_salt))
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(backend)?;
+            if !row.try_get::<bool, _>("locked").map_err(backend)? {
+                return Ok(Begun::Locked);
+            }
             if !row.try_get::<bool, _>("acquired").map_err(backend)? {
                 return super::sql::existing(BACKEND, &row).map(Begun::Existing);
             }

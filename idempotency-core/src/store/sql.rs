@@ -218,3 +218,37 @@ macro_rules! sql_open {
     };
 }
 pub(super) use sql_open;
+
+/// `TransactionalStore::snapshot` of a sqlx store: its statement `$query`
+/// (bound as id, fingerprint) answers a row with `takeable` and the columns
+/// of [`existing`].
+macro_rules! sql_snapshot {
+    ($query:ident) => {
+        fn snapshot<'a>(
+            &'a self,
+            id: &'a $crate::fingerprint::RecordId,
+            fingerprint: &'a $crate::fingerprint::Fingerprint,
+        ) -> $crate::store::BoxFuture<
+            'a,
+            Result<Option<$crate::record::ClaimOutcome>, $crate::store::StoreError>,
+        > {
+            Box::pin(async move {
+                let row = sqlx::query(&self.queries.$query)
+                    .bind(id.as_bytes().as_slice())
+                    .bind(fingerprint.as_bytes().as_slice())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(backend)?;
+                match row {
+                    Some(row)
+                        if !sqlx::Row::try_get::<bool, _>(&row, "takeable").map_err(backend)? =>
+                    {
+                        $crate::store::sql::existing(BACKEND, &row).map(Some)
+                    }
+                    _ => Ok(None),
+                }
+            })
+        }
+    };
+}
+pub(super) use sql_snapshot;

@@ -387,26 +387,7 @@ impl Drop for InFlight {
 }
 
 impl super::transaction::TransactionalStore for SqliteStore {
-    fn snapshot<'a>(
-        &'a self,
-        id: &'a RecordId,
-        fingerprint: &'a crate::Fingerprint,
-    ) -> super::BoxFuture<'a, Result<Option<ClaimOutcome>, StoreError>> {
-        Box::pin(async move {
-            let row = sqlx::query(&self.queries.read)
-                .bind(id.as_bytes().as_slice())
-                .bind(fingerprint.as_bytes().as_slice())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(backend)?;
-            match row {
-                Some(row) if !row.try_get::<bool, _>("takeable").map_err(backend)? => {
-                    super::sql::existing(BACKEND, &row).map(Some)
-                }
-                _ => Ok(None),
-            }
-        })
-    }
+    super::sql::sql_snapshot!(read);
 
     /// The lock: this process's own set of records in flight (409 at once);
     /// other processes on the same file wait for SQLite's write lock

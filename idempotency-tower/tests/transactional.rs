@@ -1,0 +1,1106 @@
+//! Transactional mode through the axum extractor (`Transaction<DB>`), on
+//! PostgreSQL and SQLite: the handler's effect (a row in a table of its own)
+//! and the idempotency record commit together, or not at all.
+//!
+//! - a fresh request writes one row; its retry replays and writes nothing; a
+//!   different body under the same key is 422;
+//! - concurrent duplicates: one row, one 201, every other answer 409 with
+//!   `Retry-After`, sent while the first is still in its handler; two
+//!   engines over two pools (two instances) likewise (PostgreSQL);
+//! - a 500 or a panic rolls back the effect and the record: the retry runs;
+//! - the transaction bound: 503 `transaction-timeout`, rolled back;
+//! - pool exhaustion: 503 `store-unavailable` within the store timeout;
+//! - the extractor without a transaction: 500 `internal`, handler not run;
+//! - on the wire (PostgreSQL, through a counting proxy): one COMMIT for a
+//!   fresh request, none for a replay, and the statement round trips.
+//!
+//! `DATABASE_URL` is read at run time; the PostgreSQL tests print why they
+//! skip and pass when it is unset. The SQLite tests use a temporary file and
+//! always run.
+#![cfg(all(feature = "axum", feature = "postgres", feature = "sqlite"))]
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use futures_util::FutureExt;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use idempotency_core::store::postgres::{PostgresOptions, PostgresStore};
+use idempotency_core::store::sqlite::{SqliteOptions, SqliteStore};
+use idempotency_core::store::transaction::{TransactionalStore, TxDatabase};
+use idempotency_core::{Idempotency, IdempotencyConfig, LeaseToken, MemoryStore, Store};
+use idempotency_tower::{IdempotencyLayer, Transaction};
+use tower::ServiceExt;
+
+// ---------------------------------------------------------------- fixtures
+
+fn database_url(test: &str) -> Option<String> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            eprintln!("skipping {test}: DATABASE_URL is not set (e.g. DATABASE_URL=postgres://postgres@127.0.0.1:5432/test)");
+            None
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &LeaseToken::random().to_hex()[..16])
+}
+
+/// A temporary SQLite file, removed with its WAL files on drop.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = self.0.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A store in transactional mode and the handler's table next to it.
+struct Fixture<D: Db> {
+    store: D::Store,
+    /// The handler's table, qualified as the handler writes it.
+    table: String,
+    _file: Option<TempFile>,
+}
+
+/// What the generic tests need of a database.
+trait Db: TxDatabase + Sized {
+    type Store: Store + TransactionalStore + Clone;
+    /// A store with a pool of `pool` connections and an empty table
+    /// `effects (id, note)`; `None` (after printing why) to skip.
+    fn open(test: &str, pool: u32) -> impl Future<Output = Option<Fixture<Self>>> + Send;
+    /// The handler's effect: one row.
+    fn insert<'a>(
+        conn: &'a mut Self::Connection,
+        table: &'a str,
+        note: &'a str,
+    ) -> impl Future<Output = ()> + Send + 'a;
+    /// Committed rows in the table.
+    fn rows(fixture: &Fixture<Self>) -> impl Future<Output = i64> + Send + '_;
+    /// Drops what `open` created (the files go on drop).
+    fn cleanup(fixture: Fixture<Self>) -> impl Future<Output = ()> + Send;
+}
+
+impl Db for sqlx::Postgres {
+    type Store = PostgresStore;
+
+    async fn open(test: &str, pool: u32) -> Option<Fixture<Self>> {
+        let url = database_url(test)?;
+        let schema = unique("idem_tx");
+        let store = PostgresStore::connect_with(
+            &url,
+            PostgresOptions::new().schema(&schema).max_connections(pool),
+        )
+        .await
+        .expect("connect to DATABASE_URL");
+        let table = format!("\"{schema}\".effects");
+        sqlx::query(&format!(
+            "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, note TEXT NOT NULL)"
+        ))
+        .execute(store.pool())
+        .await
+        .expect("create the handler's table");
+        Some(Fixture {
+            store,
+            table,
+            _file: None,
+        })
+    }
+
+    async fn insert(conn: &mut sqlx::PgConnection, table: &str, note: &str) {
+        sqlx::query(&format!("INSERT INTO {table} (note) VALUES ($1)"))
+            .bind(note)
+            .execute(conn)
+            .await
+            .expect("the handler's insert");
+    }
+
+    async fn rows(fixture: &Fixture<Self>) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", fixture.table))
+            .fetch_one(fixture.store.pool())
+            .await
+            .expect("count rows")
+    }
+
+    async fn cleanup(fixture: Fixture<Self>) {
+        let _ = sqlx::query(&format!(
+            "DROP SCHEMA \"{}\" CASCADE",
+            fixture.store.schema()
+        ))
+        .execute(fixture.store.pool())
+        .await;
+    }
+}
+
+impl Db for sqlx::Sqlite {
+    type Store = SqliteStore;
+
+    async fn open(test: &str, pool: u32) -> Option<Fixture<Self>> {
+        let name = test.replace("::", "_");
+        let file = TempFile(std::env::temp_dir().join(format!("{}.sqlite", unique(&name))));
+        let store = SqliteStore::connect_with(
+            &format!("sqlite://{}", file.0.display()),
+            SqliteOptions::new().max_connections(pool),
+        )
+        .await
+        .expect("open the SQLite file");
+        sqlx::query(
+            "CREATE TABLE effects (id INTEGER PRIMARY KEY AUTOINCREMENT, note TEXT NOT NULL)",
+        )
+        .execute(store.pool())
+        .await
+        .expect("create the handler's table");
+        Some(Fixture {
+            store,
+            table: "effects".into(),
+            _file: Some(file),
+        })
+    }
+
+    async fn insert(conn: &mut sqlx::SqliteConnection, table: &str, note: &str) {
+        sqlx::query(&format!("INSERT INTO {table} (note) VALUES (?1)"))
+            .bind(note)
+            .execute(conn)
+            .await
+            .expect("the handler's insert");
+    }
+
+    async fn rows(fixture: &Fixture<Self>) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", fixture.table))
+            .fetch_one(fixture.store.pool())
+            .await
+            .expect("count rows")
+    }
+
+    async fn cleanup(fixture: Fixture<Self>) {
+        fixture.store.pool().close().await;
+    }
+}
+
+// ------------------------------------------------------------- the handler
+
+/// What the handler does after its insert.
+const OK: u8 = 0;
+const FAIL: u8 = 1;
+const PANIC: u8 = 2;
+const SLOW: u8 = 3;
+const BUSY: u8 = 4;
+
+/// The handler's shared state: what to do, and what it did when.
+struct Probe {
+    table: String,
+    mode: AtomicU8,
+    /// How long an `OK` run sleeps after its insert.
+    delay_ms: AtomicU64,
+    runs: AtomicUsize,
+    started: Mutex<Vec<Instant>>,
+    ended: Mutex<Vec<Instant>>,
+    started_signal: tokio::sync::Notify,
+}
+
+impl Probe {
+    fn new(table: &str) -> Arc<Self> {
+        Arc::new(Self {
+            table: table.to_owned(),
+            mode: AtomicU8::new(OK),
+            delay_ms: AtomicU64::new(0),
+            runs: AtomicUsize::new(0),
+            started: Mutex::default(),
+            ended: Mutex::default(),
+            started_signal: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn set(&self, mode: u8, delay: Duration) {
+        self.mode.store(mode, Ordering::SeqCst);
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` runs have started.
+    async fn started(&self, n: usize) {
+        loop {
+            let notified = self.started_signal.notified();
+            if self.started.lock().unwrap().len() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Inserts one row (the request body as its note) in the request's
+/// transaction, then answers as the probe says.
+async fn pay<D: Db>(
+    State(probe): State<Arc<Probe>>,
+    mut tx: Transaction<D>,
+    body: Bytes,
+) -> Response {
+    let run = probe.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    probe.started.lock().unwrap().push(Instant::now());
+    probe.started_signal.notify_waiters();
+    let note = String::from_utf8_lossy(&body).into_owned();
+    D::insert(&mut tx, &probe.table, &note).await;
+    let answer = match probe.mode.load(Ordering::SeqCst) {
+        FAIL => (StatusCode::INTERNAL_SERVER_ERROR, "failed".to_owned()).into_response(),
+        PANIC => panic!("the test handler panics after its insert"),
+        BUSY => (StatusCode::TOO_MANY_REQUESTS, "busy".to_owned()).into_response(),
+        SLOW => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            (StatusCode::CREATED, format!("slow run {run}")).into_response()
+        }
+        _ => {
+            let delay = probe.delay_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            (StatusCode::CREATED, format!("paid {note} run {run}")).into_response()
+        }
+    };
+    probe.ended.lock().unwrap().push(Instant::now());
+    answer
+}
+
+fn config() -> idempotency_core::IdempotencyConfigBuilder {
+    IdempotencyConfig::builder()
+        .lease(Duration::from_secs(10))
+        .ttl(Duration::from_secs(120))
+}
+
+fn app<D: Db>(engine: Idempotency, probe: &Arc<Probe>) -> Router {
+    Router::new()
+        .route("/p", post(pay::<D>))
+        .layer(IdempotencyLayer::new(engine))
+        .with_state(Arc::clone(probe))
+}
+
+fn transactional<D: Db>(fixture: &Fixture<D>, config: IdempotencyConfig) -> Idempotency {
+    Idempotency::transactional(fixture.store.clone(), config)
+}
+
+// -------------------------------------------------------------- the client
+
+/// This run's prefix of every key: PostgreSQL's advisory locks are shared
+/// by the whole database, whatever the schema (see
+/// `same_key_in_two_schemas_is_independent`), so another test binary
+/// running at the same time must not use the same keys.
+fn run() -> &'static str {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| unique("tower"))
+}
+
+/// A POST to `/p`; `key` is unique to its test (prefixed with [`run`]).
+fn request(key: &str, body: &str) -> Request<Body> {
+    Request::builder()
+        .method("POST")
+        .uri("/p")
+        .header("idempotency-key", format!("{}-{key}", run()))
+        .header("content-type", "text/plain")
+        .body(Body::from(body.to_owned()))
+        .expect("request")
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    replayed: bool,
+    retry_after: Option<String>,
+    content_type: Option<String>,
+    body: Bytes,
+    /// When the response (head and body) was in.
+    at: Instant,
+}
+
+impl Answer {
+    fn problem_type(&self) -> String {
+        let json: serde_json::Value = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {:?}", self.body));
+        json["type"].as_str().unwrap_or_default().to_owned()
+    }
+
+    fn assert_problem(&self, status: u16, kind: &str) {
+        assert_eq!(self.status.as_u16(), status, "{self:?}");
+        assert_eq!(
+            self.content_type.as_deref(),
+            Some("application/problem+json"),
+            "{self:?}"
+        );
+        assert_eq!(
+            self.problem_type(),
+            format!("urn:idempotency:problem:{kind}")
+        );
+    }
+}
+
+/// Sends one request; `None` when the app panicked (caught where the
+/// future is polled, as a server's connection task does).
+async fn try_send(app: &Router, req: Request<Body>) -> Option<Answer> {
+    let call = AssertUnwindSafe(app.clone().oneshot(req)).catch_unwind();
+    let (head, body) = call.await.ok()?.expect("infallible").into_parts();
+    let header = |name: &str| {
+        head.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let body = body.collect().await.expect("body").to_bytes();
+    Some(Answer {
+        status: head.status,
+        replayed: header("idempotent-replayed").as_deref() == Some("true"),
+        retry_after: header("retry-after"),
+        content_type: header("content-type"),
+        body,
+        at: Instant::now(),
+    })
+}
+
+async fn send(app: &Router, req: Request<Body>) -> Answer {
+    try_send(app, req).await.expect("the app panicked")
+}
+
+/// Runs a generic test on both databases, each in a multi-thread runtime.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name::<sqlx::Postgres>(concat!(stringify!($name), "::postgres")).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name::<sqlx::Sqlite>(concat!(stringify!($name), "::sqlite")).await
+            }
+        }
+    )*};
+}
+
+on_both!(
+    fresh_replay_and_mismatch,
+    concurrent_duplicates_write_one_row,
+    server_error_rolls_back,
+    panic_rolls_back,
+    transaction_timeout_rolls_back,
+    pool_exhaustion_is_503_within_the_store_timeout,
+    extractor_without_a_transaction_is_500,
+    transient_4xx_rolls_back,
+    too_large_response_commits_not_replayable,
+    waiting_duplicates_get_the_replay,
+);
+
+// ----------------------------------------------------------------- 1
+
+async fn fresh_replay_and_mismatch<D: Db>(test: &str) {
+    let Some(fx) = D::open(test, 4).await else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    let app = app::<D>(transactional(&fx, config().build().unwrap()), &probe);
+
+    let first = send(&app, request("k1", "amount=100")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert!(!first.replayed);
+    assert_eq!(first.body, "paid amount=100 run 1");
+    assert_eq!(D::rows(&fx).await, 1);
+
+    let retry = send(&app, request("k1", "amount=100")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(retry.replayed, "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.content_type, first.content_type);
+    assert_eq!(
+        (probe.runs(), D::rows(&fx).await),
+        (1, 1),
+        "the retry wrote nothing"
+    );
+
+    let other = send(&app, request("k1", "amount=999")).await;
+    other.assert_problem(422, "key-reused");
+    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    D::cleanup(fx).await;
+}
+
+// ----------------------------------------------------------------- 2
+
+async fn concurrent_duplicates_write_one_row<D: Db>(test: &str) {
+    const N: usize = 16;
+    let Some(fx) = D::open(test, 10).await else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    probe.set(OK, Duration::from_millis(300));
+    let app = app::<D>(transactional(&fx, config().build().unwrap()), &probe);
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let tasks: Vec<_> = (0..N)
+        .map(|_| {
+            let (app, barrier) = (app.clone(), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                send(&app, request("dup", "amount=100")).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    let created: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .collect();
+    let conflicts: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CONFLICT)
+        .collect();
+    assert_eq!(
+        (created.len(), conflicts.len()),
+        (1, N - 1),
+        "{:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    assert!(!created[0].replayed);
+    for c in &conflicts {
+        c.assert_problem(409, "in-flight");
+        assert!(c.retry_after.is_some(), "409 without Retry-After: {c:?}");
+    }
+    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+
+    // Every 409 came back while the first was still in its handler.
+    let start = probe.started.lock().unwrap()[0];
+    let end = probe.ended.lock().unwrap()[0];
+    let latest = conflicts.iter().map(|c| c.at).max().unwrap();
+    assert!(
+        latest < end,
+        "a 409 waited for the first to finish: last 409 at {:?} after the handler's start, its end at {:?}",
+        latest.saturating_duration_since(start),
+        end - start
+    );
+    eprintln!(
+        "{test}: handler ran {:?}; last of {} 409s at {:?} after its start ({:?} before its end)",
+        end - start,
+        conflicts.len(),
+        latest.saturating_duration_since(start),
+        end - latest
+    );
+
+    let retry = send(&app, request("dup", "amount=100")).await;
+    assert!(
+        retry.status == StatusCode::CREATED && retry.replayed,
+        "{retry:?}"
+    );
+    assert_eq!(retry.body, created[0].body);
+    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    D::cleanup(fx).await;
+}
+
+// ----------------------------------------------------------------- 3
+
+/// Two engines, each over its own pool on the same schema (two instances):
+/// 24 concurrent duplicates split between them write one row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_write_one_row() {
+    const N: usize = 24;
+    let test = "two_instances_write_one_row";
+    let Some(fx) = <sqlx::Postgres as Db>::open(test, 10).await else {
+        return;
+    };
+    let url = database_url(test).unwrap();
+    let second =
+        PostgresStore::connect_with(&url, PostgresOptions::new().schema(fx.store.schema()))
+            .await
+            .expect("second pool");
+    let probe = Probe::new(&fx.table);
+    probe.set(OK, Duration::from_millis(300));
+    let apps = [
+        app::<sqlx::Postgres>(transactional(&fx, config().build().unwrap()), &probe),
+        app::<sqlx::Postgres>(
+            Idempotency::transactional(second.clone(), config().build().unwrap()),
+            &probe,
+        ),
+    ];
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let (app, barrier) = (apps[i % 2].clone(), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                send(&app, request("two", "amount=100")).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    let fresh = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED && !a.replayed)
+        .count();
+    let others_ok = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CONFLICT || a.replayed)
+        .count();
+    assert_eq!(
+        (fresh, others_ok),
+        (1, N - 1),
+        "{:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (probe.runs(), <sqlx::Postgres as Db>::rows(&fx).await),
+        (1, 1)
+    );
+    for app in &apps {
+        let retry = send(app, request("two", "amount=100")).await;
+        assert!(retry.replayed, "{retry:?}");
+    }
+    second.pool().close().await;
+    <sqlx::Postgres as Db>::cleanup(fx).await;
+}
+
+/// Two stores on two schemas of one database are independent: the same
+/// key in flight in one must not refuse it in the other.
+///
+/// Fails today: the record's lock is `pg_try_advisory_xact_lock` on 64 bits
+/// of the record id (scope + key) alone, and advisory locks are the whole
+/// database's, so the second gets a false 409 for as long as the first runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_key_in_two_schemas_is_independent() {
+    let test = "same_key_in_two_schemas_is_independent";
+    let (Some(one), Some(two)) = (
+        <sqlx::Postgres as Db>::open(test, 4).await,
+        <sqlx::Postgres as Db>::open(test, 4).await,
+    ) else {
+        return;
+    };
+    let (p1, p2) = (Probe::new(&one.table), Probe::new(&two.table));
+    p1.set(OK, Duration::from_millis(800));
+    let app1 = app::<sqlx::Postgres>(transactional(&one, config().build().unwrap()), &p1);
+    let app2 = app::<sqlx::Postgres>(transactional(&two, config().build().unwrap()), &p2);
+    let first = tokio::spawn(async move { send(&app1, request("schemas", "amount=100")).await });
+    p1.started(1).await;
+    let other = send(&app2, request("schemas", "amount=100")).await;
+    let first = first.await.expect("task");
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let rows = (
+        <sqlx::Postgres as Db>::rows(&one).await,
+        <sqlx::Postgres as Db>::rows(&two).await,
+    );
+    <sqlx::Postgres as Db>::cleanup(one).await;
+    <sqlx::Postgres as Db>::cleanup(two).await;
+    assert_eq!(
+        other.status,
+        StatusCode::CREATED,
+        "the other schema's store refused a key it has never seen: {:?} {}",
+        other.status,
+        String::from_utf8_lossy(&other.body)
+    );
+    assert_eq!(rows, (1, 1));
+}
+
+// ----------------------------------------------------------------- 4
+
+async fn server_error_rolls_back<D: Db>(test: &str) {
+    let Some(fx) = D::open(test, 4).await else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    let app = app::<D>(transactional(&fx, config().build().unwrap()), &probe);
+    probe.set(FAIL, Duration::ZERO);
+    let failed = send(&app, request("e", "amount=100")).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(failed.body, "failed");
+    assert_eq!(
+        (probe.runs(), D::rows(&fx).await),
+        (1, 0),
+        "the insert was rolled back"
+    );
+
+    probe.set(OK, Duration::ZERO);
+    let retry = send(&app, request("e", "amount=100")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(
+        !retry.replayed,
+        "the record was rolled back too: the retry runs"
+    );
+    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
+    let again = send(&app, request("e", "amount=100")).await;
+    assert!(again.replayed && again.body == retry.body, "{again:?}");
+    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
+    D::cleanup(fx).await;
+}
+
+async fn transient_4xx_rolls_back<D: Db>(test: &str) {
+    let Some(fx) = D::open(test, 4).await else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    let app = app::<D>(transactional(&fx, config().build().unwrap()), &probe);
+    probe.set(BUSY, Duration::ZERO);
+    let busy = send(&app, request("busy", "amount=100")).await;
+    assert_eq!(busy.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 0), "rolled back");
+    probe.set(OK, Duration::ZERO);
+    let retry = send(&app, request("busy", "amount=100")).await;
+    assert!(
+        retry.status == StatusCode::CREATED && !retry.replayed,
+        "{retry:?}"
+    );
+    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
+    D::cleanup(fx).await;
+}
+
+async fn panic_rolls_back<D: Db>(test: &str) {
+    let Some(fx) = D::open(test, 4).await else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    let app = app::<D>(transactional(&fx, config().build().unwrap()), &probe);
+    probe.set(PANIC, Duration::ZERO);
+    assert!(
+        try_send(&app, request("p", "amount=100")).await.is_none(),
+        "the handler's panic propagates"
+    );
+    assert_eq!(
+        (probe.runs(), D::rows(&fx).await),
+        (1, 0),
+        "the insert was rolled back"
+    );
+
+    probe.set(OK, Duration::ZERO);
+    let retry = send(&app, request("p", "amount=100")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(!retry.replayed);
+    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
+    D::cleanup(fx).await;
+}
+
+/// A response over the stored-response limit: the effect commits (the
+/// client got its answer) with a record that cannot replay: 410.
+async fn too_large_response_commits_not_replayable<D: Db>(test: &str) {
+    let Some(fx) = D::open(test, 4).await else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    let config = config().max_stored_response(8).build().unwrap();
+    let app = app::<D>(transactional(&fx, config), &probe);
+    let first = send(&app, request("big", "amount=100")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert_eq!(first.body, "paid amount=100 run 1", "the full body");
+    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    let retry = send(&app, request("big", "amount=100")).await;
+    retry.assert_problem(410, "not-replayable");
+    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    D::cleanup(fx).await;
+}
+
+/// With `wait_for_in_flight`, duplicates wait for the first and get its
+/// replay instead of a 409.
+async fn waiting_duplicates_get_the_replay<D: Db>(test: &str) {
+    const N: usize = 8;
+    let Some(fx) = D::open(test, 10).await else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    probe.set(OK, Duration::from_millis(300));
+    let config = config()
+        .wait_for_in_flight(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let app = app::<D>(transactional(&fx, config), &probe);
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let tasks: Vec<_> = (0..N)
+        .map(|_| {
+            let (app, barrier) = (app.clone(), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                send(&app, request("wait", "amount=100")).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    let fresh: Vec<_> = answers.iter().filter(|a| !a.replayed).collect();
+    assert_eq!(fresh.len(), 1, "{answers:?}");
+    assert_eq!(fresh[0].status, StatusCode::CREATED);
+    for a in &answers {
+        assert!(
+            a.status == StatusCode::CREATED && a.body == fresh[0].body,
+            "{a:?}"
+        );
+    }
+    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    D::cleanup(fx).await;
+}
+
+// ----------------------------------------------------------------- 5
+
+async fn transaction_timeout_rolls_back<D: Db>(test: &str) {
+    let Some(fx) = D::open(test, 4).await else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    let config = config()
+        .transaction_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let app = app::<D>(transactional(&fx, config), &probe);
+    probe.set(SLOW, Duration::ZERO);
+    let sent = Instant::now();
+    let timed_out = send(&app, request("t", "amount=100")).await;
+    let took = sent.elapsed();
+    timed_out.assert_problem(503, "transaction-timeout");
+    assert!(timed_out.retry_after.is_some());
+    assert!(took < Duration::from_secs(1), "503 after {took:?}");
+    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 0), "rolled back");
+
+    probe.set(OK, Duration::ZERO);
+    let retry = send(&app, request("t", "amount=100")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(
+        !retry.replayed,
+        "the record was rolled back: the retry runs"
+    );
+    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
+    eprintln!("{test}: 503 transaction-timeout after {took:?}");
+    D::cleanup(fx).await;
+}
+
+// ----------------------------------------------------------------- 6
+
+async fn pool_exhaustion_is_503_within_the_store_timeout<D: Db>(test: &str) {
+    let Some(fx) = D::open(test, 1).await else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    let config = config()
+        .store_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let app = app::<D>(transactional(&fx, config), &probe);
+    probe.set(OK, Duration::from_millis(1500));
+    let a = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("pool-a", "amount=100")).await }
+    });
+    probe.started(1).await;
+    let sent = Instant::now();
+    let b = send(&app, request("pool-b", "amount=200")).await;
+    let took = sent.elapsed();
+    b.assert_problem(503, "store-unavailable");
+    assert!(b.retry_after.is_some());
+    assert!(took < Duration::from_secs(1), "503 after {took:?}");
+    assert_eq!(probe.runs(), 1, "b's handler never ran");
+    let a = a.await.expect("task");
+    assert_eq!(a.status, StatusCode::CREATED, "{a:?}");
+    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    eprintln!("{test}: 503 store-unavailable after {took:?}");
+    D::cleanup(fx).await;
+}
+
+// ----------------------------------------------------------------- 7
+
+async fn extractor_without_a_transaction_is_500<D: Db>(test: &str) {
+    let probe = Probe::new("never_written");
+    let check = |a: Answer, what: &str| {
+        a.assert_problem(500, "internal");
+        assert_eq!(probe.runs(), 0, "{test}: the handler ran ({what})");
+    };
+    // A route outside the layer.
+    let outside = Router::new()
+        .route("/p", post(pay::<D>))
+        .with_state(Arc::clone(&probe));
+    check(send(&outside, request("o", "x")).await, "outside the layer");
+    // A layer whose engine is not transactional.
+    let memory = Idempotency::new(MemoryStore::new(), config().build().unwrap());
+    let app = app::<D>(memory, &probe);
+    check(send(&app, request("m", "x")).await, "memory engine");
+    check(send(&app, request("m", "x")).await, "memory engine, retry");
+    // A method the layer does not cover (GET passes through).
+    let get = Router::new()
+        .route("/p", axum::routing::get(pay::<D>))
+        .layer(IdempotencyLayer::new(Idempotency::new(
+            MemoryStore::new(),
+            config().build().unwrap(),
+        )))
+        .with_state(Arc::clone(&probe));
+    let req = Request::get("/p").body(Body::empty()).unwrap();
+    check(send(&get, req).await, "uncovered method");
+}
+
+/// A transactional engine of one database and a handler that asks for the
+/// other's transaction: 500, nothing written, the record not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extractor_of_another_database_is_500() {
+    let Some(fx) = <sqlx::Sqlite as Db>::open("extractor_of_another_database_is_500", 2).await
+    else {
+        return;
+    };
+    let probe = Probe::new(&fx.table);
+    let app = app::<sqlx::Postgres>(transactional(&fx, config().build().unwrap()), &probe);
+    for _ in 0..2 {
+        let a = send(&app, request("x", "amount=1")).await;
+        a.assert_problem(500, "internal");
+    }
+    assert_eq!(
+        (probe.runs(), <sqlx::Sqlite as Db>::rows(&fx).await),
+        (0, 0)
+    );
+}
+
+// ----------------------------------------------------------------- 8
+
+/// A TCP proxy that reads the PostgreSQL frontend protocol and counts
+/// flights (client bytes after the server last spoke), statement flights
+/// (those with an Execute or a simple Query), and the simple queries' text.
+mod wire {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    pub struct Counts {
+        pub flights: u64,
+        pub statement_flights: u64,
+        pub executes: u64,
+        pub parses: u64,
+        /// The text of every simple query ('Q'), in order.
+        pub queries: Vec<String>,
+    }
+
+    impl Counts {
+        pub fn since(&self, before: &Counts) -> Counts {
+            Counts {
+                flights: self.flights - before.flights,
+                statement_flights: self.statement_flights - before.statement_flights,
+                executes: self.executes - before.executes,
+                parses: self.parses - before.parses,
+                queries: self.queries[before.queries.len()..].to_vec(),
+            }
+        }
+
+        pub fn simple(&self, word: &str) -> usize {
+            self.queries
+                .iter()
+                .filter(|q| {
+                    q.trim_start()
+                        .get(..word.len())
+                        .is_some_and(|w| w.eq_ignore_ascii_case(word))
+                })
+                .count()
+        }
+    }
+
+    pub struct Proxy {
+        pub port: u16,
+        pub counts: Arc<Mutex<Counts>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Proxy {
+        pub async fn start(upstream: String) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let counts = Arc::new(Mutex::new(Counts::default()));
+            let c = Arc::clone(&counts);
+            let task = tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    if let Ok(server) = TcpStream::connect(&upstream).await {
+                        tokio::spawn(pipe(client, server, Arc::clone(&c)));
+                    }
+                }
+            });
+            Self { port, counts, task }
+        }
+
+        pub fn counts(&self) -> Counts {
+            self.counts.lock().unwrap().clone()
+        }
+    }
+
+    async fn pipe(client: TcpStream, server: TcpStream, counts: Arc<Mutex<Counts>>) {
+        let _ = (client.set_nodelay(true), server.set_nodelay(true));
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let server_last = Arc::new(AtomicBool::new(true));
+        let s_last = Arc::clone(&server_last);
+        let up = async move {
+            let (mut buf, mut pending) = (vec![0u8; 64 * 1024], Vec::new());
+            let (mut started, mut statement) = (false, false);
+            while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                // Counted before forwarding: no answer (so no next flight) before this.
+                {
+                    let mut c = counts.lock().unwrap();
+                    if server_last.swap(false, Ordering::SeqCst) {
+                        c.flights += 1;
+                        statement = false;
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    // The untyped startup message first, then `type + i32 length` frames.
+                    loop {
+                        let (at, typed) = if started { (1, true) } else { (0, false) };
+                        let Some(len) = pending.get(at..at + 4) else {
+                            break;
+                        };
+                        let len = i32::from_be_bytes(len.try_into().unwrap()) as usize;
+                        if pending.len() < at + len {
+                            break;
+                        }
+                        let frame: Vec<u8> = pending.drain(..at + len).collect();
+                        started = true;
+                        if !typed {
+                            continue;
+                        }
+                        match frame[0] {
+                            b'Q' => {
+                                let text = &frame[5..frame.len().saturating_sub(1).max(5)];
+                                c.queries.push(String::from_utf8_lossy(text).into_owned());
+                            }
+                            b'E' => c.executes += 1,
+                            b'P' => c.parses += 1,
+                            _ => continue,
+                        }
+                        if matches!(frame[0], b'Q' | b'E') && !statement {
+                            statement = true;
+                            c.statement_flights += 1;
+                        }
+                    }
+                }
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sw.shutdown().await;
+        };
+        let down = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                s_last.store(true, Ordering::SeqCst);
+                if cw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = cw.shutdown().await;
+        };
+        tokio::join!(up, down);
+    }
+}
+
+/// Through the proxy: a fresh request is ONE commit (the handler's insert
+/// and the record together), a replay none and no transaction at all, one
+/// statement round trip (the snapshot read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_commit_per_fresh_request_none_per_replay() {
+    use sqlx::postgres::PgConnectOptions;
+    use std::str::FromStr;
+    let test = "one_commit_per_fresh_request_none_per_replay";
+    let Some(url) = database_url(test) else {
+        return;
+    };
+    let options = PgConnectOptions::from_str(&url).expect("DATABASE_URL");
+    let proxy = wire::Proxy::start(format!("{}:{}", options.get_host(), options.get_port())).await;
+    // Plain text, so that the proxy can read it (the proxy URL carries no password).
+    let proxied = format!(
+        "postgres://{}@127.0.0.1:{}/{}?sslmode=disable",
+        options.get_username(),
+        proxy.port,
+        options.get_database().unwrap_or("postgres"),
+    );
+    let schema = unique("idem_tx_wire");
+    // One connection: every statement below goes over it, prepared once.
+    let store = PostgresStore::connect_with(
+        &proxied,
+        PostgresOptions::new().schema(&schema).max_connections(1),
+    )
+    .await
+    .expect("connect through the proxy");
+    let table = format!("\"{schema}\".effects");
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, note TEXT NOT NULL)"
+    ))
+    .execute(store.pool())
+    .await
+    .expect("create table");
+    let fx = Fixture::<sqlx::Postgres> {
+        store: store.clone(),
+        table,
+        _file: None,
+    };
+    let probe = Probe::new(&fx.table);
+    let app = app::<sqlx::Postgres>(transactional(&fx, config().build().unwrap()), &probe);
+    let settle = || tokio::time::sleep(Duration::from_millis(100));
+
+    // Warm up: the connection prepares every statement once.
+    assert_eq!(
+        send(&app, request("warm", "w")).await.status,
+        StatusCode::CREATED
+    );
+    assert!(send(&app, request("warm", "w")).await.replayed);
+    settle().await;
+
+    let mut printed = false;
+    for i in 0..3 {
+        let key = format!("wire-{i}");
+        let before = proxy.counts();
+        let fresh = send(&app, request(&key, "amount=100")).await;
+        assert_eq!(fresh.status, StatusCode::CREATED, "{fresh:?}");
+        settle().await;
+        let mid = proxy.counts();
+        let replay = send(&app, request(&key, "amount=100")).await;
+        assert!(replay.replayed, "{replay:?}");
+        settle().await;
+        let after = proxy.counts();
+        let (f, r) = (mid.since(&before), after.since(&mid));
+        if !printed {
+            eprintln!("{test}: fresh request on the wire: {f:?}");
+            eprintln!("{test}: replay on the wire: {r:?}");
+            printed = true;
+        }
+        assert_eq!(f.simple("COMMIT"), 1, "fresh: one COMMIT: {f:?}");
+        assert_eq!(f.simple("BEGIN"), 1, "fresh: one BEGIN: {f:?}");
+        assert_eq!(f.simple("ROLLBACK"), 0, "fresh: {f:?}");
+        assert_eq!(f.parses, 0, "fresh: nothing prepared again: {f:?}");
+        // The snapshot read, BEGIN, the lock with the claim, the handler's
+        // insert, the response into the record, COMMIT.
+        assert_eq!(
+            (f.statement_flights, f.executes),
+            (6, 4),
+            "fresh: six statement round trips: {f:?}"
+        );
+        assert_eq!(r.simple("COMMIT"), 0, "replay: no COMMIT: {r:?}");
+        assert_eq!(r.simple("BEGIN"), 0, "replay: no BEGIN: {r:?}");
+        assert_eq!(r.queries.len(), 0, "replay: no simple query: {r:?}");
+        assert_eq!(
+            (r.statement_flights, r.executes),
+            (1, 1),
+            "replay: one statement round trip: {r:?}"
+        );
+    }
+    assert_eq!(probe.runs(), 4);
+    assert_eq!(<sqlx::Postgres as Db>::rows(&fx).await, 4);
+    <sqlx::Postgres as Db>::cleanup(fx).await;
+}
