@@ -11,10 +11,15 @@
 //!
 //! # Quick start
 //!
+//! ```toml
+//! [dependencies]
+//! idempotency-actix = "0.1"   # features: "redis", "postgres", "sqlite"
+//! actix-web = "4"
+//! ```
+//!
 //! ```no_run
 //! use actix_web::{web, App, HttpResponse, HttpServer};
-//! use idempotency_actix::IdempotencyMiddleware;
-//! use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
+//! use idempotency_actix::{Idempotency, IdempotencyConfig, IdempotencyMiddleware, MemoryStore};
 //!
 //! #[actix_web::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {

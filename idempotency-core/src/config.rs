@@ -60,6 +60,7 @@ pub struct IdempotencyConfig {
     pub(crate) wait_for_in_flight: Duration,
     /// `None`: the lease.
     pub(crate) transaction_timeout: Option<Duration>,
+    pub(crate) in_flight_retry_after: Duration,
 }
 
 impl fmt::Debug for IdempotencyConfig {
@@ -78,6 +79,7 @@ impl fmt::Debug for IdempotencyConfig {
             .field("complete_attempts", &self.complete_attempts)
             .field("wait_for_in_flight", &self.wait_for_in_flight)
             .field("transaction_timeout", &self.transaction_timeout())
+            .field("in_flight_retry_after", &self.in_flight_retry_after)
             .finish_non_exhaustive()
     }
 }
@@ -104,6 +106,7 @@ impl Default for IdempotencyConfig {
             complete_backoff: Duration::from_millis(50),
             wait_for_in_flight: Duration::ZERO,
             transaction_timeout: None,
+            in_flight_retry_after: Duration::from_secs(1),
         }
     }
 }
@@ -320,6 +323,16 @@ impl IdempotencyConfigBuilder {
     /// request holds a connection.
     pub fn wait_for_in_flight(mut self, bound: Duration) -> Self {
         self.config.wait_for_in_flight = bound;
+        self
+    }
+
+    /// The `Retry-After` of a 409 for a request still in flight (default
+    /// 1 s, whole seconds, rounded up): most handlers finish well within it,
+    /// and a client told the whole remaining lease would wait 30 s for a
+    /// response that was ready after 5 ms. It is never more than the lease,
+    /// nor than what is left of the first request's lease.
+    pub fn in_flight_retry_after(mut self, hint: Duration) -> Self {
+        self.config.in_flight_retry_after = hint;
         self
     }
 

@@ -9,10 +9,16 @@
 //!
 //! # Quick start
 //!
+//! ```toml
+//! [dependencies]
+//! idempotency-tower = "0.1"   # features: "redis", "postgres", "sqlite", "axum"
+//! axum = "0.8"
+//! tokio = { version = "1", features = ["rt-multi-thread", "macros", "net"] }
+//! ```
+//!
 //! ```no_run
 //! use axum::{routing::post, Router};
-//! use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
-//! use idempotency_tower::IdempotencyLayer;
+//! use idempotency_tower::{Idempotency, IdempotencyConfig, IdempotencyLayer, MemoryStore};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = IdempotencyConfig::builder().scope_header("authorization").build()?;

@@ -86,14 +86,7 @@ impl Idempotency {
                 lease_remaining,
             } if held == *fingerprint => {
                 tracing::debug!(decision = "conflict", "idempotency");
-                let lease = self.config().lease;
-                return Decision::Reject(
-                    Problem::new(
-                        ProblemKind::InFlight,
-                        "A request with this Idempotency-Key is still being processed. Retry after the delay in Retry-After to get its response.",
-                    )
-                    .retry_after(lease_remaining.clamp(Duration::from_secs(1), lease)),
-                );
+                return Decision::Reject(self.in_flight(lease_remaining));
             }
             ClaimOutcome::InFlight { fingerprint, .. } => (fingerprint, None),
             ClaimOutcome::Completed {
@@ -135,6 +128,21 @@ impl Idempotency {
                 ))
             }
         }
+    }
+
+    /// The 409 for a request still in flight, whose holder's lease has
+    /// `lease_remaining` left.
+    pub(super) fn in_flight(&self, lease_remaining: Duration) -> Problem {
+        let config = self.config();
+        let hint = config
+            .in_flight_retry_after
+            .min(lease_remaining)
+            .min(config.lease);
+        Problem::new(
+            ProblemKind::InFlight,
+            "A request with this Idempotency-Key is still being processed. Retry after the delay in Retry-After to get its response.",
+        )
+        .retry_after(hint)
     }
 
     /// With `wait_for_in_flight` set: while the same request is in flight

@@ -65,7 +65,7 @@ impl Idempotency {
                 }
                 Ok(Begun::Locked) => {
                     tracing::debug!(decision = "conflict", "idempotency");
-                    return Ok(Reply::problem(in_flight(Duration::from_secs(1))));
+                    return Ok(Reply::problem(self.in_flight(config.lease)));
                 }
                 Err(e) => return Ok(self.transaction_failed(&e)),
             }
@@ -190,14 +190,6 @@ async fn rollback(open: Box<dyn OpenTransaction>, bound: Duration) {
             "idempotency: rollback failed"
         );
     }
-}
-
-fn in_flight(retry_after: Duration) -> Problem {
-    Problem::new(
-        ProblemKind::InFlight,
-        "A request with this Idempotency-Key is still being processed. Retry after the delay in Retry-After to get its response.",
-    )
-    .retry_after(retry_after)
 }
 
 fn unavailable() -> Problem {

@@ -1,0 +1,192 @@
+//! Relays the transactional outbox of a PostgreSQL database to RabbitMQ or
+//! NATS JetStream (the `outbox` crate). Several may run on one database.
+//!
+//! ```text
+//! cargo run --release -p examples --bin outbox-relay -- --broker rabbitmq
+//! cargo run --release -p examples --bin outbox-relay -- --broker nats --enqueue 1000
+//! ```
+//!
+//! - RabbitMQ: destination `payments` goes to the durable queue `payments`
+//!   (declared when missing) through the default exchange, as a persistent
+//!   message with `message_id` = the event id, under publisher confirms.
+//! - NATS: destination `D` goes to subject `D.created` (`payments` →
+//!   `payments.created`) in stream `PAYMENTS` (subjects `payments.>`; created
+//!   when missing, used as it is when present), with `Nats-Msg-Id` = the
+//!   event id.
+//!
+//! SIGTERM or Ctrl-C: the batch in hand is published and marked, then the
+//! relay exits 0. `--enqueue N` first writes N demo events (destination
+//! `payments`, ordering keys `acct-0`..`acct-9`) in one transaction.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use clap::{Parser, ValueEnum};
+use examples::{ResultExt, StartError};
+use outbox::nats::NatsPublisher;
+use outbox::rabbitmq::RabbitMqPublisher;
+use outbox::{Event, Publisher, Relay, RelayConfig};
+
+const STREAM: &str = "PAYMENTS";
+const SUBJECTS: &str = "payments.>";
+const QUEUE: &str = "payments";
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Broker {
+    Rabbitmq,
+    Nats,
+}
+
+/// Publish the outbox's events to a broker, at least once, in order per key.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The PostgreSQL URL (the outbox lives in its schema `outbox`).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    database: String,
+    /// Where to publish.
+    #[arg(long, value_enum, default_value = "rabbitmq")]
+    broker: Broker,
+    /// The RabbitMQ URL (`--broker rabbitmq`).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp: String,
+    /// The NATS URL (`--broker nats`).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Events claimed per batch, of each kind (keyed, keyless).
+    #[arg(long, default_value_t = outbox::config::DEFAULT_BATCH_SIZE)]
+    batch_size: u32,
+    /// Failed publishes before an event is dead.
+    #[arg(long, default_value_t = outbox::config::DEFAULT_MAX_ATTEMPTS)]
+    max_attempts: u32,
+    /// How often to look for work without a notification.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// Write this many demo events before relaying.
+    #[arg(long, default_value_t = 0)]
+    enqueue: u32,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    examples::init_tracing("info,outbox=info");
+    let args = Args::parse();
+    let config = match RelayConfig::builder()
+        .batch_size(args.batch_size)
+        .max_attempts(args.max_attempts)
+        .poll_interval(args.poll_interval)
+        .build()
+    {
+        Ok(config) => config,
+        Err(e) => {
+            // Wrong flags: retrying the same command cannot help (exit 2).
+            eprintln!(
+                "{}: the relay settings are invalid: {e}",
+                env!("CARGO_BIN_NAME")
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
+    examples::finish(env!("CARGO_BIN_NAME"), run(args, config).await)
+}
+
+async fn run(args: Args, config: RelayConfig) -> Result<(), StartError> {
+    // Installed first, so a SIGTERM during startup is not lost.
+    let shutdown = shutdown_signal().context("could not install the SIGTERM handler")?;
+    let pool = sqlx::PgPool::connect(&args.database)
+        .await
+        .context("could not connect to PostgreSQL (--database)")?;
+    outbox::migrate_postgres(&pool)
+        .await
+        .context("could not create the outbox table")?;
+    if args.enqueue > 0 {
+        enqueue_demo(&pool, args.enqueue).await?;
+    }
+    match args.broker {
+        Broker::Rabbitmq => {
+            let publisher = RabbitMqPublisher::connect(args.amqp.as_str())
+                .await
+                .context("could not connect to RabbitMQ (--amqp)")?;
+            publisher
+                .declare_queue(QUEUE)
+                .await
+                .context(format!("could not declare the queue {QUEUE}"))?;
+            tracing::info!(queue = QUEUE, "relaying to RabbitMQ");
+            relay(pool, publisher, config, shutdown).await
+        }
+        Broker::Nats => {
+            let client = async_nats::connect(&args.nats)
+                .await
+                .context("could not connect to NATS (--nats)")?;
+            let js = jetstream::new(client);
+            js.get_or_create_stream(jetstream::stream::Config {
+                name: STREAM.to_owned(),
+                subjects: vec![SUBJECTS.to_owned()],
+                ..Default::default()
+            })
+            .await
+            .context(format!("could not open or create the stream {STREAM}"))?;
+            let publisher =
+                NatsPublisher::new(js, |destination| Some(format!("{destination}.created")));
+            tracing::info!(stream = STREAM, "relaying to NATS JetStream");
+            relay(pool, publisher, config, shutdown).await
+        }
+    }
+}
+
+async fn relay<P: Publisher>(
+    pool: sqlx::PgPool,
+    publisher: P,
+    config: RelayConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let relay = Relay::new(pool, publisher, config);
+    let started = Instant::now();
+    relay
+        .run(shutdown)
+        .await
+        .context("the relay could not start")?;
+    let m = relay.metrics();
+    tracing::info!(
+        published = m.published,
+        retried = m.retried,
+        dead = m.dead,
+        unavailable = m.unavailable,
+        ran = ?started.elapsed(),
+        "stopped"
+    );
+    Ok(())
+}
+
+async fn enqueue_demo(pool: &sqlx::PgPool, n: u32) -> Result<(), StartError> {
+    let started = Instant::now();
+    let mut tx = pool
+        .begin()
+        .await
+        .context("could not begin a transaction")?;
+    for i in 0..n {
+        let body = format!(r#"{{"account":"acct-{}","amount":{}}}"#, i % 10, i + 1);
+        let event = Event::new(QUEUE, body.into_bytes())
+            .with_ordering_key(format!("acct-{}", i % 10))
+            .with_header("content-type", "application/json");
+        outbox::enqueue(&mut *tx, &event)
+            .await
+            .context("could not enqueue a demo event")?;
+    }
+    tx.commit()
+        .await
+        .context("could not commit the demo events")?;
+    tracing::info!(events = n, took = ?started.elapsed(), "enqueued demo events");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: finishing the batch in hand"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: finishing the batch in hand"),
+        }
+    })
+}

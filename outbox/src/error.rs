@@ -1,0 +1,37 @@
+//! The outbox's errors.
+
+use crate::config::ConfigError;
+use crate::event::EventError;
+
+/// Why an outbox operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// The event was refused before it reached the database.
+    #[error(transparent)]
+    Event(#[from] EventError),
+    /// A relay config is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An event with this id is in the outbox already.
+    #[error("an event with id {0} is in the outbox already")]
+    DuplicateId(uuid::Uuid),
+    /// The outbox's database failed.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[error("the outbox database failed")]
+    Database(#[source] sqlx::Error),
+    /// The outbox's embedded migrations failed.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[error("the outbox migrations failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored row could not be read back as an event.
+    #[error("a stored event is unreadable: {0}")]
+    Corrupt(String),
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl From<sqlx::Error> for OutboxError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e)
+    }
+}
