@@ -402,7 +402,7 @@ fn bench(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
         us(ins_t - bsc_t)
     );
     println!(
-        "SQL alone (store API, no HTTP): transactional (7 round trips, 1 flush) {:.1} µs = {:.2}× \
+        "SQL alone (store API, no HTTP): transactional (6 round trips, 1 flush) {:.1} µs = {:.2}× \
          the insert transaction, two_commit (5 round trips, 3 flushes) {:.1} µs = {:.2}×; \
          transactional = {:.2}× two_commit",
         us(sql_tx_t),

@@ -36,6 +36,12 @@ pub struct PaymentsArgs {
     /// postgres:// or sqlite:// store).
     #[arg(long, conflicts_with = "no_idempotency")]
     pub transactional: bool,
+    /// With --transactional: also enqueue one event per payment (destination
+    /// `payments`, JSON {"account": <payment id>, "amount": <amount>}) to the
+    /// transactional outbox, in the same transaction; run outbox-relay to
+    /// publish it.
+    #[arg(long)]
+    pub outbox: bool,
     /// A duplicate waits up to this long for the first request and gets its
     /// response instead of 409 (off by default).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -133,6 +139,11 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// Flags that cannot work together: [`finish`] prints `what` and exits 2.
+pub fn usage_error(what: impl Into<String>) -> StartError {
+    Box::new(UsageError(what.into()))
+}
+
 /// Whether the chain says the flags or the configuration are wrong (so
 /// retrying the same command cannot help).
 fn is_usage_error(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -163,7 +174,15 @@ impl PaymentsArgs {
         let memory = || Payments {
             ledger: Ledger::default(),
             table: None,
+            outbox: false,
         };
+        if self.outbox && !self.transactional {
+            return Err(Box::new(UsageError(
+                "--outbox needs --transactional: the event is enqueued in the transaction that \
+                 inserts the payment (with a postgres:// or sqlite:// store)"
+                    .into(),
+            )));
+        }
         if self.no_idempotency {
             return Ok((None, memory()));
         }
@@ -182,9 +201,13 @@ impl PaymentsArgs {
             return Ok((Some(Idempotency::from_arc(store, config)), memory()));
         }
         let (engine, table) = PaymentsTable::open(&self.store, config).await?;
+        if self.outbox {
+            table.migrate_outbox().await?;
+        }
         let payments = Payments {
             ledger: Ledger::default(),
             table: Some(table),
+            outbox: self.outbox,
         };
         Ok((Some(engine), payments))
     }
@@ -295,13 +318,10 @@ fn invalid(detail: String) -> String {
 }
 
 /// The body of the 500 `application/problem+json` response when the
-/// payments table fails (the cause is logged; a retry with the same key
-/// runs again, since nothing was committed).
-pub fn database_problem(error: &sqlx::Error) -> String {
-    tracing::error!(
-        error = error as &dyn std::error::Error,
-        "the payments table failed"
-    );
+/// payments table (or the outbox) fails (the cause is logged; a retry with
+/// the same key runs again, since nothing was committed).
+pub fn database_problem(error: &(dyn std::error::Error + 'static)) -> String {
+    tracing::error!(error, "the payments table failed");
     serde_json::json!({
         "type": "urn:payments:problem:database",
         "title": "The payment could not be recorded",
@@ -318,6 +338,8 @@ pub struct Payments {
     pub ledger: Ledger,
     /// With `--transactional`: table `payments` of the store's database.
     pub table: Option<PaymentsTable>,
+    /// With `--outbox`: each payment's transaction also enqueues its event.
+    pub outbox: bool,
 }
 
 impl Payments {
@@ -427,6 +449,16 @@ impl PaymentsTable {
         }
     }
 
+    /// Creates or updates the outbox table (`--outbox`) on this pool:
+    /// `outbox.events` on PostgreSQL, `outbox_events` on SQLite.
+    async fn migrate_outbox(&self) -> Result<(), StartError> {
+        match self {
+            Self::Postgres(pool) => outbox::migrate_postgres(pool).await,
+            Self::Sqlite(pool) => outbox::migrate_sqlite(pool).await,
+        }
+        .context("could not create the outbox table (--outbox)")
+    }
+
     /// Every row, as JSON.
     pub async fn list_json(&self) -> Result<String, sqlx::Error> {
         let rows: Vec<(String, i64, String)> = match self {
@@ -453,6 +485,41 @@ pub trait PaymentsDatabase: idempotency_core::store::transaction::TxDatabase {
         conn: &'c mut Self::Connection,
         payment: &'c Payment,
     ) -> futures_util::future::BoxFuture<'c, Result<(), sqlx::Error>>;
+
+    /// Enqueues the event of `payment` ([`payment_event`]) to the outbox
+    /// through `conn`, the request's transaction.
+    fn enqueue<'c>(
+        conn: &'c mut Self::Connection,
+        payment: &'c Payment,
+    ) -> futures_util::future::BoxFuture<'c, Result<(), outbox::OutboxError>>;
+}
+
+/// The outbox event of a payment (`--outbox`): destination `payments`, a new
+/// UUID v7 id, payload `{"account": "<payment id>", "amount": <amount>}`
+/// (the inbox examples' ledger message).
+pub fn payment_event(payment: &Payment) -> outbox::Event {
+    let payload = serde_json::json!({"account": payment.id, "amount": payment.amount});
+    outbox::Event::new("payments", payload.to_string().into_bytes())
+        .with_header("content-type", "application/json")
+}
+
+/// What the transactional handler writes through `conn`, the request's
+/// transaction: the payment's row, and with `--outbox` its event. `Err` is
+/// the body of a 500 `application/problem+json` response (nothing commits).
+pub async fn record_payment<DB: PaymentsDatabase>(
+    conn: &mut DB::Connection,
+    payment: &Payment,
+    payments: &Payments,
+) -> Result<(), String> {
+    DB::insert(conn, payment)
+        .await
+        .map_err(|e| database_problem(&e))?;
+    if payments.outbox {
+        DB::enqueue(conn, payment)
+            .await
+            .map_err(|e| database_problem(&e))?;
+    }
+    Ok(())
 }
 
 macro_rules! payments_database {
@@ -470,6 +537,18 @@ macro_rules! payments_database {
                         .execute(conn)
                         .await?;
                     tracing::debug!(payment = %payment.id, "payment inserted in the request's transaction");
+                    Ok(())
+                })
+            }
+
+            fn enqueue<'c>(
+                conn: &'c mut Self::Connection,
+                payment: &'c Payment,
+            ) -> futures_util::future::BoxFuture<'c, Result<(), outbox::OutboxError>> {
+                Box::pin(async move {
+                    let event = payment_event(payment);
+                    outbox::enqueue(&mut *conn, &event).await?;
+                    tracing::debug!(payment = %payment.id, event = %event.id(), "event enqueued in the request's transaction");
                     Ok(())
                 })
             }

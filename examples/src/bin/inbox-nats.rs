@@ -7,7 +7,9 @@
 //!
 //! Stream `PAYMENTS` (subjects `payments.>`; created when missing, used as it
 //! is when present), durable pull consumer named after `--consumer`. The id is
-//! the `Nats-Msg-Id` header, else the stream sequence. Each message is JSON
+//! the `Nats-Msg-Id` header, else the stream sequence. `--stream NAME
+//! --subject S` consume stream `NAME` (subjects `S`, created when missing)
+//! instead. Each message is JSON
 //! `{"account": "<string>", "amount": <integer>}`; its effect is one row in
 //! `ledger_entries(account, amount, message_id)`, which has no unique
 //! constraint of its own: the inbox alone prevents doubles.
@@ -32,6 +34,12 @@ struct Args {
     /// The PostgreSQL URL (the ledger and the inbox live there).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     database: String,
+    /// The JetStream stream; with another than `PAYMENTS`, give `--subject` too.
+    #[arg(long, default_value = STREAM)]
+    stream: String,
+    /// The subjects of the stream when it is created and is not `PAYMENTS`.
+    #[arg(long)]
+    subject: Option<String>,
     /// The consumer name: the durable pull consumer's name and the scope of message ids.
     #[arg(long, default_value = "ledger")]
     consumer: String,
@@ -54,15 +62,27 @@ async fn run(args: Args) -> Result<(), StartError> {
         .await
         .context("could not connect to NATS (--nats)")?;
     let js = jetstream::new(client);
+    let subjects = match (&args.subject, args.stream == STREAM) {
+        (_, true) => SUBJECTS.to_owned(),
+        (Some(subject), false) => subject.clone(),
+        (None, false) => {
+            return Err(examples::usage_error(
+                "--stream other than PAYMENTS needs --subject",
+            ))
+        }
+    };
     // Created when missing; an existing stream is used as it is.
     let stream = js
         .get_or_create_stream(jetstream::stream::Config {
-            name: STREAM.to_owned(),
-            subjects: vec![SUBJECTS.to_owned()],
+            name: args.stream.clone(),
+            subjects: vec![subjects],
             ..Default::default()
         })
         .await
-        .context(format!("could not open or create the stream {STREAM}"))?;
+        .context(format!(
+            "could not open or create the stream {} (--stream)",
+            args.stream
+        ))?;
     let consumer = stream
         .get_or_create_consumer(
             &args.consumer,
@@ -80,7 +100,7 @@ async fn run(args: Args) -> Result<(), StartError> {
         .messages()
         .await
         .context("could not start pulling messages")?;
-    tracing::info!(stream = STREAM, consumer = %args.consumer, "consuming");
+    tracing::info!(stream = %args.stream, consumer = %args.consumer, "consuming");
 
     let delay = args.handler_delay;
     loop {

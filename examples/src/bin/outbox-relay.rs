@@ -7,12 +7,15 @@
 //! ```
 //!
 //! - RabbitMQ: destination `payments` goes to the durable queue `payments`
-//!   (declared when missing) through the default exchange, as a persistent
-//!   message with `message_id` = the event id, under publisher confirms.
+//!   (`--queue` names another; declared when missing) through the default
+//!   exchange, as a persistent message with `message_id` = the event id,
+//!   under publisher confirms. Any other destination goes to the queue of
+//!   its name.
 //! - NATS: destination `D` goes to subject `D.created` (`payments` →
 //!   `payments.created`) in stream `PAYMENTS` (subjects `payments.>`; created
 //!   when missing, used as it is when present), with `Nats-Msg-Id` = the
-//!   event id.
+//!   event id. `--stream NAME --subject S` send destination `payments` to
+//!   subject `S` in stream `NAME` (subjects `S`) instead.
 //!
 //! SIGTERM or Ctrl-C: the batch in hand is published and marked, then the
 //! relay exits 0. `--enqueue N` first writes N demo events (destination
@@ -25,7 +28,7 @@ use clap::{Parser, ValueEnum};
 use examples::{ResultExt, StartError};
 use outbox::nats::NatsPublisher;
 use outbox::rabbitmq::RabbitMqPublisher;
-use outbox::{Event, Publisher, Relay, RelayConfig};
+use outbox::{Event, Outgoing, PublishError, Publisher, Relay, RelayConfig};
 
 const STREAM: &str = "PAYMENTS";
 const SUBJECTS: &str = "payments.>";
@@ -52,6 +55,18 @@ struct Args {
     /// The NATS URL (`--broker nats`).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// The durable queue destination `payments` goes to (`--broker rabbitmq`).
+    #[arg(long, default_value = QUEUE)]
+    queue: String,
+    /// The JetStream stream (`--broker nats`); with another than `PAYMENTS`,
+    /// give `--subject` too.
+    #[arg(long, default_value = STREAM)]
+    stream: String,
+    /// The subject destination `payments` goes to (`--broker nats`; default
+    /// `payments.created`); the stream is created with this subject alone
+    /// when it is not `PAYMENTS`.
+    #[arg(long)]
+    subject: Option<String>,
     /// Events claimed per batch, of each kind (keyed, keyless).
     #[arg(long, default_value_t = outbox::config::DEFAULT_BATCH_SIZE)]
     batch_size: u32,
@@ -106,30 +121,85 @@ async fn run(args: Args, config: RelayConfig) -> Result<(), StartError> {
             let publisher = RabbitMqPublisher::connect(args.amqp.as_str())
                 .await
                 .context("could not connect to RabbitMQ (--amqp)")?;
-            publisher
-                .declare_queue(QUEUE)
-                .await
-                .context(format!("could not declare the queue {QUEUE}"))?;
-            tracing::info!(queue = QUEUE, "relaying to RabbitMQ");
-            relay(pool, publisher, config, shutdown).await
+            publisher.declare_queue(&args.queue).await.context(format!(
+                "could not declare the queue {} (--queue)",
+                args.queue
+            ))?;
+            tracing::info!(queue = %args.queue, "relaying to RabbitMQ");
+            if args.queue == QUEUE {
+                relay(pool, publisher, config, shutdown).await
+            } else {
+                let publisher = Renamed {
+                    inner: publisher,
+                    to: args.queue,
+                };
+                relay(pool, publisher, config, shutdown).await
+            }
         }
         Broker::Nats => {
+            let subjects = match (&args.subject, args.stream == STREAM) {
+                (_, true) => SUBJECTS.to_owned(),
+                (Some(subject), false) => subject.clone(),
+                (None, false) => {
+                    return Err(examples::usage_error(
+                        "--stream other than PAYMENTS needs --subject",
+                    ));
+                }
+            };
             let client = async_nats::connect(&args.nats)
                 .await
                 .context("could not connect to NATS (--nats)")?;
             let js = jetstream::new(client);
             js.get_or_create_stream(jetstream::stream::Config {
-                name: STREAM.to_owned(),
-                subjects: vec![SUBJECTS.to_owned()],
+                name: args.stream.clone(),
+                subjects: vec![subjects],
                 ..Default::default()
             })
             .await
-            .context(format!("could not open or create the stream {STREAM}"))?;
-            let publisher =
-                NatsPublisher::new(js, |destination| Some(format!("{destination}.created")));
-            tracing::info!(stream = STREAM, "relaying to NATS JetStream");
+            .context(format!(
+                "could not open or create the stream {} (--stream)",
+                args.stream
+            ))?;
+            let subject = args.subject.clone();
+            let publisher = NatsPublisher::new(js, move |destination| {
+                Some(match &subject {
+                    Some(s) if destination == QUEUE => s.clone(),
+                    _ => format!("{destination}.created"),
+                })
+            });
+            tracing::info!(stream = %args.stream, "relaying to NATS JetStream");
             relay(pool, publisher, config, shutdown).await
         }
+    }
+}
+
+/// `--queue`: destination `payments` goes to the queue `to`; the event is
+/// otherwise unchanged (id, ordering key, headers, payload).
+struct Renamed<P> {
+    inner: P,
+    to: String,
+}
+
+impl<P: Publisher> Publisher for Renamed<P> {
+    async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishError>> {
+        let renamed: Vec<Outgoing> = batch
+            .iter()
+            .map(|o| {
+                let e = o.event();
+                if e.destination() != QUEUE {
+                    return o.clone();
+                }
+                let mut event = Event::new(self.to.as_str(), e.payload().clone()).with_id(e.id());
+                if let Some(key) = e.ordering_key() {
+                    event = event.with_ordering_key(key);
+                }
+                for (name, value) in e.headers() {
+                    event = event.with_header(name.as_str(), value.as_str());
+                }
+                Outgoing::new(o.seq(), o.attempt(), event)
+            })
+            .collect();
+        self.inner.publish(&renamed).await
     }
 }
 

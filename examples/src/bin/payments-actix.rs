@@ -37,6 +37,7 @@ async fn create_payment(
 /// `--transactional`: the row goes into the request's transaction, which the
 /// middleware commits with the record after this returns.
 async fn create_payment_in<DB: PaymentsDatabase>(
+    payments: web::Data<Payments>,
     delay: web::Data<HandlerDelay>,
     mut tx: Transaction<DB>,
     body: web::Bytes,
@@ -49,8 +50,11 @@ async fn create_payment_in<DB: PaymentsDatabase>(
                 .body(problem)
         }
     };
-    if let Err(e) = DB::insert(&mut tx, &payment).await {
-        return database_failed(&e);
+    // The row, and with --outbox its event: one transaction.
+    if let Err(problem) = examples::record_payment::<DB>(&mut tx, &payment, &payments).await {
+        return HttpResponse::InternalServerError()
+            .content_type(PROBLEM_JSON)
+            .body(problem);
     }
     if !delay.0.is_zero() {
         tokio::time::sleep(delay.0).await;
@@ -151,6 +155,7 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
         store = %idempotency_core::store::redact(&args.store),
         idempotency = !args.no_idempotency,
         transactional = args.transactional,
+        outbox = args.outbox,
         "payments-actix serving"
     );
     server.await.context("the server failed")?;

@@ -44,11 +44,9 @@ async fn create_payment_in<DB: PaymentsDatabase>(
         Ok(p) => p,
         Err(problem) => return problem_response(StatusCode::BAD_REQUEST, problem),
     };
-    if let Err(e) = DB::insert(&mut tx, &payment).await {
-        return problem_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            examples::database_problem(&e),
-        );
+    // The row, and with --outbox its event: one transaction.
+    if let Err(problem) = examples::record_payment::<DB>(&mut tx, &payment, &app.payments).await {
+        return problem_response(StatusCode::INTERNAL_SERVER_ERROR, problem);
     }
     if !app.delay.is_zero() {
         tokio::time::sleep(app.delay).await;
@@ -116,6 +114,7 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
         store = %idempotency_core::store::redact(&args.store),
         idempotency = !args.no_idempotency,
         transactional = args.transactional,
+        outbox = args.outbox,
         "payments-axum serving"
     );
     axum::serve(listener, router)
