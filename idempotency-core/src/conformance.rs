@@ -102,6 +102,7 @@ impl Conformance {
             Box::pin(self.stale_token_is_fenced()),
             Box::pin(self.lease_takeover()),
             Box::pin(self.different_request_never_takes_over()),
+            Box::pin(self.holder_keeps_its_token_until_a_takeover()),
             Box::pin(self.completed_is_never_taken_over()),
             Box::pin(self.extend_keeps_the_claim()),
             Box::pin(self.expiry()),
@@ -396,6 +397,28 @@ impl Conformance {
         };
         self.pass(self.beyond(self.short)).await;
         self.expect_in_flight(&id, &other, &fp, "lease passed, different fingerprint")
+            .await;
+    }
+
+    /// A holder whose lease passed, and whom nobody took over, still holds
+    /// its token until the record expires: a slow handler's response is
+    /// stored, not thrown away.
+    pub async fn holder_keeps_its_token_until_a_takeover(&self) {
+        let id = fresh_id();
+        let fp = fingerprint(b"slow holder");
+        let token = match self.claim(&id, &fp, self.short, LONG).await {
+            (t, ClaimOutcome::Acquired(_)) => t,
+            (_, o) => panic!("{}: expected Acquired, got {o:?}", self.name()),
+        };
+        self.pass(self.beyond(self.short)).await;
+        let outcome = response(201, b"late but mine");
+        assert_eq!(
+            self.complete(&id, token, &outcome, LONG).await,
+            TokenOutcome::Applied,
+            "{}: the holder completes after its lease passed, with no takeover",
+            self.name()
+        );
+        self.expect_completed(&id, &fp, &fp, &outcome, "completed late")
             .await;
     }
 

@@ -191,7 +191,9 @@ pub struct Claim<'a> {
 ///         let mut map = self.0.lock().unwrap();
 ///         let now = Instant::now();
 ///         match map.get(id) {
-///             Some(Entry { state: State::InFlight(held, lease_until), .. }) if *held == token && *lease_until > now => {
+///             // The holder keeps its token until a takeover or the record's
+///             // expiry (lease + ttl), as every backend does.
+///             Some(Entry { state: State::InFlight(held, _), expires, .. }) if *held == token && *expires > now => {
 ///                 change(&mut map, now);
 ///                 TokenOutcome::Applied
 ///             }
