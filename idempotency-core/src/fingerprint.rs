@@ -202,6 +202,30 @@ mod media_type {
             batch.flush();
             return;
         };
+        if let Some(slash) = canonical(value) {
+            // Already in canonical form (`application/json`): the same bytes
+            // as `parsed` writes (one-byte lengths), without parsing or
+            // copying byte by byte.
+            let (type_, subtype) = (&value[..slash], &value[slash + 1..]);
+            (batch.out)(&[MEDIA_TYPE, type_.len() as u8]);
+            (batch.out)(type_);
+            (batch.out)(&[subtype.len() as u8]);
+            (batch.out)(subtype);
+            (batch.out)(&[0]);
+            return;
+        }
+        parsed(value, batch);
+    }
+
+    /// What [`hash`] writes for a present Content-Type, always parsed (the
+    /// fast path's tests compare against it).
+    #[cfg(test)]
+    pub(super) fn hash_parsed(value: &[u8], out: &mut impl FnMut(&[u8])) {
+        parsed(value, Batch::new(out));
+    }
+
+    /// [`hash`] of a present Content-Type, parsed.
+    fn parsed<O: FnMut(&[u8])>(value: &[u8], mut batch: Batch<'_, O>) {
         let mut params = Params::new();
         let Some((type_, subtype)) = parse(value, &mut params) else {
             batch.push(RAW);
@@ -234,6 +258,38 @@ mod media_type {
             }
         }
         batch.flush();
+    }
+
+    /// Where the `/` is, when `value` is a media type already in canonical
+    /// form: lowercase token characters on both sides of one `/`, and no
+    /// parameters or white space (the usual `application/json`).
+    fn canonical(value: &[u8]) -> Option<usize> {
+        let mut slash = None;
+        for (i, &b) in value.iter().enumerate() {
+            match b {
+                b'/' if slash.is_none() && i > 0 => slash = Some(i),
+                b'a'..=b'z'
+                | b'0'..=b'9'
+                | b'!'
+                | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~' => {}
+                _ => return None,
+            }
+        }
+        // One-byte varints for both lengths (as `parsed` writes them).
+        slash.filter(|&i| i + 1 < value.len() && value.len() < 128)
     }
 
     /// Gathers the canonical form's small pieces on the stack, so the hasher
@@ -670,6 +726,44 @@ mod tests {
             with_ct(b"application/json"),
             fp("POST", "/p", None, None, b"{}")
         );
+    }
+
+    #[test]
+    fn the_fast_path_writes_what_parsing_writes() {
+        for ct in [
+            &b"application/json"[..],
+            b"text/plain",
+            b"application/vnd.api+json",
+            b"a/b",
+            b"x-custom/my_type.v2",
+        ] {
+            let mut parsed = Vec::new();
+            media_type::hash_parsed(ct, &mut |b| parsed.extend_from_slice(b));
+            assert_eq!(
+                canonical(Some(ct)),
+                parsed,
+                "{}",
+                String::from_utf8_lossy(ct)
+            );
+        }
+        // Not canonical: parsed, and equal to their canonical spelling.
+        for (ct, same) in [
+            (&b"Application/JSON"[..], &b"application/json"[..]),
+            (b"text/plain;charset=UTF-8", b"text/plain; charset=utf-8"),
+            (b" application/json", b"application/json"),
+        ] {
+            assert_eq!(canonical(Some(ct)), canonical(Some(same)));
+        }
+        for raw in [&b"/json"[..], b"application/", b"application", b"a/b/c"] {
+            let mut parsed = Vec::new();
+            media_type::hash_parsed(raw, &mut |b| parsed.extend_from_slice(b));
+            assert_eq!(
+                canonical(Some(raw)),
+                parsed,
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 
     /// What the content type writes into the hasher.
