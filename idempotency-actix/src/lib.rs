@@ -58,12 +58,12 @@
 //! |---|---|
 //! | method not covered (default: POST, PATCH covered) | passes through untouched |
 //! | covered, no key (required by default) | 400 problem+json, handler not run |
-//! | key not 1..=255 printable ASCII, repeated, or a malformed quoted string | 400 |
+//! | key empty, over 255 characters, outside the bare-key alphabet (visible ASCII but `"` `,` `;` `\`), repeated or comma-joined, or a malformed quoted string | 400 |
 //! | body over the limit (default 1 MiB), declared or streamed | 413, handler not run |
 //! | first request | handler runs once; its response is stored and returned |
 //! | retry, same request | stored status, headers and body, `Idempotent-Replayed: true` |
 //! | same key, different method/path/query/content-type/body | 422 |
-//! | same key while the first still runs | 409 with `Retry-After` |
+//! | same key while the first still runs | 409 with `Retry-After` (1 s by default) |
 //! | store down or slower than its timeout | 503 with `Retry-After` (or fail-open) |
 //!
 //! The request payload of a covered request is read (up to the limit) before
