@@ -1,29 +1,18 @@
 //! The [`IdempotencyLayer`].
 
 use http::request::Parts;
-use idempotency_core::{Idempotency, Scope, ScopedEngine};
 use tower_layer::Layer;
 
 use crate::service::IdempotencyService;
 
-/// Applies [`IdempotencyService`] to a service: covered requests (POST and
-/// PATCH by default) with an `Idempotency-Key` run the handler once, and
-/// retries get the stored response.
-#[derive(Clone, Debug)]
-pub struct IdempotencyLayer {
-    pub(crate) engine: ScopedEngine<Parts>,
-}
-
-impl IdempotencyLayer {
-    /// A layer driving `engine` (a store and a config from `idempotency-core`).
-    pub fn new(engine: Idempotency) -> Self {
-        Self {
-            engine: ScopedEngine::new(engine),
-        }
-    }
-
-    /// Derives the scope of a request from its head, typically from a value
-    /// an auth layer put into the extensions (see [`ScopedEngine::with_scope`]).
+idempotency_core::scoped_middleware! {
+    /// Applies [`IdempotencyService`] to a service: covered requests (POST and
+    /// PATCH by default) with an `Idempotency-Key` run the handler once, and
+    /// retries get the stored response.
+    ///
+    /// The scope of a request (the authenticated principal or tenant) comes
+    /// from its head, typically from a value an auth layer put into the
+    /// extensions:
     ///
     /// ```
     /// # use idempotency_tower::{Idempotency, IdempotencyLayer, MemoryStore, Scope};
@@ -35,20 +24,7 @@ impl IdempotencyLayer {
     ///     parts.extensions.get::<UserId>().map(|u| Scope::new(u.0.to_be_bytes()))
     /// });
     /// ```
-    #[must_use]
-    pub fn with_scope(
-        self,
-        scope: impl Fn(&Parts) -> Option<Scope> + Send + Sync + 'static,
-    ) -> Self {
-        Self {
-            engine: self.engine.with_scope(scope),
-        }
-    }
-
-    /// The engine.
-    pub fn engine(&self) -> &Idempotency {
-        self.engine.engine()
-    }
+    pub struct IdempotencyLayer for Parts;
 }
 
 impl<S> Layer<S> for IdempotencyLayer {

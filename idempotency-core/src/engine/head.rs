@@ -187,3 +187,41 @@ impl<R: ?Sized> std::fmt::Debug for ScopedEngine<R> {
             .finish()
     }
 }
+
+/// Defines an adapter's layer or middleware type: a newtype over
+/// [`ScopedEngine`] with the builder every adapter offers (`new`,
+/// `with_scope`, `engine`), so the adapters do not repeat it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! scoped_middleware {
+    ($(#[$attr:meta])* pub struct $name:ident for $request:ty;) => {
+        $(#[$attr])*
+        #[derive(Clone, Debug)]
+        pub struct $name {
+            pub(crate) engine: $crate::ScopedEngine<$request>,
+        }
+
+        impl $name {
+            /// Drives `engine` (a store and a config from `idempotency-core`).
+            pub fn new(engine: $crate::Idempotency) -> Self {
+                Self { engine: $crate::ScopedEngine::new(engine) }
+            }
+
+            /// Derives the scope of a request, typically from a value an
+            /// auth layer put into its extensions: see
+            /// [`ScopedEngine::with_scope`]($crate::ScopedEngine::with_scope).
+            #[must_use]
+            pub fn with_scope(
+                self,
+                scope: impl Fn(&$request) -> Option<$crate::Scope> + Send + Sync + 'static,
+            ) -> Self {
+                Self { engine: self.engine.with_scope(scope) }
+            }
+
+            /// The engine.
+            pub fn engine(&self) -> &$crate::Idempotency {
+                self.engine.engine()
+            }
+        }
+    };
+}
