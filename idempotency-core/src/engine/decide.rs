@@ -11,6 +11,14 @@ use crate::store::{Claim, StoreError};
 use super::{Execution, Idempotency, Pending};
 use std::sync::Arc;
 
+/// How often a duplicate that waits polls a store that cannot notify.
+pub(super) const POLL: Duration = Duration::from_millis(25);
+
+/// How often a duplicate that waits on a [`Watch`](crate::store::Watch)
+/// claims again anyway, in case its notification was lost (a listener that
+/// reconnected, a holder that crashed and whose lease passed).
+pub(super) const WATCH_FALLBACK: Duration = Duration::from_millis(250);
+
 /// What to do with a covered request once its body is read.
 #[derive(Debug)]
 #[must_use]
@@ -146,9 +154,14 @@ impl Idempotency {
     }
 
     /// With `wait_for_in_flight` set: while the same request is in flight
-    /// elsewhere, claims again (every 25 ms, up to the bound) until it
-    /// completes (replay), is released (this request runs), or the bound
-    /// passes (409).
+    /// elsewhere, waits, up to the bound, until it completes (replay), is
+    /// released (this request runs), or the bound passes (409).
+    ///
+    /// A store that notifies ([`Store::watch`](crate::store::Store::watch))
+    /// wakes the waiter when the record completes or is released; it then
+    /// claims again, and polls only every [`WATCH_FALLBACK`] in case a
+    /// notification was lost. A store that cannot notify is polled every
+    /// [`POLL`].
     async fn wait_while_in_flight(
         &self,
         id: &crate::RecordId,
@@ -156,19 +169,30 @@ impl Idempotency {
         claim: Claim<'_>,
         mut outcome: Result<ClaimOutcome, StoreError>,
     ) -> Result<ClaimOutcome, StoreError> {
+        let waiting = |outcome: &Result<ClaimOutcome, StoreError>| matches!(outcome, Ok(ClaimOutcome::InFlight { fingerprint, .. }) if fingerprint == claim.fingerprint);
         let deadline = tokio::time::Instant::now() + self.config().wait_for_in_flight;
+        let store = self.guarded();
         loop {
-            match &outcome {
-                Ok(ClaimOutcome::InFlight { fingerprint, .. })
-                    if fingerprint == claim.fingerprint => {}
-                _ => return outcome,
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if !waiting(&outcome) || tokio::time::Instant::now() >= deadline {
                 return outcome;
             }
-            tokio::time::sleep((deadline - now).min(Duration::from_millis(25))).await;
-            outcome = self.guarded().claim(id, token, claim).await;
+            // A store error here only costs the notification: poll instead.
+            let watch = store.watch(id).await.ok().flatten();
+            if watch.is_some() {
+                // It may have completed before the watch began.
+                outcome = store.claim(id, token, claim).await;
+                if !waiting(&outcome) {
+                    return outcome;
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match watch {
+                Some(watch) => {
+                    let _ = tokio::time::timeout(left.min(WATCH_FALLBACK), watch).await;
+                }
+                None => tokio::time::sleep(left.min(POLL)).await,
+            }
+            outcome = store.claim(id, token, claim).await;
         }
     }
 

@@ -61,7 +61,7 @@ impl Idempotency {
                 Ok(Begun::Existing(existing)) => return Ok(self.existing(existing, &fingerprint)),
                 Ok(Begun::Locked) if tokio::time::Instant::now() < deadline => {
                     // Waiting for the first (`wait_for_in_flight`): read again.
-                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    tokio::time::sleep(super::decide::POLL).await;
                 }
                 Ok(Begun::Locked) => {
                     tracing::debug!(decision = "conflict", "idempotency");

@@ -140,6 +140,11 @@ impl Guarded {
             }
         }
     }
+
+    /// [`Store::watch`], bounded.
+    pub fn watch<'a>(&'a self, id: &'a RecordId) -> Bounded<'a, Option<super::Watch>> {
+        self.bounded(self.store.watch(id))
+    }
 }
 
 impl Store for Guarded {
@@ -177,6 +182,12 @@ impl Store for Guarded {
     }
     fn backend(&self) -> &'static str {
         self.store.backend()
+    }
+    fn watch<'a>(
+        &'a self,
+        id: &'a RecordId,
+    ) -> StoreFuture<'a, Result<Option<super::Watch>, StoreError>> {
+        Guarded::watch(self, id).into_store_future(self.timeout)
     }
 }
 

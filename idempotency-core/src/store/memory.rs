@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{Claim, Store, StoreError, StoreFuture};
+use super::{Claim, Store, StoreError, StoreFuture, Waiters, Watch};
 use crate::clock::{Clock, SystemClock};
 use crate::fingerprint::{Fingerprint, RecordId};
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
@@ -34,6 +34,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     capacity: usize,
     evictions: AtomicU64,
+    /// The duplicates waiting for a record, woken on complete and release.
+    waiters: Waiters,
 }
 
 /// Hashes a [`RecordId`] by taking the `u64` it writes: its bytes are
@@ -219,6 +221,7 @@ impl MemoryStore {
                 clock: Arc::new(clock),
                 capacity: capacity.clamp(1, u32::MAX as usize),
                 evictions: AtomicU64::new(0),
+                waiters: Waiters::new(),
             }),
         }
     }
@@ -450,7 +453,11 @@ impl Store for MemoryStore {
         outcome: &'a StoredOutcome,
         ttl: Duration,
     ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        StoreFuture::ready(Ok(self.complete_now(id, token, outcome.clone(), ttl)))
+        let result = self.complete_now(id, token, outcome.clone(), ttl);
+        if result == TokenOutcome::Applied {
+            self.shared.waiters.wake(id);
+        }
+        StoreFuture::ready(Ok(result))
     }
 
     fn release<'a>(
@@ -461,6 +468,9 @@ impl Store for MemoryStore {
         let result = self.with_token(id, token, |inner, i, _| {
             inner.records.remove(i);
         });
+        if result == TokenOutcome::Applied {
+            self.shared.waiters.wake(id);
+        }
         StoreFuture::ready(Ok(result))
     }
 
@@ -487,6 +497,11 @@ impl Store for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+
+    /// Registers the waiter in this process: `complete` and `release` wake it.
+    fn watch<'a>(&'a self, id: &'a RecordId) -> StoreFuture<'a, Result<Option<Watch>, StoreError>> {
+        StoreFuture::ready(Ok(Some(self.shared.waiters.watch(id))))
     }
 }
 

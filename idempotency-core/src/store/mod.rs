@@ -38,6 +38,7 @@ use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
 
 mod guarded;
 pub mod memory;
+pub mod notify;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
@@ -54,6 +55,7 @@ pub mod sqlite;
 pub mod transaction;
 
 pub use guarded::{Bounded, Guarded, Held, Hold};
+pub use notify::{Waiters, Watch};
 
 /// A boxed `Send` future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -292,6 +294,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for logs (`"memory"`, `"redis"`, …).
     fn backend(&self) -> &'static str;
+
+    /// Starts watching a record in flight, for a duplicate that waits for it
+    /// (`wait_for_in_flight`): the [`Watch`] resolves once the record may
+    /// have completed or been released, after which the waiter claims again.
+    /// The watch must be registered by the time this future returns, so a
+    /// completion from then on wakes it.
+    ///
+    /// `Ok(None)` (the default) means the store cannot notify: waiters poll.
+    /// A store that notifies need not be perfect: a watch that misses its
+    /// wake-up only waits for the waiter's fallback poll.
+    fn watch<'a>(&'a self, id: &'a RecordId) -> StoreFuture<'a, Result<Option<Watch>, StoreError>> {
+        let _ = id;
+        StoreFuture::ready(Ok(None))
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -329,6 +345,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn backend(&self) -> &'static str {
         (**self).backend()
+    }
+    fn watch<'a>(&'a self, id: &'a RecordId) -> StoreFuture<'a, Result<Option<Watch>, StoreError>> {
+        (**self).watch(id)
     }
 }
 
