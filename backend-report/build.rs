@@ -3,6 +3,7 @@
 fn main() {
     for (var, cfg) in [
         ("REDIS_URL", "has_redis_url"),
+        ("REDIS_CLUSTER_URL", "has_redis_cluster_url"),
         ("DATABASE_URL", "has_database_url"),
         ("AMQP_URL", "has_amqp_url"),
         ("NATS_URL", "has_nats_url"),

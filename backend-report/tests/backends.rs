@@ -16,6 +16,15 @@ fn redis_tests_ran() {
 
 #[test]
 #[cfg_attr(
+    not(has_redis_cluster_url),
+    ignore = "REDIS_CLUSTER_URL is unset: every Redis Cluster test in the workspace passed without running (set it, e.g. export REDIS_CLUSTER_URL=$(.ci/redis-cluster.sh start))"
+)]
+fn redis_cluster_tests_ran() {
+    assert!(!url("REDIS_CLUSTER_URL").is_empty());
+}
+
+#[test]
+#[cfg_attr(
     not(has_database_url),
     ignore = "DATABASE_URL is unset: every PostgreSQL test in the workspace passed without running (set it, e.g. postgres://postgres@127.0.0.1:5432/test)"
 )]

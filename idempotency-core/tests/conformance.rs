@@ -1,8 +1,10 @@
-//! The store conformance suite against every backend. Redis and PostgreSQL
-//! read `REDIS_URL` and `DATABASE_URL` at run time and skip (saying why) when
-//! they are unset.
+//! The store conformance suite against every backend. Redis, Redis Cluster
+//! and PostgreSQL read `REDIS_URL`, `REDIS_CLUSTER_URL` and `DATABASE_URL` at
+//! run time and skip (saying why) when they are unset.
 #![cfg(feature = "test-util")]
 
+#[cfg(feature = "redis")]
+mod cluster;
 mod common;
 
 use idempotency_core::conformance::Conformance;
@@ -44,6 +46,23 @@ async fn redis_conforms() {
     Conformance::new(store).run_all().await;
 }
 
+/// The same suite on a Redis Cluster (`REDIS_CLUSTER_URL`): records spread
+/// over every master.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_conforms() {
+    use idempotency_core::store::redis::RedisStore;
+    let Some(url) = cluster::cluster_url("redis_cluster_conforms") else {
+        return;
+    };
+    let store = RedisStore::connect(&url)
+        .await
+        .expect("redis cluster")
+        .with_prefix(format!("{}:", common::unique("conformance")));
+    assert!(store.is_cluster());
+    Conformance::new(store).run_all().await;
+}
+
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_conforms() {
@@ -75,16 +94,31 @@ async fn drop_schema(store: &idempotency_core::store::postgres::PostgresStore, s
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn redis_reports_foreign_keys_and_never_overwrites_them() {
+    let Some(url) = common::service_url("REDIS_URL", "redis_reports_foreign_keys") else {
+        return;
+    };
+    foreign_keys(&url).await;
+}
+
+/// The same on a Redis Cluster.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_cluster_reports_foreign_keys_and_never_overwrites_them() {
+    let Some(url) = cluster::cluster_url("redis_cluster_reports_foreign_keys") else {
+        return;
+    };
+    foreign_keys(&url).await;
+}
+
+#[cfg(feature = "redis")]
+async fn foreign_keys(url: &str) {
     use std::time::Duration;
 
     use idempotency_core::store::redis::RedisStore;
     use idempotency_core::{
         Claim, Fingerprint, LeaseToken, RecordId, Store, StoreError, StoredOutcome,
     };
-    let Some(url) = common::service_url("REDIS_URL", "redis_reports_foreign_keys") else {
-        return;
-    };
-    let store = RedisStore::connect(&url)
+    let store = RedisStore::connect(url)
         .await
         .expect("redis")
         .with_prefix(format!("{}:", common::unique("foreign")));
@@ -107,7 +141,7 @@ async fn redis_reports_foreign_keys_and_never_overwrites_them() {
         let id = RecordId::from_parts(b"foreign", name.as_bytes());
         let key = store.key(&id);
         let _: () = plant(&key).query_async(&mut conn).await.expect("plant");
-        let dump = |conn: &mut redis::aio::ConnectionManager| {
+        let dump = |conn: &mut idempotency_core::store::redis::RedisConnection| {
             let mut conn = conn.clone();
             let key = key.clone();
             async move {

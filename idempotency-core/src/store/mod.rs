@@ -21,6 +21,7 @@
 //! | [`MemoryStore`](memory::MemoryStore) | `memory` (default) | one process | no | the process's (injectable) | tests, one instance where a lost record after a restart is acceptable |
 //! | [`SqliteStore`](sqlite::SqliteStore) | `sqlite` | the processes of one machine (one file, WAL) | yes (committed with `synchronous = FULL`) | SQLite's | one machine, durable, no server to run |
 //! | [`RedisStore`](redis::RedisStore) | `redis` | any number, on any machines | as far as Redis persists (AOF/RDB) | Redis key expiry | many instances, lowest latency (1 round trip per replay, 2 per fresh request) |
+//! | [`RedisStore`](redis::RedisStore) on a Redis Cluster (`redis+cluster://`) | `redis` | any number, on any machines | as far as Redis persists; a failover can lose the last writes the master acknowledged before they reached its replica (a retry may then run the handler again) | Redis key expiry | Redis that scales out and survives the loss of a master (503 until a replica is promoted, then recovers without a restart); the same round trips |
 //! | [`PostgresStore`](postgres::PostgresStore) | `postgres` | any number, on any machines | yes (the database's durability) | PostgreSQL `now()` | many instances, records as durable as your data; the same database as the effect |
 //!
 //! Every store keeps the same contract, checked by one conformance suite
@@ -433,7 +434,7 @@ impl StoreError {
 #[non_exhaustive]
 pub enum ConnectError {
     /// The URL names no store this crate knows.
-    #[error("unknown store URL `{url}`: use `memory`, `sqlite://PATH`, `redis://HOST:PORT` or `postgres://USER@HOST/DB`")]
+    #[error("unknown store URL `{url}`: use `memory`, `sqlite://PATH`, `redis://HOST:PORT`, `redis+cluster://HOST:PORT[,HOST:PORT...]` or `postgres://USER@HOST/DB`")]
     UnknownScheme {
         /// The URL, with any password removed.
         url: String,
@@ -482,6 +483,10 @@ pub enum ConnectError {
 ///   and migrated when needed;
 /// - `redis://...`, `rediss://...`: a [`RedisStore`](redis::RedisStore)
 ///   (feature `redis`), scripts loaded;
+/// - `redis+cluster://HOST:PORT[,HOST:PORT...]`: a
+///   [`RedisStore`](redis::RedisStore) on a Redis Cluster (feature `redis`),
+///   from its seed nodes; a list without a usable node is refused with a
+///   [`StoreError::Config`] that says what is wrong;
 /// - `postgres://...`, `postgresql://...`: a
 ///   [`PostgresStore`](postgres::PostgresStore) (feature `postgres`), schema
 ///   `idempotency`, migrated.
@@ -505,6 +510,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, ConnectError> {
             "sqlite"
         }
         Some(("redis" | "rediss", _)) => "redis",
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("redis+cluster") => "redis",
         Some(("postgres" | "postgresql", _)) => "postgres",
         _ => return Err(ConnectError::UnknownScheme { url: redact(url) }),
     };
