@@ -220,8 +220,16 @@ impl StoredOutcome {
     }
 
     /// Encodes into the compact binary form every backend stores.
+    ///
+    /// A response the format cannot hold (a header name of 64 KiB or more, a
+    /// header value of 4 GiB or more, or 2³² headers or more: see
+    /// [`is_encodable`](Self::is_encodable)) is encoded as
+    /// [`NotReplayable`](Self::NotReplayable) with its status, as a body over
+    /// the storable limit is: a retry gets the not-replayable problem and
+    /// never re-runs the handler, rather than a record whose lengths wrapped.
     pub fn encode(&self) -> Vec<u8> {
         match self {
+            StoredOutcome::Response(r) if !encodable(r) => short(KIND_NOT_REPLAYABLE, r.status),
             StoredOutcome::Response(r) => {
                 let len = 1
                     + 1
@@ -248,6 +256,17 @@ impl StoredOutcome {
             }
             StoredOutcome::NotReplayable { status } => short(KIND_NOT_REPLAYABLE, *status),
             StoredOutcome::Mark(code) => short(KIND_MARK, *code),
+        }
+    }
+
+    /// Whether [`encode`](Self::encode) keeps this outcome as it is: a short
+    /// record always, a response when every header name is shorter than
+    /// 64 KiB, every value shorter than 4 GiB, and there are fewer than 2³²
+    /// headers (the widths of the format's length fields).
+    pub fn is_encodable(&self) -> bool {
+        match self {
+            StoredOutcome::Response(r) => encodable(r),
+            StoredOutcome::NotReplayable { .. } | StoredOutcome::Mark(_) => true,
         }
     }
 
@@ -309,6 +328,15 @@ impl StoredOutcome {
             body: b,
         }))
     }
+}
+
+/// Whether every length of `r` fits its field: a name's `u16`, a value's and
+/// the header count's `u32`.
+fn encodable(r: &StoredResponse) -> bool {
+    u32::try_from(r.headers.len()).is_ok()
+        && r.headers.iter().all(|(name, value)| {
+            u16::try_from(name.len()).is_ok() && u32::try_from(value.len()).is_ok()
+        })
 }
 
 /// A record of four bytes: version, kind, a 16-bit code.
@@ -407,6 +435,43 @@ mod tests {
                 StoredOutcome::decode(Bytes::copy_from_slice(&r[..cut])).is_err(),
                 "{cut}"
             );
+        }
+    }
+
+    #[test]
+    fn a_header_name_too_long_for_its_length_field_is_stored_as_not_replayable() {
+        // The name's length is a u16: at 64 KiB it used to wrap (to 0 here),
+        // and the record decoded as a different response, or not at all.
+        let longest = StoredOutcome::response(StoredResponse {
+            status: 201,
+            headers: vec![(
+                "a".repeat(u16::MAX as usize).into(),
+                Bytes::from_static(b"v"),
+            )],
+            body: Bytes::from_static(b"body"),
+        });
+        assert!(longest.is_encodable());
+        assert_eq!(
+            StoredOutcome::decode(Bytes::from(longest.encode())).unwrap(),
+            longest
+        );
+
+        for len in [1 << 16, (1 << 16) + 5] {
+            let response = StoredOutcome::response(StoredResponse {
+                status: 201,
+                headers: vec![
+                    ("x-ok".into(), Bytes::from_static(b"1")),
+                    ("a".repeat(len).into(), Bytes::from_static(b"v")),
+                ],
+                body: Bytes::from_static(b"body"),
+            });
+            let encoded = response.encode();
+            assert_eq!(
+                StoredOutcome::decode(Bytes::from(encoded)),
+                Ok(StoredOutcome::NotReplayable { status: 201 }),
+                "a {len}-byte header name"
+            );
+            assert!(!response.is_encodable());
         }
     }
 
