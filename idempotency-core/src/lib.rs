@@ -107,3 +107,31 @@ pub use store::{BoxFuture, Claim, Guarded, Store, StoreError, StoreFuture};
 
 /// The response header that marks a replay.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// Entry points for the fuzz targets (`fuzz/`): the decoders of stored bytes
+/// that are private to their store. Not part of the API.
+#[doc(hidden)]
+pub mod __fuzz {
+    use crate::{ClaimOutcome, StoreError};
+
+    /// The SQL stores' decoding of a row (`store::sql::existing`) with these
+    /// `fingerprint`, `outcome` and `remaining` columns, past sqlx's typed
+    /// reads of them.
+    pub fn sql_existing(
+        fingerprint: Vec<u8>,
+        outcome: Option<Vec<u8>>,
+        remaining: i64,
+    ) -> Result<ClaimOutcome, StoreError> {
+        crate::record::from_columns("sql", fingerprint, outcome, || Ok(remaining))
+    }
+
+    /// The Redis store's decoders of a claim's replies: the claim script's,
+    /// and the native claim's (`SET ... NX GET`, then `PTTL`).
+    #[cfg(feature = "redis")]
+    pub use crate::store::redis::__fuzz::{
+        claim_reply as redis_claim_reply, native_reply as redis_native_reply,
+    };
+    /// The reply type they decode.
+    #[cfg(feature = "redis")]
+    pub use redis::Value as RedisValue;
+}

@@ -163,3 +163,36 @@ pub(crate) fn unix_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
+
+/// Entry points for the fuzz targets (`fuzz/`): the decoding of a stored
+/// row, which the relays call with the row's columns. Not part of the API.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[doc(hidden)]
+pub mod __fuzz {
+    use crate::{Event, OutboxError};
+
+    /// The event of a row with these `id`, `destination`, `ordering_key`,
+    /// `headers` and `payload` columns, as both relays read it.
+    pub fn event_from_row(
+        id: &str,
+        destination: String,
+        ordering_key: Option<String>,
+        headers: &str,
+        payload: Vec<u8>,
+    ) -> Result<Event, OutboxError> {
+        Event::from_row(id, destination, ordering_key, headers, payload)
+            .map_err(OutboxError::Corrupt)
+    }
+
+    /// The columns [`enqueue`](crate::enqueue) writes for `event`, in the
+    /// order of [`event_from_row`]'s parameters.
+    pub fn event_to_row(event: &Event) -> (String, String, Option<String>, String, Vec<u8>) {
+        (
+            event.id().to_string(),
+            event.destination().to_owned(),
+            event.ordering_key().map(str::to_owned),
+            event.headers_json(),
+            event.payload().to_vec(),
+        )
+    }
+}

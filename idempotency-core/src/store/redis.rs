@@ -1051,3 +1051,26 @@ mod tests {
         }
     }
 }
+
+/// For the fuzz targets only ([`crate::__fuzz`]): the private reply decoders.
+#[doc(hidden)]
+pub mod __fuzz {
+    use super::{
+        parse_claim, parse_native, ClaimOutcome, Fingerprint, LeaseToken, StoreError, Value,
+    };
+
+    /// `parse_claim` of the claim script's `reply`.
+    pub fn claim_reply(reply: Value, token: LeaseToken) -> Result<ClaimOutcome, StoreError> {
+        parse_claim(reply, token)
+    }
+
+    /// `parse_native` of the native claim's replies.
+    pub fn native_reply(
+        previous: Value,
+        pttl: Value,
+        mine: &Fingerprint,
+        token: LeaseToken,
+    ) -> Result<Option<ClaimOutcome>, StoreError> {
+        parse_native(previous, pttl, mine, token)
+    }
+}

@@ -3,11 +3,8 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::StoreError;
-use crate::fingerprint::Fingerprint;
-use crate::record::{ClaimOutcome, CorruptRecord, StoredOutcome};
+use crate::record::ClaimOutcome;
 
 /// Durations are capped at about 31 years.
 const MAX_MILLIS: u64 = 1_000_000_000_000;
@@ -56,28 +53,10 @@ where
 {
     let get = |e| error(backend, e);
     let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(get)?;
-    let fingerprint = <[u8; 32]>::try_from(fingerprint)
-        .map(Fingerprint::from_bytes)
-        .map_err(|_| {
-            StoreError::corrupt(
-                backend,
-                CorruptRecord::new("the fingerprint is not 32 bytes"),
-            )
-        })?;
-    match row.try_get::<Option<Vec<u8>>, _>("outcome").map_err(get)? {
-        Some(bytes) => Ok(ClaimOutcome::Completed {
-            fingerprint,
-            outcome: StoredOutcome::decode(Bytes::from(bytes))
-                .map_err(|e| StoreError::corrupt(backend, e))?,
-        }),
-        None => {
-            let remaining: i64 = row.try_get("remaining").map_err(get)?;
-            Ok(ClaimOutcome::InFlight {
-                fingerprint,
-                lease_remaining: Duration::from_millis(u64::try_from(remaining).unwrap_or(0)),
-            })
-        }
-    }
+    let outcome: Option<Vec<u8>> = row.try_get("outcome").map_err(get)?;
+    crate::record::from_columns(backend, fingerprint, outcome, || {
+        row.try_get("remaining").map_err(get)
+    })
 }
 
 /// Implements [`Store`](super::Store) for a sqlx store that has `claim_now`,
