@@ -71,6 +71,18 @@
 //!   the handler runs again.
 //! - **Nothing is lost or corrupted.** A record that cannot be decoded is
 //!   reported as an error and left untouched.
+//!
+//! # Metrics
+//!
+//! Every decision is counted through the [`metrics`](https://docs.rs/metrics)
+//! facade: `idempotency_requests_total{outcome}` (`executed`, `replayed`,
+//! `conflict`, `mismatch`, `rejected`, `unavailable`, `unguarded`), and each
+//! store call in `idempotency_store_errors_total{backend,op}` and
+//! `idempotency_store_duration_seconds{backend,op}`. Install the exporter
+//! you use (the examples serve Prometheus text on `GET /metrics`, outside
+//! the layer), then call [`metrics::describe`](crate::metrics::describe).
+//! With no recorder installed it costs next to nothing. The names, labels
+//! and what to alert on: [`metrics`](crate::metrics).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -80,6 +92,7 @@ pub mod config;
 pub mod engine;
 pub mod fingerprint;
 pub mod key;
+pub mod metrics;
 pub mod problem;
 pub mod record;
 pub mod store;

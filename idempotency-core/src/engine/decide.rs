@@ -78,6 +78,7 @@ impl Idempotency {
             match outcome {
                 Ok(ClaimOutcome::Acquired(token)) => {
                     tracing::debug!(decision = "executed", "idempotency");
+                    crate::metrics::request(crate::metrics::Outcome::Executed);
                     Decision::Execute(Execution::new(self.clone(), id, token, span))
                 }
                 Ok(other) => self.decided(other, &fingerprint),
@@ -106,6 +107,7 @@ impl Idempotency {
         match outcome {
             _ if held != *fingerprint => {
                 tracing::debug!(decision = "mismatch", "idempotency");
+                crate::metrics::request(crate::metrics::Outcome::Mismatch);
                 Decision::Reject(Problem::new(
                     ProblemKind::KeyReused,
                     "This Idempotency-Key was already used for a request with a different method, path, query, content type or body. Use a new key for a new operation.",
@@ -113,6 +115,7 @@ impl Idempotency {
             }
             Some(StoredOutcome::Response(r)) => {
                 tracing::debug!(decision = "replayed", status = r.status, "idempotency");
+                crate::metrics::request(crate::metrics::Outcome::Replayed);
                 Decision::Replay(Replay(r))
             }
             Some(StoredOutcome::NotReplayable { status }) => {
@@ -121,6 +124,7 @@ impl Idempotency {
                     reason = "not replayable",
                     "idempotency"
                 );
+                crate::metrics::request(crate::metrics::Outcome::Rejected);
                 Decision::Reject(Problem::new(
                     ProblemKind::NotReplayable,
                     format!(
@@ -141,6 +145,7 @@ impl Idempotency {
     /// The 409 for a request still in flight, whose holder's lease has
     /// `lease_remaining` left.
     pub(super) fn in_flight(&self, lease_remaining: Duration) -> Problem {
+        crate::metrics::request(crate::metrics::Outcome::Conflict);
         let config = self.config();
         let hint = config
             .in_flight_retry_after
@@ -200,6 +205,7 @@ impl Idempotency {
         match self.config().failure_mode {
             FailureMode::Closed => {
                 tracing::error!(error = e as &dyn std::error::Error, cause = ?std::error::Error::source(e), decision = "rejected", "idempotency store failed; refusing the request (fail-closed)");
+                crate::metrics::request(crate::metrics::Outcome::Unavailable);
                 Decision::Reject(
                     Problem::new(
                         ProblemKind::StoreUnavailable,
@@ -210,6 +216,7 @@ impl Idempotency {
             }
             FailureMode::Open => {
                 tracing::error!(error = e as &dyn std::error::Error, cause = ?std::error::Error::source(e), decision = "unguarded", "idempotency store failed; running the handler unprotected (fail-open)");
+                crate::metrics::request(crate::metrics::Outcome::Unguarded);
                 Decision::Unguarded
             }
         }

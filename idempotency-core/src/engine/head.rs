@@ -109,6 +109,7 @@ impl Idempotency {
 
 fn reject_key(e: &KeyError) -> Inspection {
     tracing::debug!(decision = "rejected", reason = %e, "idempotency");
+    crate::metrics::request(crate::metrics::Outcome::Rejected);
     Inspection::Reject(Problem::from_key_error(e))
 }
 

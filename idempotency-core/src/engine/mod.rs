@@ -215,6 +215,7 @@ impl Idempotency {
             reason = "body too large",
             "idempotency"
         );
+        crate::metrics::request(crate::metrics::Outcome::Rejected);
         Problem::new(
             ProblemKind::BodyTooLarge,
             format!(
@@ -228,6 +229,7 @@ impl Idempotency {
 /// The 400 for a body that could not be read.
 fn refuse_unreadable(cause: &dyn std::fmt::Display) -> Problem {
     tracing::debug!(decision = "rejected", reason = %cause, "idempotency: unreadable body");
+    crate::metrics::request(crate::metrics::Outcome::Rejected);
     Problem::new(
         ProblemKind::UnreadableBody,
         "The request body could not be read.",

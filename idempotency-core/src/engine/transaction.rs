@@ -85,12 +85,14 @@ impl Idempotency {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
                 rollback(open, bound).await;
+                crate::metrics::request(crate::metrics::Outcome::Executed);
                 return Err(e);
             }
             Err(_) => {
                 // The handler was cancelled; its transaction rolls back.
                 rollback(open, bound).await;
                 tracing::warn!(timeout = ?bound, "idempotency: the handler held its transaction too long; rolled back");
+                crate::metrics::request(crate::metrics::Outcome::Unavailable);
                 return Ok(Reply::problem(
                     Problem::new(
                         ProblemKind::TransactionTimeout,
@@ -104,10 +106,12 @@ impl Idempotency {
         let (outcome, body) = match handled {
             Handled::NotStored(body) => {
                 rollback(open, bound).await;
+                crate::metrics::request(crate::metrics::Outcome::Executed);
                 return Ok(Reply::Handler(head, ResponseBody::stream(body)));
             }
             Handled::Read(Read::Failed(error)) => {
                 rollback(open, bound).await;
+                crate::metrics::request(crate::metrics::Outcome::Executed);
                 return Ok(Reply::Handler(head, ResponseBody::failed(error)));
             }
             Handled::Read(Read::Complete(bytes)) => {
@@ -127,7 +131,10 @@ impl Idempotency {
         let commit = open.commit(outcome, config.ttl, bound);
         let limit = bound.saturating_add(config.store_timeout);
         match self.bounded_by(limit, store, commit).await {
-            Ok(()) => Ok(Reply::Handler(head, body)),
+            Ok(()) => {
+                crate::metrics::request(crate::metrics::Outcome::Executed);
+                Ok(Reply::Handler(head, body))
+            }
             // Not committed (or, if the connection broke during COMMIT, not
             // known to be): the client must not see the handler's answer.
             // A retry replays what did commit, or runs again.
@@ -175,6 +182,7 @@ impl Idempotency {
 
     fn transaction_failed<H, S: Chunks>(&self, e: &StoreError) -> Reply<H, S> {
         tracing::error!(error = e as &dyn std::error::Error, cause = ?std::error::Error::source(e), decision = "rejected", "idempotency: the transaction failed; nothing was done (fail-closed)");
+        crate::metrics::request(crate::metrics::Outcome::Unavailable);
         Reply::problem(unavailable())
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::{Claim, Store, StoreError, StoreFuture};
 use crate::fingerprint::RecordId;
+use crate::metrics::{Op, StoreMetrics};
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
 
 /// A store whose every call fails with [`StoreError::Timeout`] after
@@ -17,10 +18,16 @@ use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
 /// call their store through it. Cheap to clone.
 ///
 /// It is a [`Store`] itself, so it can wrap any store for any caller.
+///
+/// It also records the store metrics ([`metrics`](crate::metrics)): each
+/// failed call in `idempotency_store_errors_total{backend,op}`, and the
+/// latency of each call that waits in `idempotency_store_duration_seconds`.
+/// A call the store answers at once ([`StoreFuture::ready`]) is not timed.
 #[derive(Clone)]
 pub struct Guarded {
     store: Arc<dyn Store>,
     timeout: Duration,
+    metrics: Arc<StoreMetrics>,
 }
 
 impl std::fmt::Debug for Guarded {
@@ -35,7 +42,12 @@ impl std::fmt::Debug for Guarded {
 impl Guarded {
     /// `store`, each call bounded by `timeout`.
     pub fn new(store: Arc<dyn Store>, timeout: Duration) -> Self {
-        Self { store, timeout }
+        let metrics = Arc::new(StoreMetrics::new(store.backend()));
+        Self {
+            store,
+            timeout,
+            metrics,
+        }
     }
 
     /// The store inside.
@@ -51,17 +63,44 @@ impl Guarded {
     /// Bounds one call: an answer the store already has costs nothing, and a
     /// store that bounds its own call within the timeout gets no second timer.
     fn bounded<'a, T: Send + 'a>(
-        &self,
+        &'a self,
+        call: StoreFuture<'a, Result<T, StoreError>>,
+    ) -> Bounded<'a, T> {
+        self.metered(None, call)
+    }
+
+    /// [`bounded`](Self::bounded), recording the store metrics of `op`: an
+    /// error is counted however the store answers; only a call that waits
+    /// reads the clock, twice, to be timed.
+    fn metered<'a, T: Send + 'a>(
+        &'a self,
+        op: Option<Op>,
         call: StoreFuture<'a, Result<T, StoreError>>,
     ) -> Bounded<'a, T> {
         let call = match call.into_ready() {
-            Ok(value) => Call::Ready { value: Some(value) },
-            Err(call) if call.bound().is_some_and(|b| b <= self.timeout) => Call::Plain { call },
-            Err(call) => Call::Timed {
-                call: Box::pin(tokio::time::timeout(self.timeout, call)),
-                backend: self.store.backend(),
-                timeout: self.timeout,
-            },
+            Ok(value) => {
+                if let (Some(op), Err(_)) = (op, &value) {
+                    self.metrics.error(op);
+                }
+                Call::Ready { value: Some(value) }
+            }
+            Err(call) => {
+                let meter = op.map(|op| Meter {
+                    metrics: &self.metrics,
+                    op,
+                    start: std::time::Instant::now(),
+                });
+                if call.bound().is_some_and(|b| b <= self.timeout) {
+                    Call::Plain { call, meter }
+                } else {
+                    Call::Timed {
+                        call: Box::pin(tokio::time::timeout(self.timeout, call)),
+                        backend: self.store.backend(),
+                        timeout: self.timeout,
+                        meter,
+                    }
+                }
+            }
         };
         Bounded { call }
     }
@@ -73,7 +112,7 @@ impl Guarded {
         token: LeaseToken,
         claim: Claim<'a>,
     ) -> Bounded<'a, ClaimOutcome> {
-        self.bounded(self.store.claim(id, token, claim))
+        self.metered(Some(Op::Claim), self.store.claim(id, token, claim))
     }
 
     /// [`Store::complete`], bounded.
@@ -84,12 +123,15 @@ impl Guarded {
         outcome: &'a StoredOutcome,
         ttl: Duration,
     ) -> Bounded<'a, TokenOutcome> {
-        self.bounded(self.store.complete(id, token, outcome, ttl))
+        self.metered(
+            Some(Op::Complete),
+            self.store.complete(id, token, outcome, ttl),
+        )
     }
 
     /// [`Store::release`], bounded.
     pub fn release<'a>(&'a self, id: &'a RecordId, token: LeaseToken) -> Bounded<'a, TokenOutcome> {
-        self.bounded(self.store.release(id, token))
+        self.metered(Some(Op::Release), self.store.release(id, token))
     }
 
     /// [`Store::extend`], bounded.
@@ -99,7 +141,7 @@ impl Guarded {
         token: LeaseToken,
         lease: Duration,
     ) -> Bounded<'a, TokenOutcome> {
-        self.bounded(self.store.extend(id, token, lease))
+        self.metered(Some(Op::Extend), self.store.extend(id, token, lease))
     }
 
     /// Drives `work` while extending the claim of `token` on `id` every half
@@ -206,14 +248,34 @@ pin_project_lite::pin_project! {
         // The store already had the answer.
         Ready { value: Option<Result<T, StoreError>> },
         // The store bounds this call itself.
-        Plain { call: StoreFuture<'a, Result<T, StoreError>> },
+        Plain { call: StoreFuture<'a, Result<T, StoreError>>, meter: Option<Meter<'a>> },
         // Bounded here; boxed, so that a store that answers at once does
         // not carry a timer's space in every caller's future.
         Timed {
             call: Pin<Box<tokio::time::Timeout<StoreFuture<'a, Result<T, StoreError>>>>>,
             backend: &'static str,
             timeout: Duration,
+            meter: Option<Meter<'a>>,
         },
+    }
+}
+
+/// A call being timed for the store metrics.
+struct Meter<'a> {
+    metrics: &'a StoreMetrics,
+    op: Op,
+    start: std::time::Instant,
+}
+
+impl Meter<'_> {
+    /// Records the call's latency, and counts it if it failed.
+    fn finish<T>(meter: &mut Option<Self>, result: &Result<T, StoreError>) {
+        if let Some(Meter { metrics, op, start }) = meter.take() {
+            metrics.duration(op, start.elapsed().as_secs_f64());
+            if result.is_err() {
+                metrics.error(op);
+            }
+        }
     }
 }
 
@@ -235,16 +297,22 @@ impl<T> Future for Bounded<'_, T> {
                 Some(value) => Poll::Ready(value),
                 None => panic!("Bounded polled after completion"),
             },
-            CallProj::Plain { call } => Pin::new(call).poll(cx),
+            CallProj::Plain { call, meter } => Pin::new(call).poll(cx).map(|r| {
+                Meter::finish(meter, &r);
+                r
+            }),
             CallProj::Timed {
                 call,
                 backend,
                 timeout,
+                meter,
             } => call.as_mut().poll(cx).map(|r| {
-                r.unwrap_or(Err(StoreError::Timeout {
+                let r = r.unwrap_or(Err(StoreError::Timeout {
                     backend,
                     timeout: *timeout,
-                }))
+                }));
+                Meter::finish(meter, &r);
+                r
             }),
         }
     }
