@@ -49,12 +49,10 @@ impl<B: fmt::Debug> fmt::Debug for Inbox<B> {
 
 impl<B> Inbox<B> {
     pub(crate) fn from_parts(backend: B, config: InboxConfig) -> Self {
+        let counters = Counters::new(&config.consumer);
         Self {
             backend,
-            shared: Arc::new(Shared {
-                config,
-                counters: Counters::default(),
-            }),
+            shared: Arc::new(Shared { config, counters }),
         }
     }
 

@@ -153,6 +153,18 @@
 //! ran, the effect is kept and the message is `Processed` (the missing mark
 //! is logged; the claim lapses after the lease). In transactional mode the
 //! database pool's own timeouts bound the wait.
+//!
+//! ## Metrics
+//!
+//! [`Inbox::metrics`] counts outcomes in the process. The same counts go
+//! through the [`metrics`](https://docs.rs/metrics) facade, to whatever
+//! exporter the application installs: `inbox_messages_total{consumer,outcome}`
+//! (`processed`, `duplicate`, `in_flight_elsewhere`, `failed`,
+//! `unavailable`, `dead`) and `inbox_lease_lost_total{consumer}`; in lease
+//! mode the store calls also count in `idempotency_store_errors_total` and
+//! `idempotency_store_duration_seconds` ([`idempotency_core::metrics`] lists
+//! them and what to alert on). The series are registered at 0 when the
+//! inbox is created: install the recorder before.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
