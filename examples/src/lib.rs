@@ -7,11 +7,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use idempotency_core::{Idempotency, IdempotencyConfig};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 
 /// The payments API's command line (DESIGN section 7).
 #[derive(Debug, Clone, clap::Parser)]
-#[command(about = "A payments API whose POST /payments is safe under retries")]
+#[command(
+    about = "A payments API whose POST /payments is safe under retries",
+    after_help = "Routes: POST /payments (Idempotency-Key required), GET /payments, GET /healthz, \
+                  and GET /metrics: Prometheus text of idempotency_requests_total{outcome} and \
+                  the store metrics (outside the idempotency layer)."
+)]
 pub struct PaymentsArgs {
     /// Where to serve.
     #[arg(long, default_value = "127.0.0.1:3000")]
@@ -219,6 +225,42 @@ pub async fn connect_store(
     url: &str,
 ) -> Result<std::sync::Arc<dyn idempotency_core::Store>, StartError> {
     Ok(idempotency_core::store::connect(url).await?)
+}
+
+/// The content type of `GET /metrics`: Prometheus text.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The buckets of `idempotency_store_duration_seconds`, from a memory-fast
+/// call to the default store timeout (2 s).
+const STORE_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0,
+];
+
+/// Installs the process's Prometheus recorder (before the engine, so that
+/// its store series exist from the start) and registers every request
+/// outcome at 0, so that a scrape right after startup lists all of them.
+/// Serve [`PrometheusHandle::render`] on `GET /metrics`, outside the
+/// idempotency layer. A thread drains the histograms every 5 s between
+/// scrapes (the exporter's upkeep).
+pub fn install_metrics() -> Result<PrometheusHandle, StartError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(idempotency_core::metrics::STORE_DURATION_SECONDS.to_owned()),
+            &STORE_BUCKETS,
+        )
+        .context("the metrics settings are invalid")?
+        .install_recorder()
+        .context("could not install the metrics recorder")?;
+    idempotency_core::metrics::describe();
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            upkeep.run_upkeep();
+        })
+        .context("could not start the metrics upkeep thread")?;
+    Ok(handle)
 }
 
 /// Logs to stderr; `RUST_LOG` filters (else `default_filter`, e.g. `info`).

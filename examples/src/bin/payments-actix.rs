@@ -8,9 +8,10 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use clap::Parser;
 use examples::{
     init_tracing, shutdown_signal, Payment, Payments, PaymentsArgs, PaymentsDatabase,
-    PaymentsTable, ResultExt, StartError, PROBLEM_JSON,
+    PaymentsTable, ResultExt, StartError, METRICS_CONTENT_TYPE, PROBLEM_JSON,
 };
 use idempotency_actix::{IdempotencyMiddleware, Transaction};
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::time::Duration;
 
 /// The largest request body the handlers read, as axum's default.
@@ -104,6 +105,12 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+async fn metrics(handle: web::Data<PrometheusHandle>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(METRICS_CONTENT_TYPE)
+        .body(handle.render())
+}
+
 #[actix_web::main]
 async fn main() -> std::process::ExitCode {
     init_tracing("info");
@@ -112,6 +119,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: PaymentsArgs) -> Result<(), StartError> {
+    let metrics_handle = web::Data::new(examples::install_metrics()?);
     let (engine, payments) = args.open().await?;
     let idempotency = engine.map(IdempotencyMiddleware::new);
     let payments = web::Data::new(payments);
@@ -122,13 +130,16 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
         App::new()
             .app_data(payments.clone())
             .app_data(delay.clone())
+            .app_data(metrics_handle.clone())
             .app_data(web::PayloadConfig::new(BODY_LIMIT))
-            // Outside the middleware: health checks never touch the store.
+            // Outside the middleware: health checks never touch the store,
+            // and scrapes are not requests to count.
             .service(
                 web::resource("/healthz")
                     .route(web::get().to(healthz))
                     .route(web::head().to(healthz)),
             )
+            .service(web::resource("/metrics").route(web::get().to(metrics)))
             .configure(move |cfg| match idempotency {
                 Some(idempotency) => {
                     cfg.service(

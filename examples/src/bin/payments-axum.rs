@@ -13,7 +13,7 @@ use axum::Router;
 use clap::Parser;
 use examples::{
     init_tracing, shutdown_signal, Payment, Payments, PaymentsArgs, PaymentsDatabase,
-    PaymentsTable, ResultExt, StartError, PROBLEM_JSON,
+    PaymentsTable, ResultExt, StartError, METRICS_CONTENT_TYPE, PROBLEM_JSON,
 };
 use idempotency_tower::{IdempotencyLayer, Transaction};
 
@@ -88,6 +88,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: PaymentsArgs) -> Result<(), StartError> {
+    let metrics = examples::install_metrics()?;
     let (engine, payments) = args.open().await?;
     let create = match &payments.table {
         None => post(create_payment),
@@ -104,8 +105,15 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
     if let Some(engine) = engine {
         router = router.layer(IdempotencyLayer::new(engine));
     }
-    // Outside the layer: health checks never touch the store.
-    let router = router.route("/healthz", get(|| async { "ok" }));
+    // Outside the layer: health checks never touch the store, and scrapes
+    // are not requests to count.
+    let router = router.route("/healthz", get(|| async { "ok" })).route(
+        "/metrics",
+        get(move || {
+            let text = metrics.render();
+            async move { ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text) }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .context(format!("could not listen on {} (--listen)", args.listen))?;
