@@ -382,6 +382,138 @@ async fn scopes_never_meet<A: Adapter>() {
     assert_eq!(backend.executions(), 2);
 }
 
+/// A transactional SQLite store that counts `begin` calls.
+#[derive(Clone)]
+struct CountingBegins {
+    inner: SqliteStore,
+    begins: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+mod counting {
+    use super::CountingBegins;
+    use idempotency_core::store::transaction::{Begun, TransactionalStore};
+    use idempotency_core::store::{BoxFuture, Claim, Store, StoreError, StoreFuture};
+    use idempotency_core::{
+        ClaimOutcome, Fingerprint, LeaseToken, RecordId, StoredOutcome, TokenOutcome,
+    };
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    impl Store for CountingBegins {
+        fn claim<'a>(
+            &'a self,
+            id: &'a RecordId,
+            token: LeaseToken,
+            claim: Claim<'a>,
+        ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+            self.inner.claim(id, token, claim)
+        }
+        fn complete<'a>(
+            &'a self,
+            id: &'a RecordId,
+            token: LeaseToken,
+            outcome: &'a StoredOutcome,
+            ttl: Duration,
+        ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+            self.inner.complete(id, token, outcome, ttl)
+        }
+        fn release<'a>(
+            &'a self,
+            id: &'a RecordId,
+            token: LeaseToken,
+        ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+            self.inner.release(id, token)
+        }
+        fn extend<'a>(
+            &'a self,
+            id: &'a RecordId,
+            token: LeaseToken,
+            lease: Duration,
+        ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+            self.inner.extend(id, token, lease)
+        }
+        fn backend(&self) -> &'static str {
+            "sqlite"
+        }
+    }
+
+    impl TransactionalStore for CountingBegins {
+        fn snapshot<'a>(
+            &'a self,
+            id: &'a RecordId,
+            fingerprint: &'a Fingerprint,
+        ) -> BoxFuture<'a, Result<Option<ClaimOutcome>, StoreError>> {
+            self.inner.snapshot(id, fingerprint)
+        }
+        fn begin<'a>(
+            &'a self,
+            id: &'a RecordId,
+            token: LeaseToken,
+            claim: Claim<'a>,
+        ) -> BoxFuture<'a, Result<Begun, StoreError>> {
+            self.begins.fetch_add(1, Ordering::SeqCst);
+            self.inner.begin(id, token, claim)
+        }
+        fn backend(&self) -> &'static str {
+            "sqlite"
+        }
+    }
+}
+
+/// Duplicates that wait for a transaction of this process are woken when it
+/// commits, not polled: over the 600 ms the first holds its transaction,
+/// each tries to begin about 3 times (at once, once more after it starts
+/// watching, and after the wake-up), where polling every 25 ms would try
+/// about 24 times.
+async fn waiting_duplicates_wake_when_the_transaction_of_this_process_ends<A: Adapter>() {
+    const DUPLICATES: usize = 8;
+    let file = TempFile(std::env::temp_dir().join(format!(
+        "suite_tx_wake_{}.sqlite",
+        &LeaseToken::random().to_hex()[..16]
+    )));
+    let store = CountingBegins {
+        inner: SqliteStore::connect(&format!("sqlite://{}", file.0.display()))
+            .await
+            .expect("open the SQLite file"),
+        begins: Arc::default(),
+    };
+    let begins = Arc::clone(&store.begins);
+    let config = config()
+        .wait_for_in_flight(Duration::from_secs(10))
+        .build()
+        .expect("config");
+    let backend = Backend::new();
+    let app = A::build(
+        Idempotency::transactional(store, config),
+        Arc::clone(&backend),
+    )
+    .await;
+    let req = SuiteRequest::post("/slow", "wake", PAYMENT);
+    let first = app.send(req.clone());
+    let duplicates = async {
+        backend.started(1).await;
+        let opener = async {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            backend.open_gate();
+        };
+        let all = futures_util::future::join_all((0..DUPLICATES).map(|_| app.send(req.clone())));
+        futures_util::future::join(all, opener).await.0
+    };
+    let (first, duplicates) = futures_util::future::join(first, duplicates).await;
+    assert_eq!(first.status, 201);
+    for dup in &duplicates {
+        assert!(dup.is_replay(), "a duplicate waited: {}", dup.body_str());
+        assert_eq!(dup.body, first.body);
+    }
+    assert_eq!(backend.executions(), 1);
+    let begins = begins.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        begins <= 1 + 5 * DUPLICATES,
+        "{begins} begins for {DUPLICATES} waiting duplicates: they polled"
+    );
+    drop(file);
+}
+
 macro_rules! cases {
     ($adapter:ty, #[$rt:meta], $($case:ident),* $(,)?) => {$(
         #[$rt]
@@ -411,6 +543,7 @@ macro_rules! suite {
             response_over_storable_limit_reaches_client_and_is_never_rerun,
             client_disconnect_still_completes,
             scopes_never_meet,
+            waiting_duplicates_wake_when_the_transaction_of_this_process_ends,
         );
     };
 }

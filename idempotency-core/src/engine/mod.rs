@@ -58,6 +58,10 @@ struct Inner {
     store: Guarded,
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     transactional: Option<Arc<dyn crate::store::transaction::TransactionalStore>>,
+    /// Transactional mode: the duplicates of this process that wait for a
+    /// record whose transaction runs here, woken when it ends.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    settled: transaction::Settled,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -85,6 +89,8 @@ impl Idempotency {
                 store,
                 #[cfg(any(feature = "postgres", feature = "sqlite"))]
                 transactional: None,
+                #[cfg(any(feature = "postgres", feature = "sqlite"))]
+                settled: transaction::Settled::default(),
             }),
         }
     }
@@ -107,6 +113,7 @@ impl Idempotency {
                 config,
                 store,
                 transactional: Some(transactional),
+                settled: transaction::Settled::default(),
             }),
         }
     }

@@ -50,6 +50,9 @@ impl Idempotency {
         };
         let token = LeaseToken::random();
         let deadline = tokio::time::Instant::now() + config.wait_for_in_flight;
+        // Waiting (`wait_for_in_flight`) for a transaction of this process:
+        // woken when it ends; for one elsewhere: polled.
+        let mut watch = None;
         let open = loop {
             match self.bounded(store, store.snapshot(&id, &fingerprint)).await {
                 Ok(Some(existing)) => return Ok(self.existing(existing, &fingerprint)),
@@ -60,8 +63,19 @@ impl Idempotency {
                 Ok(Begun::Acquired(open)) => break open,
                 Ok(Begun::Existing(existing)) => return Ok(self.existing(existing, &fingerprint)),
                 Ok(Begun::Locked) if tokio::time::Instant::now() < deadline => {
-                    // Waiting for the first (`wait_for_in_flight`): read again.
-                    tokio::time::sleep(super::decide::POLL).await;
+                    // Registered before the next read, so an end from now on
+                    // wakes it; the first time, read again at once.
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let settled = &self.inner.settled;
+                    if let Some(watch) = watch.replace(settled.waiters.watch(&id)) {
+                        // Held here: it wakes us when it ends. Held elsewhere: poll.
+                        let every = if settled.held_here(&id) {
+                            super::decide::WATCH_FALLBACK
+                        } else {
+                            super::decide::POLL
+                        };
+                        let _ = tokio::time::timeout(left.min(every), watch).await;
+                    }
                 }
                 Ok(Begun::Locked) => {
                     tracing::debug!(decision = "conflict", "idempotency");
@@ -70,6 +84,10 @@ impl Idempotency {
                 Err(e) => return Ok(self.transaction_failed(&e)),
             }
         };
+        drop(watch);
+        // However this ends (settled, rolled back, cancelled, a panic), the
+        // duplicates of this process that wait for it are woken.
+        let _settled = self.inner.settled.hold(&id);
         tracing::debug!(decision = "executed", transactional = true, "idempotency");
         let bound = config.transaction_timeout();
         let handoff = Handoff {
@@ -206,4 +224,43 @@ fn unavailable() -> Problem {
         "The request was not processed because its idempotency could not be guaranteed right now. Retry with the same Idempotency-Key.",
     )
     .retry_after(Duration::from_secs(1))
+}
+
+/// The transactions of this process, for the duplicates that wait for one
+/// (`wait_for_in_flight`): which records they hold, and who waits.
+#[derive(Default)]
+pub(super) struct Settled {
+    waiters: crate::store::Waiters,
+    held: std::sync::Mutex<std::collections::HashSet<crate::RecordId>>,
+}
+
+impl Settled {
+    fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<crate::RecordId>> {
+        // Every change under this lock is one insert or remove.
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn held_here(&self, id: &crate::RecordId) -> bool {
+        self.held().contains(id)
+    }
+
+    /// Marks `id` held by a transaction of this process until the guard drops.
+    fn hold<'a>(&'a self, id: &'a crate::RecordId) -> Holding<'a> {
+        self.held().insert(*id);
+        Holding { settled: self, id }
+    }
+}
+
+/// A transaction of this process holds a record: when it ends, however it
+/// ends (settled, rolled back, cancelled, a panic), its waiters are woken.
+struct Holding<'a> {
+    settled: &'a Settled,
+    id: &'a crate::RecordId,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.settled.held().remove(self.id);
+        self.settled.waiters.wake(self.id);
+    }
 }
