@@ -18,9 +18,12 @@
 //! The records live in the table `idempotency_records` of their own schema
 //! (default [`DEFAULT_SCHEMA`], see [`PostgresOptions::schema`]), which also
 //! holds this crate's `_sqlx_migrations` table, so the store's migrations
-//! never mix with the application's. The migration is embedded and runs on
+//! never mix with the application's. The migrations are embedded and run on
 //! [`PostgresStore::connect`] (serialized by an advisory lock, so many
-//! instances may start at once) or through [`PostgresStore::migrate`].
+//! instances may start at once) or through [`PostgresStore::migrate`]. The
+//! second adds the `watched` column (a constant default: no table rewrite);
+//! a table from the first migrates in place. A history with migrations this
+//! version does not know is refused with [`StoreError::Config`].
 //!
 //! # Guarantees
 //!
@@ -38,6 +41,30 @@
 //!   replay 1, each one network round trip once the connection has prepared
 //!   them. (sqlx's pool also checks a connection with a bare `Sync` when it
 //!   returns to the pool, in the background, off the request's path.)
+//! - **Waiting duplicates.** A duplicate that waits for a record in flight
+//!   (`wait_for_in_flight`) is woken when it completes or is released, on
+//!   whichever instance, instead of polling: [`Store::watch`](super::Store::watch) makes sure this
+//!   store's listener has run `LISTEN` on the schema's channel
+//!   (`<schema>.idempotency_records`, shortened with a hash past 63 bytes),
+//!   registers the waiter, then marks the row (`watched`, one `UPDATE`).
+//!   `complete` and `release` notify (`pg_notify`, the record id in hex) in
+//!   their own statement, and only for a marked row: the hot path sends no
+//!   `NOTIFY` and so never takes its commit-time queue lock, and a fresh
+//!   request stays at 2 statements with a waiter or without. A waiter that
+//!   is woken claims again, so it sees the completion (the notification is
+//!   delivered after its commit) or, after a release, takes the record
+//!   itself or waits on for whoever did.
+//! - **The listener.** One extra connection per store (a pool of its own, so
+//!   it never takes one of the store's), opened by the first watch, held by a
+//!   background task that ends when the store and all its clones are
+//!   dropped. When its connection is lost it wakes every waiter (they claim
+//!   again, since notifications may have been missed) and reconnects, backing
+//!   off up to 5 s, waking them again once it listens again. While it is
+//!   down, or cannot start (a watch then fails, and the next retries after
+//!   1 s), a waiter misses its notification and is served by the engine's
+//!   fallback poll (every 250 ms) instead: later, never wrong. The same goes
+//!   during a rolling upgrade for completions by instances of a version
+//!   that does not notify.
 //! - **Time.** All times come from the database's `now()`.
 //! - **Crashes.** Each statement commits on its own. A service instance that
 //!   dies mid-request leaves an in-flight row: retries of the same request
@@ -57,11 +84,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
+use tokio::sync::watch;
 
 use super::sql::millis;
-use super::{Claim, StoreError};
+use super::{Claim, StoreError, Waiters, Watch};
 use crate::fingerprint::RecordId;
 use crate::record::{ClaimOutcome, LeaseToken, TokenOutcome};
 
@@ -160,6 +188,8 @@ struct Queries {
     release: String,
     extend: String,
     purge: String,
+    /// A waiter marks the record in flight it waits for (`watched`).
+    watch: String,
 }
 
 impl Queries {
@@ -222,6 +252,13 @@ impl Queries {
             "UNION ALL SELECT false, false, NULL, NULL, NULL FROM lock WHERE NOT locked",
         );
         let held = "id = $1 AND token = $2 AND outcome IS NULL AND expires_at > now()";
+        // Evaluated on the row completed or deleted, after its lock: a mark
+        // committed before sends the notification at this statement's
+        // commit; an unmarked row (the hot path) sends nothing.
+        let notify = format!(
+            "RETURNING CASE WHEN watched THEN pg_notify('{}', encode(id, 'hex')) END",
+            channel(schema)
+        );
         let salt = RecordId::from_parts(b"idempotency advisory lock", schema.as_bytes());
         Self {
             lock_salt: lock_key(&salt, 0),
@@ -237,9 +274,9 @@ impl Queries {
             claim,
             lock_claim,
             complete: format!(
-                "UPDATE {t} SET outcome = $3, expires_at = now() + $4::int8 {ms} WHERE {held}"
+                "UPDATE {t} SET outcome = $3, expires_at = now() + $4::int8 {ms} WHERE {held} {notify}"
             ),
-            release: format!("DELETE FROM {t} WHERE {held}"),
+            release: format!("DELETE FROM {t} WHERE {held} {notify}"),
             extend: format!(
                 "UPDATE {t} SET lease_until = now() + $3::int8 {ms}, \
                  expires_at = now() + $3::int8 {ms} + (expires_at - lease_until) WHERE {held}"
@@ -249,6 +286,228 @@ impl Queries {
                     SELECT id FROM {t} WHERE expires_at <= now()
                     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ),
+            // `NOT watched`: the waiters after the first write nothing.
+            watch: format!(
+                "UPDATE {t} SET watched = true \
+                 WHERE id = $1 AND outcome IS NULL AND expires_at > now() AND NOT watched"
+            ),
+        }
+    }
+}
+
+/// The channel of a schema's notifications: `<schema>.idempotency_records`,
+/// shortened (with a hash of the schema) to PostgreSQL's 63-byte limit.
+fn channel(schema: &str) -> String {
+    const TABLE: &str = ".idempotency_records";
+    if schema.len() + TABLE.len() <= 63 {
+        return format!("{schema}{TABLE}");
+    }
+    let hash = RecordId::from_parts(b"idempotency channel", schema.as_bytes()).to_hex();
+    // Schema names are ASCII: any byte index is a char boundary.
+    let keep = 63 - TABLE.len() - 9;
+    format!("{}~{}{TABLE}", &schema[..keep], &hash[..8])
+}
+
+/// The record id of a notification's payload (64 hex digits), or `None`.
+fn parse_payload(payload: &str) -> Option<RecordId> {
+    let hex = payload.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let digit = |b: u8| {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let mut bytes = [0u8; 32];
+    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(RecordId::from_bytes(bytes))
+}
+
+/// What the listener task is doing, as [`PostgresStore::watch`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Listening {
+    /// Connecting and sending `LISTEN` for the first time.
+    Starting,
+    /// `LISTEN` is in place: notifications arrive.
+    Up,
+    /// It lost its connection and is reconnecting; a watch now may miss its
+    /// notification, and then waits for the fallback poll.
+    Down,
+    /// The first connection failed (why); the task has ended.
+    Failed(Arc<str>),
+}
+
+/// How long after a failed start a watch tries to start the listener again
+/// (meanwhile waiters poll).
+const RESTART_AFTER: Duration = Duration::from_secs(1);
+
+/// The longest pause between two reconnection attempts of the listener.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+enum Slot {
+    Idle,
+    Running {
+        /// The listener's own pool of one connection; closed on drop, which
+        /// ends the task.
+        pool: PgPool,
+        state: watch::Receiver<Listening>,
+    },
+    /// The last start failed; no new attempt before this instant.
+    Failed(std::time::Instant),
+}
+
+/// The tasks of this process that wait for a record of this store, and the
+/// listener that wakes them. One per store, shared by its clones.
+struct Notifier {
+    waiters: Waiters,
+    channel: Arc<str>,
+    slot: std::sync::Mutex<Slot>,
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        let slot = self.slot.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Slot::Running { pool, .. } = slot {
+            // Marks the pool closed at once: the listener's wait ends with
+            // `PoolClosed`, and the task with it (the future only waits for
+            // the connection to be returned).
+            drop(pool.close());
+        }
+    }
+}
+
+impl Notifier {
+    fn new(schema: &str) -> Self {
+        Self {
+            waiters: Waiters::new(),
+            channel: Arc::from(channel(schema)),
+            slot: std::sync::Mutex::new(Slot::Idle),
+        }
+    }
+
+    /// The state of the listener, started when it is not running; `None`
+    /// while a failed start is recent.
+    fn listening(&self, options: &PgConnectOptions) -> Option<watch::Receiver<Listening>> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Slot::Running { state, .. } = &*slot {
+            if !matches!(*state.borrow(), Listening::Failed(_)) {
+                return Some(state.clone());
+            }
+            *slot = Slot::Failed(std::time::Instant::now() + RESTART_AFTER);
+        }
+        if let Slot::Failed(until) = &*slot {
+            if std::time::Instant::now() < *until {
+                return None;
+            }
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options.clone());
+        let (tx, rx) = watch::channel(Listening::Starting);
+        tokio::spawn(listen(
+            pool.clone(),
+            Arc::clone(&self.channel),
+            self.waiters.clone(),
+            tx,
+        ));
+        *slot = Slot::Running {
+            pool,
+            state: rx.clone(),
+        };
+        Some(rx)
+    }
+}
+
+/// The listener task: `LISTEN`s on the store's channel and wakes the
+/// waiters of each record notified. After a lost connection it reconnects
+/// (backing off up to [`RECONNECT_MAX`]) and wakes every waiter, since
+/// notifications sent meanwhile are lost. Ends when the pool is closed (the
+/// store and its clones are dropped), or when its first connection fails.
+async fn listen(
+    pool: PgPool,
+    channel: Arc<str>,
+    waiters: Waiters,
+    state: watch::Sender<Listening>,
+) {
+    let connect = || async {
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(&channel).await?;
+        Ok::<_, sqlx::Error>(listener)
+    };
+    let mut listener = match connect().await {
+        Ok(listener) => listener,
+        Err(e) => {
+            if !pool.is_closed() {
+                tracing::warn!(
+                    backend = BACKEND,
+                    error = &e as &dyn std::error::Error,
+                    "the idempotency listener could not LISTEN; waiting duplicates poll"
+                );
+            }
+            state.send_replace(Listening::Failed(Arc::from(e.to_string())));
+            return;
+        }
+    };
+    state.send_replace(Listening::Up);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => match parse_payload(notification.payload()) {
+                Some(id) => waiters.wake(&id),
+                None => tracing::debug!(
+                    backend = BACKEND,
+                    payload = notification.payload(),
+                    "ignoring a notification that names no record"
+                ),
+            },
+            // Lost and already reconnected (LISTEN again) by sqlx.
+            Ok(None) => waiters.wake_all(),
+            Err(_) if pool.is_closed() => return,
+            Err(e) => {
+                tracing::warn!(
+                    backend = BACKEND,
+                    error = &e as &dyn std::error::Error,
+                    "the idempotency listener lost its connection; reconnecting"
+                );
+                state.send_replace(Listening::Down);
+                waiters.wake_all();
+                // A fresh listener: the old one's connection may be broken
+                // in a way sqlx does not detect. It returns its connection
+                // as it drops.
+                drop(listener);
+                listener = loop {
+                    if pool
+                        .close_event()
+                        .do_until(tokio::time::sleep(pause))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    pause = (pause * 2).min(RECONNECT_MAX);
+                    match connect().await {
+                        Ok(listener) => break listener,
+                        Err(_) if pool.is_closed() => return,
+                        Err(e) => tracing::debug!(
+                            backend = BACKEND,
+                            error = &e as &dyn std::error::Error,
+                            "the idempotency listener could not reconnect yet"
+                        ),
+                    }
+                };
+                pause = Duration::from_millis(100);
+                state.send_replace(Listening::Up);
+                // Whatever completed while it was down.
+                waiters.wake_all();
+            }
         }
     }
 }
@@ -259,6 +518,7 @@ pub struct PostgresStore {
     pool: PgPool,
     schema: Arc<str>,
     queries: Arc<Queries>,
+    notifier: Arc<Notifier>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -322,15 +582,18 @@ impl PostgresStore {
         Ok(Self {
             pool,
             queries: Arc::new(Queries::new(schema)),
+            notifier: Arc::new(Notifier::new(schema)),
             schema: Arc::from(schema),
         })
     }
 
-    /// Creates the schema when missing and runs the embedded migration in
+    /// Creates the schema when missing and runs the embedded migrations in
     /// it. Safe to run from many instances at once.
     ///
     /// # Errors
-    /// [`StoreError::Backend`] when the database fails.
+    /// [`StoreError::Backend`] when the database fails;
+    /// [`StoreError::Config`] when the schema's migration history has
+    /// migrations this version does not know (a newer version ran there).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // A one-connection pool of its own whose `search_path` is the schema,
         // so the migration and its `_sqlx_migrations` table land there.
@@ -418,6 +681,38 @@ impl PostgresStore {
         super::sql::existing(BACKEND, &row)
     }
 
+    /// [`Store::watch`](super::Store::watch): the listener up (started on
+    /// the first watch), the waiter registered, then the record marked, so
+    /// that its completion or release from then on notifies.
+    async fn watch_now(&self, id: &RecordId) -> Result<Option<Watch>, StoreError> {
+        let Some(mut state) = self
+            .notifier
+            .listening(self.pool.connect_options().as_ref())
+        else {
+            return Ok(None);
+        };
+        let failed = match state.wait_for(|s| *s != Listening::Starting).await {
+            Ok(s) => match &*s {
+                Listening::Failed(why) => Some(Arc::clone(why)),
+                _ => None,
+            },
+            Err(_) => Some(Arc::from("the listener ended")),
+        };
+        if let Some(why) = failed {
+            return Err(StoreError::backend(
+                BACKEND,
+                format!("cannot LISTEN for waiting duplicates: {why}"),
+            ));
+        }
+        let watch = self.notifier.waiters.watch(id);
+        sqlx::query(&self.queries.watch)
+            .bind(id.as_bytes().as_slice())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(Some(watch))
+    }
+
     async fn fenced(
         &self,
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -431,7 +726,14 @@ impl PostgresStore {
     }
 }
 
-super::sql::sql_store!(PostgresStore);
+super::sql::sql_store!(PostgresStore, {
+    fn watch<'a>(
+        &'a self,
+        id: &'a RecordId,
+    ) -> super::StoreFuture<'a, Result<Option<Watch>, StoreError>> {
+        super::StoreFuture::new(self.watch_now(id))
+    }
+});
 super::sql::sql_open!(PgOpen, sqlx::Postgres, Postgres);
 
 /// The key of a record's transaction-scoped advisory lock: 64 bits of its
@@ -497,6 +799,36 @@ mod tests {
         }
         for bad in ["", "1a", "a-b", "a\"b", "a;drop", "é", &"a".repeat(64)] {
             assert!(!valid_identifier(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn channels_fit_in_63_bytes_and_stay_distinct() {
+        assert_eq!(channel("idempotency"), "idempotency.idempotency_records");
+        let (a, b) = ("a".repeat(63), format!("{}b", "a".repeat(62)));
+        for schema in [&a, &b, &"x".repeat(43), &"x".repeat(44)] {
+            let c = channel(schema);
+            assert!(c.len() <= 63, "{c}");
+            assert!(c.ends_with(".idempotency_records"), "{c}");
+        }
+        assert_eq!(channel(&"x".repeat(43)).len(), 63);
+        assert_ne!(channel(&a), channel(&b));
+    }
+
+    #[test]
+    fn payloads_parse_to_record_ids_or_nothing() {
+        let id = RecordId::from_parts(b"p", b"k");
+        assert_eq!(parse_payload(&id.to_hex()), Some(id));
+        assert_eq!(parse_payload(&id.to_hex().to_uppercase()), Some(id));
+        for bad in [
+            String::new(),
+            "00".repeat(31),
+            "00".repeat(33),
+            format!("{}zz", "00".repeat(31)),
+            format!("{}é", "0".repeat(62)),
+            format!("+{}", "0".repeat(63)),
+        ] {
+            assert_eq!(parse_payload(&bad), None, "{bad:?}");
         }
     }
 }

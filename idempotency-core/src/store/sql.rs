@@ -61,10 +61,13 @@ where
 
 /// Implements [`Store`](super::Store) for a sqlx store that has `claim_now`,
 /// the `complete`/`release`/`extend` statements in `self.queries` (bound as
-/// id, token, then the argument), and `fenced` to run one of them.
+/// id, token, then the argument), and `fenced` to run one of them. Items in
+/// an optional `{ ... }` after the type join the impl (`watch`).
 macro_rules! sql_store {
-    ($store:ty) => {
+    ($store:ty $(, { $($extra:tt)* })?) => {
         impl $crate::store::Store for $store {
+            $($($extra)*)?
+
             fn claim<'a>(
                 &'a self,
                 id: &'a $crate::fingerprint::RecordId,
