@@ -967,6 +967,24 @@ fn redis_store_follows_the_model() {
     check_real(&store, &rt, REAL_CASES);
 }
 
+/// The same on a Redis Cluster (`REDIS_CLUSTER_URL`).
+#[cfg(feature = "redis")]
+#[test]
+fn redis_cluster_store_follows_the_model() {
+    use idempotency_core::store::redis::RedisStore;
+    let Some(url) = service_url("REDIS_CLUSTER_URL", "redis_cluster_store_follows_the_model")
+    else {
+        return;
+    };
+    let rt = runtime();
+    let store = rt
+        .block_on(RedisStore::connect(&url))
+        .expect("redis cluster")
+        .with_prefix(format!("{}:", unique("model")));
+    assert!(store.is_cluster());
+    check_real(&store, &rt, REAL_CASES);
+}
+
 #[cfg(feature = "postgres")]
 #[test]
 fn postgres_store_follows_the_model() {

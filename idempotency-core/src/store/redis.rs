@@ -92,8 +92,16 @@
 //!   the cluster promotes one of its replicas (after `cluster-node-timeout`
 //!   and an election, typically one to a few seconds); the store then finds
 //!   the new master by itself and calls succeed again, with no restart of
-//!   the store or the service. The other masters' slots are served
-//!   throughout.
+//!   the store or the service. Between the moment the cluster marks the
+//!   master failed and the promotion (about a second), a cluster with
+//!   `cluster-require-full-coverage yes` (the default) refuses commands for
+//!   every slot; with `no`, the other masters' slots are served throughout.
+//! - **Retries inside the client.** The cluster client resends a command
+//!   after a redirection or a lost connection, within the call's bound. A
+//!   claim resent after its first answer was lost finds its own claim and
+//!   answers in flight (409; the record then waits out its lease), and a
+//!   completion resent after it was applied reports itself fenced: neither
+//!   runs the handler twice.
 //! - **What a failover can lose.** Redis replicates asynchronously: a master
 //!   acknowledges a write before its replicas have it. A claim or a
 //!   completion acknowledged by the master in the last moments before it
@@ -513,6 +521,14 @@ impl RedisStore {
             response_timeout: None,
             native: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Claims by the Lua script alone, as on a server older than Redis 7
+    /// (for benchmarks that compare it with the native claim).
+    #[doc(hidden)]
+    pub fn with_scripted_claims(mut self) -> Self {
+        self.native = Arc::new(AtomicBool::new(false));
+        self
     }
 
     /// Whether this store talks to a Redis Cluster.
