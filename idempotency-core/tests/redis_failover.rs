@@ -5,7 +5,7 @@
 //! Records replicated before the kill replay after it.
 //!
 //! The test starts a private cluster of its own (six redis-server processes,
-//! `cluster-node-timeout` 1 s), so killing a node disturbs no other test. It
+//! `cluster-node-timeout` 2 s), so killing a node disturbs no other test. It
 //! runs where `REDIS_CLUSTER_URL` is set (the CI signal that cluster tests
 //! are wanted) and redis-server is installed; otherwise it says why it skips.
 #![cfg(feature = "redis")]
@@ -163,13 +163,13 @@ async fn a_master_dies_503_until_its_replica_is_promoted_then_recovery_without_r
     if cluster::cluster_url(test).is_none() {
         return;
     }
-    let Some(mut private) = cluster::PrivateCluster::start(test, Duration::from_millis(1000))
+    let Some(mut private) = cluster::PrivateCluster::start(test, Duration::from_millis(2000))
     else {
         return;
     };
     // A short bound, well under the node timeout: calls to the dead master
     // fail (503) rather than wait out the failover.
-    let bound = Duration::from_millis(500);
+    let bound = Duration::from_millis(1000);
     let redis = RedisStore::connect_with_timeout(&private.url(), bound)
         .await
         .expect("connect the private cluster")
@@ -228,7 +228,7 @@ async fn a_master_dies_503_until_its_replica_is_promoted_then_recovery_without_r
 
     // Fresh keys for the victim's slots, sent by workers that run throughout.
     let pool = Arc::new(Mutex::new(
-        keys_on(&mut admin, &redis, victim.port, 400, "during").await,
+        keys_on(&mut admin, &redis, victim.port, 1500, "during").await,
     ));
     let killed = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
