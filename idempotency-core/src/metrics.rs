@@ -262,51 +262,68 @@ pub(crate) enum Op {
 }
 
 /// The store metrics' keys of one backend, built once per
-/// [`Guarded`](crate::Guarded).
+/// [`Guarded`](crate::Guarded), by op.
 #[derive(Debug)]
-pub(crate) struct StoreMetrics {
-    errors: [Key; 4],
-    duration: [Key; 4],
+pub(crate) struct StoreMetrics([OpMetrics; 4]);
+
+/// The keys of one op of one backend.
+#[derive(Debug)]
+pub(crate) struct OpMetrics {
+    errors: Key,
+    duration: Key,
 }
 
 impl StoreMetrics {
     /// The keys for `backend`; its error counters are registered (at 0) with
     /// the recorder installed now, if any.
     pub(crate) fn new(backend: &'static str) -> Self {
-        let keys = |name: &'static str| {
-            op::ALL.map(|op| {
-                Key::from_parts(
-                    name,
-                    vec![
-                        Label::from_static_parts(label::BACKEND, backend),
-                        Label::from_static_parts(label::OP, op),
-                    ],
-                )
-            })
+        let key = |name: &'static str, op: &'static str| {
+            Key::from_parts(
+                name,
+                vec![
+                    Label::from_static_parts(label::BACKEND, backend),
+                    Label::from_static_parts(label::OP, op),
+                ],
+            )
         };
-        let metrics = Self {
-            errors: keys(STORE_ERRORS_TOTAL),
-            duration: keys(STORE_DURATION_SECONDS),
-        };
+        let metrics = Self(op::ALL.map(|op| OpMetrics {
+            errors: key(STORE_ERRORS_TOTAL, op),
+            duration: key(STORE_DURATION_SECONDS, op),
+        }));
         ::metrics::with_recorder(|r| {
-            for key in &metrics.errors {
-                r.register_counter(key, &METADATA).increment(0);
+            for op in &metrics.0 {
+                r.register_counter(&op.errors, &METADATA).increment(0);
             }
         });
         metrics
     }
 
+    /// The keys of `op`.
+    pub(crate) fn op(&self, op: Op) -> &OpMetrics {
+        &self.0[op as usize]
+    }
+}
+
+impl OpMetrics {
     /// Counts a failed call.
-    pub(crate) fn error(&self, op: Op) {
-        let key = &self.errors[op as usize];
-        ::metrics::with_recorder(|r| r.register_counter(key, &METADATA)).increment(1);
+    pub(crate) fn error(&self) {
+        ::metrics::with_recorder(|r| r.register_counter(&self.errors, &METADATA)).increment(1);
     }
 
-    /// Records a call that took `seconds`.
-    pub(crate) fn duration(&self, op: Op, seconds: f64) {
-        let key = &self.duration[op as usize];
-        ::metrics::with_recorder(|r| r.register_histogram(key, &METADATA)).record(seconds);
+    /// Records a call that started at `start` (from [`clock`]).
+    pub(crate) fn duration(&self, start: u64) {
+        let seconds = clock().saturating_sub(start) as f64 / 1e9;
+        ::metrics::with_recorder(|r| r.register_histogram(&self.duration, &METADATA))
+            .record(seconds);
     }
+}
+
+/// Nanoseconds on the monotonic clock since its first use: 8 bytes to keep
+/// in a store call's future, where an `Instant` takes 16.
+pub(crate) fn clock() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -322,7 +339,8 @@ mod tests {
         }
         let store = StoreMetrics::new("memory");
         for (i, op) in op::ALL.into_iter().enumerate() {
-            for key in [&store.errors[i], &store.duration[i]] {
+            let keys = &store.0[i];
+            for key in [&keys.errors, &keys.duration] {
                 let labels: Vec<_> = key.labels().map(|l| (l.key(), l.value())).collect();
                 assert_eq!(labels, [(label::BACKEND, "memory"), (label::OP, op)]);
             }
