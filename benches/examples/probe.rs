@@ -21,6 +21,10 @@
 //! records; a smaller one fills, and starts evicting, sooner under
 //! callgrind) and the fresh records' ttl in seconds (default 1, as in the
 //! benches; under valgrind a store fills only with a longer one).
+//!
+//! `PROBE_METRICS=prometheus` installs a Prometheus recorder first (the
+//! metrics' cost with a recorder); by default none is installed, and the
+//! metrics cost what the facade costs without one.
 
 use actix_web::{test, web, App};
 use axum::routing::post;
@@ -64,6 +68,12 @@ fn main() {
     let fresh_ttl = rest
         .get(1)
         .map_or(1, |t| t.parse().expect("ttl is a number of seconds"));
+    if std::env::var("PROBE_METRICS").is_ok_and(|v| v == "prometheus") {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("a recorder");
+        idempotency_core::metrics::describe();
+    }
     let fresh = path == "fresh";
     let layer = which == "layer";
     let engine = Idempotency::new(
