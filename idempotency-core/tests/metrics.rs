@@ -128,6 +128,18 @@ async fn post(
     body: &'static str,
     gate: Option<&tokio::sync::Notify>,
 ) -> u16 {
+    post_answering(engine, key, body, gate, Duration::ZERO, 201).await
+}
+
+/// [`post`], the handler taking `delay` and answering `status`.
+async fn post_answering(
+    engine: &Idempotency,
+    key: &str,
+    body: &'static str,
+    gate: Option<&tokio::sync::Notify>,
+    delay: Duration,
+    status: u16,
+) -> u16 {
     let mut request = http::Request::post("/payments").header("content-type", "application/json");
     if !key.is_empty() {
         request = request.header("idempotency-key", key);
@@ -146,8 +158,9 @@ async fn post(
                 if let Some(gate) = gate {
                     gate.notified().await;
                 }
+                tokio::time::sleep(delay).await;
                 let (head, ()) = http::Response::builder()
-                    .status(201)
+                    .status(status)
                     .body(())
                     .expect("response")
                     .into_parts();
@@ -375,4 +388,44 @@ fn a_store_call_that_waits_is_timed_per_op() {
     for op in op::ALL {
         assert_eq!(seen.errors("scripted", op), 0, "{op}");
     }
+}
+
+/// Transactional mode (SQLite): executed once its transaction commits or
+/// its answer is not stored; a transaction that times out is unavailable.
+#[cfg(feature = "sqlite")]
+#[test]
+fn transactional_mode_counts_at_the_end_of_the_transaction() {
+    let dir = std::env::temp_dir().join(format!(
+        "core-metrics-{}-{:?}",
+        std::process::id(),
+        std::time::Instant::now()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("records.sqlite");
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let statuses = recorded(&recorder, async {
+        let store = idempotency_core::store::sqlite::SqliteStore::connect(
+            path.to_str().expect("utf-8 path"),
+        )
+        .await
+        .expect("sqlite");
+        let config = config()
+            .transaction_timeout(Duration::from_millis(100))
+            .build()
+            .expect("config");
+        let engine = Idempotency::transactional(store, config);
+        let slow = Duration::from_millis(400);
+        vec![
+            post(&engine, "a", "{}", None).await,
+            post(&engine, "a", "{}", None).await,
+            post(&engine, "a", r#"{"n":2}"#, None).await,
+            post_answering(&engine, "b", "{}", None, Duration::ZERO, 500).await,
+            post_answering(&engine, "c", "{}", None, slow, 201).await,
+        ]
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(statuses, [201, 201, 422, 500, 503]);
+    // executed, replayed, conflict, mismatch, rejected, unavailable, unguarded
+    assert_eq!(Seen::take(&snapshotter).outcomes(), [2, 1, 0, 1, 0, 1, 0]);
 }
