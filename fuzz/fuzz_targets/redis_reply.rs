@@ -163,7 +163,7 @@ fuzz_target!(|data: &[u8]| {
                 "{got:?}"
             )
         }
-        Value::BulkString(record) if record.first() == Some(&b'i') => {
+        Value::BulkString(record) if matches!(record.first(), Some(b'i' | b'w')) => {
             let keep = std::str::from_utf8(record.get(KEEP_AT..).unwrap_or_default())
                 .ok()
                 .filter(|x| !x.is_empty())

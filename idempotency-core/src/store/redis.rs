@@ -34,7 +34,31 @@
 //! remaining is its `PTTL` minus it; a completed key expires its ttl after
 //! completion. Nothing needs purging. The hex id is the key's hash tag, so a
 //! record's key lands on one cluster slot whatever the prefix (keep `{` and
-//! `}` out of the prefix).
+//! `}` out of the prefix). An in-flight record that a duplicate waits for
+//! starts with `w` instead of `i` (below).
+//!
+//! # Waiting duplicates (`wait_for_in_flight`)
+//!
+//! A duplicate that waits for a record in flight is woken through pub/sub,
+//! not by polling:
+//!
+//! - its [`watch`](Store::watch) subscribes this store's listener (one
+//!   connection of its own per store, opened on the first watch, closed
+//!   when the store and its clones are dropped) to the channel
+//!   `<prefix>settled`, registers the waiter, then marks the record watched
+//!   (`i` → `w`, its expiry kept; one script call);
+//! - the completion or release of a watched record publishes its key on
+//!   that channel, in the same script, so it costs nothing more while
+//!   nobody waits: the hot path keeps its round trips and publishes
+//!   nothing;
+//! - on a Redis Cluster the listener subscribes on one seed node (a cluster
+//!   delivers every `PUBLISH` to every node), and on the next one when that
+//!   node is lost;
+//! - a listener that lost its connection wakes every waiter (they claim
+//!   again and see what happened), subscribes again with a backoff, and
+//!   wakes them once more when it is back. While it is down, waiters fall
+//!   back to the engine's poll every 250 ms. A takeover rewrites the record
+//!   unwatched; its waiters see it on that poll and watch it again.
 //!
 //! A key that holds anything else (another value type, or a string this store
 //! did not write) is reported as [`StoreError::Corrupt`] or
@@ -129,7 +153,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
-use super::{Claim, Store, StoreError, StoreFuture};
+use super::{Claim, Store, StoreError, StoreFuture, Waiters, Watch};
 use crate::fingerprint::{Fingerprint, RecordId};
 use crate::record::{ClaimOutcome, CorruptRecord, LeaseToken, StoredOutcome, TokenOutcome};
 
@@ -147,6 +171,7 @@ const MAX_MILLIS: u64 = 1_000_000_000_000;
 
 // A record is one string value:
 //   in flight: 'i' .. fingerprint (32 bytes) .. token (16 bytes) .. x
+//              ('w' instead of 'i' once a duplicate waits for it)
 //   completed: 'c' .. fingerprint (32 bytes) .. encoded outcome
 // where x (decimal ms) is how long an abandoned claim is kept after its
 // lease. The key's own expiry is the clock: an in-flight key expires at lease
@@ -164,7 +189,8 @@ const KEEP_AT: usize = 49;
 const CLAIM: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
-  if string.byte(v, 1) ~= 105 then return v end
+  local b = string.byte(v, 1)
+  if b ~= 105 and b ~= 119 then return v end
   local x = tonumber(string.sub(v, 50))
   if #v < 50 or not x then return v end
   -- Redis 3.2 to 4 replicate scripts verbatim unless told otherwise, and
@@ -184,13 +210,23 @@ return 1
 /// returns 0 unless it is in flight under the token in `ARGV[1]`.
 const HELD: &str = r"
 local v = redis.call('GET', KEYS[1])
-if not v or string.byte(v, 1) ~= 105 or string.sub(v, 34, 49) ~= ARGV[1] then return 0 end
+if not v then return 0 end
+local b = string.byte(v, 1)
+if (b ~= 105 and b ~= 119) or string.sub(v, 34, 49) ~= ARGV[1] then return 0 end
+";
+
+/// After a fenced script changed a record: if a duplicate watched it (`w`),
+/// publish its key on the prefix's channel (the key without its 66-byte
+/// `{<hex id>}` tag, then `settled`).
+const SETTLED: &str = r"
+if b == 119 then redis.call('PUBLISH', string.sub(KEYS[1], 1, -67) .. 'settled', KEYS[1]) end
 ";
 
 // KEYS[1]; ARGV: token, outcome, ttl ms. Returns 1 (applied) or 0 (fenced).
 const COMPLETE: &str = r"
 __HELD__
 redis.call('SET', KEYS[1], 'c' .. string.sub(v, 2, 33) .. ARGV[2], 'PX', ARGV[3])
+__SETTLED__
 return 1
 ";
 
@@ -198,7 +234,18 @@ return 1
 const RELEASE: &str = r"
 __HELD__
 redis.call('DEL', KEYS[1])
+__SETTLED__
 return 1
+";
+
+// KEYS[1]. A duplicate waits for this record: mark it watched (`i` -> `w`,
+// its expiry kept), so that its completion or release publishes. Returns 1
+// when it is in flight (now watched), 0 otherwise.
+const WATCH: &str = r"
+local b = redis.call('GETRANGE', KEYS[1], 0, 0)
+if b == 'i' then redis.call('SETRANGE', KEYS[1], 0, 'w') return 1 end
+if b == 'w' then return 1 end
+return 0
 ";
 
 // KEYS[1]; ARGV: token, lease ms. Returns 1 or 0.
@@ -229,21 +276,34 @@ struct Scripts {
     complete: Lua,
     release: Lua,
     extend: Lua,
+    watch: Lua,
 }
 
 impl Scripts {
     fn new() -> Self {
-        let fenced = |body: &str| Lua::new(body.replace("__HELD__", HELD));
+        let fenced = |body: &str| {
+            Lua::new(
+                body.replace("__HELD__", HELD)
+                    .replace("__SETTLED__", SETTLED),
+            )
+        };
         Self {
             claim: Lua::new(CLAIM.to_owned()),
             complete: fenced(COMPLETE),
             release: fenced(RELEASE),
             extend: fenced(EXTEND),
+            watch: Lua::new(WATCH.to_owned()),
         }
     }
 
-    fn all(&self) -> [&Lua; 4] {
-        [&self.claim, &self.complete, &self.release, &self.extend]
+    fn all(&self) -> [&Lua; 5] {
+        [
+            &self.claim,
+            &self.complete,
+            &self.release,
+            &self.extend,
+            &self.watch,
+        ]
     }
 }
 
@@ -301,6 +361,9 @@ pub struct RedisStore {
     /// Whether the server takes `SET ... NX GET` (Redis 7 or later); cleared
     /// on the first claim that finds it does not.
     native: Arc<AtomicBool>,
+    /// Wakes this process's waiting duplicates through pub/sub; `None` for
+    /// a store over a connection it did not open (it cannot subscribe).
+    notifier: Option<Arc<Notifier>>,
 }
 
 /// How long [`RedisStore::connect`] lets one command wait for its answer:
@@ -416,6 +479,201 @@ enum Native {
     Unsupported,
 }
 
+/// What the listener task is doing, as [`RedisStore::watch`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Listening {
+    /// Connecting and subscribing for the first time.
+    Starting,
+    /// Subscribed: notifications arrive.
+    Up,
+    /// It lost its connection and is reconnecting; a watch now may miss its
+    /// notification, and then waits for the engine's fallback poll.
+    Down,
+    /// The first subscription failed (why); the task has ended.
+    Failed(Arc<str>),
+}
+
+/// How long after a failed start a watch tries to start the listener again
+/// (meanwhile waiters poll).
+const RESTART_AFTER: Duration = Duration::from_secs(1);
+
+/// The longest pause between two reconnection attempts of the listener.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+enum Slot {
+    Idle,
+    Running {
+        state: tokio::sync::watch::Receiver<Listening>,
+        /// Dropped with the notifier, which ends the task.
+        _stop: tokio::sync::watch::Sender<()>,
+    },
+    /// The last start failed; no new attempt before this instant.
+    Failed(std::time::Instant),
+}
+
+/// The tasks of this process that wait for a record of this store, and the
+/// subscriber that wakes them. One per store and prefix, shared by clones.
+struct Notifier {
+    waiters: Waiters,
+    /// Where to subscribe: the server, or each seed node of a cluster.
+    subscribers: Vec<redis::Client>,
+    slot: std::sync::Mutex<Slot>,
+}
+
+impl Notifier {
+    fn new(subscribers: Vec<redis::Client>) -> Self {
+        Self {
+            waiters: Waiters::new(),
+            subscribers,
+            slot: std::sync::Mutex::new(Slot::Idle),
+        }
+    }
+
+    /// The state of the listener on `channel`, started when it is not
+    /// running; `None` while a failed start is recent.
+    fn listening(&self, channel: &[u8]) -> Option<tokio::sync::watch::Receiver<Listening>> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Slot::Running { state, .. } = &*slot {
+            if !matches!(*state.borrow(), Listening::Failed(_)) {
+                return Some(state.clone());
+            }
+            *slot = Slot::Failed(std::time::Instant::now() + RESTART_AFTER);
+        }
+        if let Slot::Failed(until) = &*slot {
+            if std::time::Instant::now() < *until {
+                return None;
+            }
+        }
+        let (state, rx) = tokio::sync::watch::channel(Listening::Starting);
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        tokio::spawn(listen(
+            self.subscribers.clone(),
+            channel.to_vec(),
+            self.waiters.clone(),
+            state,
+            stopped,
+        ));
+        *slot = Slot::Running {
+            state: rx.clone(),
+            _stop: stop,
+        };
+        Some(rx)
+    }
+}
+
+/// Subscribes to `channel` on the first of `subscribers` that answers.
+async fn subscribe(
+    subscribers: &[redis::Client],
+    channel: &[u8],
+) -> Result<redis::aio::PubSubStream, redis::RedisError> {
+    let mut last = None;
+    for client in subscribers {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub.into_on_message())
+        };
+        match tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, subscribed).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "SUBSCRIBE did not answer in time",
+                )))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        redis::RedisError::from(std::io::Error::other("no node to subscribe on"))
+    }))
+}
+
+/// The record a notification names: its payload is the record's key,
+/// `<prefix>{<64 hex digits>}`.
+fn notified_record(payload: &[u8]) -> Option<RecordId> {
+    let tag = payload.strip_suffix(b"}")?;
+    let hex = tag.get(tag.len().checked_sub(64)?..)?;
+    if tag.len() < 65 || tag[tag.len() - 65] != b'{' {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(RecordId::from_bytes(bytes))
+}
+
+/// The listener task: subscribes to the store's channel and wakes the
+/// waiters of each record published. After a lost connection it subscribes
+/// again (on the next node that answers, backing off up to
+/// [`RECONNECT_MAX`]) and wakes every waiter, since what was published
+/// meanwhile is lost. Ends when the store and its clones are dropped, or
+/// when its first subscription fails.
+async fn listen(
+    subscribers: Vec<redis::Client>,
+    channel: Vec<u8>,
+    waiters: Waiters,
+    state: tokio::sync::watch::Sender<Listening>,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) {
+    use futures_util::StreamExt;
+    let mut stream = match subscribe(&subscribers, &channel).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(
+                backend = BACKEND,
+                error = &e as &dyn std::error::Error,
+                "the idempotency listener could not SUBSCRIBE; waiting duplicates poll"
+            );
+            state.send_replace(Listening::Failed(Arc::from(e.to_string())));
+            return;
+        }
+    };
+    state.send_replace(Listening::Up);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            message = stream.next() => match message {
+                Some(message) => match notified_record(message.get_payload_bytes()) {
+                    Some(id) => waiters.wake(&id),
+                    None => tracing::debug!(backend = BACKEND, "ignoring a notification that names no record"),
+                },
+                None => {
+                    tracing::warn!(backend = BACKEND, "the idempotency listener lost its connection; subscribing again");
+                    state.send_replace(Listening::Down);
+                    waiters.wake_all();
+                    stream = loop {
+                        tokio::select! {
+                            _ = stop.changed() => return,
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(RECONNECT_MAX);
+                        match subscribe(&subscribers, &channel).await {
+                            Ok(stream) => break stream,
+                            Err(e) => tracing::debug!(
+                                backend = BACKEND,
+                                error = &e as &dyn std::error::Error,
+                                "the idempotency listener could not subscribe yet"
+                            ),
+                        }
+                    };
+                    pause = Duration::from_millis(100);
+                    state.send_replace(Listening::Up);
+                    // Whatever settled while it was down.
+                    waiters.wake_all();
+                }
+            },
+        }
+    }
+}
+
 impl RedisStore {
     /// Connects to `url` and loads the scripts:
     /// `redis://[user:password@]host[:port][/db]` (or `rediss://` where the
@@ -456,6 +714,7 @@ impl RedisStore {
             return Self::connect_cluster(nodes, response_timeout).await;
         }
         let client = redis::Client::open(url).map_err(backend)?;
+        let subscriber = client.clone();
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(3)
             .set_min_delay(Duration::from_millis(50))
@@ -467,6 +726,7 @@ impl RedisStore {
             .map_err(backend)?;
         let mut store = Self::new(conn);
         store.response_timeout = Some(response_timeout);
+        store.notifier = Some(Arc::new(Notifier::new(vec![subscriber])));
         store.load_scripts().await?;
         Ok(store)
     }
@@ -476,6 +736,12 @@ impl RedisStore {
         nodes: Vec<String>,
         response_timeout: Duration,
     ) -> Result<Self, StoreError> {
+        // Any node will do for pub/sub: a cluster delivers every `PUBLISH`
+        // to every node.
+        let subscribers = nodes
+            .iter()
+            .filter_map(|node| redis::Client::open(node.as_str()).ok())
+            .collect();
         let client = ClusterClientBuilder::new(nodes)
             .connection_timeout(Duration::from_secs(1))
             // Per attempt and, the same, for a call with all its retries.
@@ -488,6 +754,7 @@ impl RedisStore {
         let conn = client.get_async_connection().await.map_err(backend)?;
         let mut store = Self::from_cluster(conn);
         store.response_timeout = Some(response_timeout);
+        store.notifier = Some(Arc::new(Notifier::new(subscribers)));
         // Into every node that answers; one that does not (a node down while
         // the cluster serves) gets each script by the `EVAL` fallback.
         if let Err(e) = store.load_scripts().await {
@@ -520,6 +787,7 @@ impl RedisStore {
             prefix: Arc::from(DEFAULT_PREFIX),
             response_timeout: None,
             native: Arc::new(AtomicBool::new(true)),
+            notifier: None,
         }
     }
 
@@ -554,6 +822,10 @@ impl RedisStore {
     /// record would land on one cluster slot).
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = Arc::from(prefix.into());
+        // Another prefix publishes on another channel.
+        self.notifier = self
+            .notifier
+            .map(|n| Arc::new(Notifier::new(n.subscribers.clone())));
         self
     }
 
@@ -720,6 +992,44 @@ impl RedisStore {
         })
     }
 
+    /// The channel this store's completions and releases publish on, for a
+    /// record a duplicate watches: the prefix, then `settled`.
+    fn channel(&self) -> Vec<u8> {
+        let mut channel = self.prefix.as_bytes().to_vec();
+        channel.extend_from_slice(b"settled");
+        channel
+    }
+
+    /// [`Store::watch`]: the listener subscribed (on the first watch), the
+    /// waiter registered, then the record marked watched, so that its
+    /// completion or release from then on publishes.
+    async fn watch_now(&self, id: &RecordId) -> Result<Option<Watch>, StoreError> {
+        let Some(notifier) = &self.notifier else {
+            return Ok(None);
+        };
+        let Some(mut state) = notifier.listening(&self.channel()) else {
+            return Ok(None);
+        };
+        let failed = match state.wait_for(|s| *s != Listening::Starting).await {
+            Ok(s) => match &*s {
+                Listening::Failed(why) => Some(Arc::clone(why)),
+                _ => None,
+            },
+            Err(_) => Some(Arc::from("the listener ended")),
+        };
+        if let Some(why) = failed {
+            return Err(StoreError::backend(
+                BACKEND,
+                format!("cannot SUBSCRIBE for waiting duplicates: {why}"),
+            ));
+        }
+        let watch = notifier.waiters.watch(id);
+        let lua = &self.scripts.watch;
+        let cmd = self.call(lua, &self.key_bytes(id), 0);
+        let _in_flight: i64 = self.invoke(lua, &cmd).await?;
+        Ok(Some(watch))
+    }
+
     /// The claim by script: a takeover, or a server without `SET ... NX GET`.
     async fn claim_script(
         &self,
@@ -797,7 +1107,7 @@ fn parse_native(
         Value::BulkString(record) => record,
         _ => return Err(corrupt("unexpected reply")),
     };
-    if record.first() != Some(&b'i') {
+    if !matches!(record.first(), Some(b'i' | b'w')) {
         return parse_completed(record).map(Some);
     }
     let keep = std::str::from_utf8(record.get(KEEP_AT..).unwrap_or_default())
@@ -891,6 +1201,10 @@ impl Store for RedisStore {
 
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    fn watch<'a>(&'a self, id: &'a RecordId) -> StoreFuture<'a, Result<Option<Watch>, StoreError>> {
+        self.future(self.watch_now(id))
     }
 }
 
