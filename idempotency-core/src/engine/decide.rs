@@ -177,23 +177,32 @@ impl Idempotency {
         let waiting = |outcome: &Result<ClaimOutcome, StoreError>| matches!(outcome, Ok(ClaimOutcome::InFlight { fingerprint, .. }) if fingerprint == claim.fingerprint);
         let deadline = tokio::time::Instant::now() + self.config().wait_for_in_flight;
         let store = self.guarded();
+        // Kept across fallback polls; a new one after each wake-up.
+        let mut watch = None;
         loop {
             if !waiting(&outcome) || tokio::time::Instant::now() >= deadline {
                 return outcome;
             }
-            // A store error here only costs the notification: poll instead.
-            let watch = store.watch(id).await.ok().flatten();
-            if watch.is_some() {
-                // It may have completed before the watch began.
-                outcome = store.claim(id, token, claim).await;
-                if !waiting(&outcome) {
-                    return outcome;
+            if watch.is_none() {
+                // A store error here only costs the notification: poll instead.
+                watch = store.watch(id).await.ok().flatten();
+                if watch.is_some() {
+                    // It may have completed before the watch began.
+                    outcome = store.claim(id, token, claim).await;
+                    if !waiting(&outcome) {
+                        return outcome;
+                    }
                 }
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match watch {
-                Some(watch) => {
-                    let _ = tokio::time::timeout(left.min(WATCH_FALLBACK), watch).await;
+            match watch.as_mut() {
+                Some(pending) => {
+                    if tokio::time::timeout(left.min(WATCH_FALLBACK), pending)
+                        .await
+                        .is_ok()
+                    {
+                        watch = None;
+                    }
                 }
                 None => tokio::time::sleep(left.min(POLL)).await,
             }
