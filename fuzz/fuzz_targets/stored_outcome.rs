@@ -50,8 +50,9 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // 2. The same bytes as an outcome: encode, then decode, is the identity.
-    //    (Header names are below 64 KiB here: libFuzzer's inputs are 4 KiB by
-    //    default.)
+    //    (Header names are below 64 KiB here, as libFuzzer's inputs are 4 KiB:
+    //    a response with a longer one is not `is_encodable` and is stored as
+    //    not replayable, which `record`'s unit tests check.)
     if let Ok(outcome) = Outcome::arbitrary_take_rest(Unstructured::new(data)) {
         let outcome = outcome.build();
         let encoded = outcome.encode();
