@@ -70,6 +70,21 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    // Whether this store wakes waiters, or they poll.
+    let probe =
+        idempotency_core::RecordId::from_parts(b"wait-latency", &rand_suffix().to_be_bytes());
+    match store.watch(&probe).await {
+        Ok(Some(_)) => println!("{}: waiters are notified", store.backend()),
+        Ok(None) => println!(
+            "{}: waiters poll (the store cannot notify)",
+            store.backend()
+        ),
+        Err(e) => println!(
+            "{}: waiters poll (watch failed: {e}: {:?})",
+            store.backend(),
+            std::error::Error::source(&e).map(|s| s.to_string())
+        ),
+    }
     let config = IdempotencyConfig::builder()
         .wait_for_in_flight(Duration::from_secs(10))
         .build()
