@@ -21,6 +21,7 @@ use axum::Router;
 use benches::{handler, json_body, request, send};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
+use idempotency_core::store::redis::RedisConnection;
 use idempotency_core::{
     Claim, ClaimOutcome, Fingerprint, Idempotency, IdempotencyConfig, LeaseToken, RecordId, Store,
     StoredOutcome, StoredResponse,
@@ -235,6 +236,71 @@ fn native_vs_script<R, F>(
     );
 }
 
+/// What no Redis store can go below, interleaved with `raw` (`PING`): two
+/// `PING`s in a row (any fresh request needs two round trips), and the
+/// native claim's and a completion's commands sent plainly, without the
+/// completion's script: `SET NX GET PX` with `PTTL`, then `SET PX` of an
+/// outcome of the same size.
+fn redis_floor<R, F>(rt: &tokio::runtime::Runtime, raw: &R, conn: &RedisConnection)
+where
+    R: Fn() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let run = rand_run();
+    let counter = AtomicU64::new(0);
+    let n = 1000;
+    let record = vec![b'i'; 60];
+    let done = {
+        let mut done = vec![b'c'; 33];
+        done.extend_from_slice(&outcome().encode());
+        done
+    };
+    let (raw_a, two_pings) = interleaved(rt, n, raw, || async {
+        raw().await;
+        raw().await;
+    });
+    let (raw_b, plain) = interleaved(rt, n, raw, || {
+        let key = format!(
+            "floor-{run:x}-{{{}}}",
+            counter.fetch_add(1, Ordering::Relaxed)
+        );
+        let (record, done) = (record.clone(), done.clone());
+        let mut conn = conn.clone();
+        async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(&key)
+                .arg(record)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(600_000)
+                .cmd("PTTL")
+                .arg(&key);
+            let _: Vec<redis::Value> = pipe.query_async(&mut conn).await.expect("set nx get");
+            let _: redis::Value = redis::cmd("SET")
+                .arg(&key)
+                .arg(done)
+                .arg("PX")
+                .arg(600_000)
+                .query_async(&mut conn)
+                .await
+                .expect("set");
+        }
+    });
+    println!("\n== redis, the floor of a fresh request, interleaved medians of {n} ==");
+    println!(
+        "two PINGs in a row: {:.2}× ping ({:.1} µs)",
+        two_pings / raw_a,
+        raw_a / 1000.0
+    );
+    println!(
+        "the claim's and a completion's commands, no script: {:.2}× ping ({:.1} µs)",
+        plain / raw_b,
+        raw_b / 1000.0
+    );
+}
+
 /// Medians of `a` and `b` measured interleaved (a, b, a, b, ...), so that
 /// load from other processes on the machine hits both alike.
 fn interleaved<FA, FB, A, B>(rt: &tokio::runtime::Runtime, n: usize, a: FA, b: FB) -> (f64, f64)
@@ -416,6 +482,7 @@ fn main() {
             // The claim by script (Redis before 7) against the native one, in
             // the same run and against the same PING.
             native_vs_script(&rt, &raw, &scripted);
+            redis_floor(&rt, &raw, scripted.connection());
         }
         Err(_) => println!("skipping the redis benches: REDIS_URL is not set"),
     }
