@@ -320,7 +320,11 @@ impl IdempotencyConfigBuilder {
     /// first completes, runs the handler itself when the first released its
     /// claim (a 5xx), and 409 when the bound passes. Default: zero (409 at
     /// once, as Stripe and the IETF draft do). Keep it short: a waiting
-    /// request holds a connection.
+    /// request holds a connection. A store that notifies
+    /// ([`Store::watch`](crate::store::Store::watch): memory, Redis,
+    /// PostgreSQL) wakes the waiter when the first completes or is released;
+    /// it claims again every 250 ms in case a notification was lost. Other
+    /// stores are polled every 25 ms.
     pub fn wait_for_in_flight(mut self, bound: Duration) -> Self {
         self.config.wait_for_in_flight = bound;
         self

@@ -71,6 +71,16 @@
 //!   the handler runs again.
 //! - **Nothing is lost or corrupted.** A record that cannot be decoded is
 //!   reported as an error and left untouched.
+//! - **Waiting duplicates.** With
+//!   [`wait_for_in_flight`](IdempotencyConfigBuilder::wait_for_in_flight), a
+//!   duplicate of a request in flight waits, up to that bound, and replays
+//!   its response (or runs, if the first was released). The memory, Redis
+//!   (and Redis Cluster) and PostgreSQL stores wake it when the first
+//!   completes or is released ([`store::Store::watch`]:
+//!   in process, pub/sub, `LISTEN/NOTIFY`), at no cost while nobody waits;
+//!   it claims again every 250 ms in case a notification was lost, so a
+//!   lost listener only slows it down. A store without `watch` is polled
+//!   every 25 ms. The bound passed, it gets 409.
 //!
 //! # Metrics
 //!
@@ -80,9 +90,9 @@
 //! store call in `idempotency_store_errors_total{backend,op}` and
 //! `idempotency_store_duration_seconds{backend,op}`. Install the exporter
 //! you use (the examples serve Prometheus text on `GET /metrics`, outside
-//! the layer), then call [`metrics::describe`](crate::metrics::describe).
+//! the layer), then call [`metrics::describe`].
 //! With no recorder installed it costs next to nothing. The names, labels
-//! and what to alert on: [`metrics`](crate::metrics).
+//! and what to alert on: [`metrics`].
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -109,7 +109,7 @@ pub mod label {
     pub const CONSUMER: &str = "consumer";
 }
 
-/// The values of `outcome` for [`REQUESTS_TOTAL`](super::REQUESTS_TOTAL).
+/// The values of `outcome` for [`REQUESTS_TOTAL`].
 pub mod outcome {
     /// The handler ran, holding the claim.
     pub const EXECUTED: &str = "executed";
@@ -151,7 +151,7 @@ pub mod op {
     pub const ALL: [&str; 4] = [CLAIM, COMPLETE, RELEASE, EXTEND];
 }
 
-/// The values of `outcome` for [`INBOX_MESSAGES_TOTAL`](super::INBOX_MESSAGES_TOTAL).
+/// The values of `outcome` for [`INBOX_MESSAGES_TOTAL`].
 pub mod inbox_outcome {
     /// The handler ran and its effect committed.
     pub const PROCESSED: &str = "processed";
