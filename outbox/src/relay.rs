@@ -354,7 +354,10 @@ async fn claim_keyed(
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
-    let candidates = rows.iter().map(outgoing).collect::<Result<Vec<_>, _>>()?;
+    let (candidates, corrupt) = settle::decode_rows(&rows, outgoing, seq_of)?;
+    if !corrupt.is_empty() {
+        record_failures(conn, &corrupt).await?;
+    }
     Ok(settle::take_heads(candidates, cfg.max_per_key))
 }
 
@@ -372,7 +375,15 @@ async fn claim_unkeyed(
     .bind(i64::from(cfg.batch_size))
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter().map(|r| outgoing(r).map(|(o, _)| o)).collect()
+    let (claimed, corrupt) = settle::decode_rows(&rows, |r| outgoing(r).map(|(o, _)| o), seq_of)?;
+    if !corrupt.is_empty() {
+        record_failures(conn, &corrupt).await?;
+    }
+    Ok(claimed)
+}
+
+fn seq_of(row: &PgRow) -> Result<i64, OutboxError> {
+    Ok(row.try_get("seq")?)
 }
 
 async fn record_failures(conn: &mut PgConnection, failures: &[Failure]) -> Result<(), OutboxError> {

@@ -27,6 +27,36 @@ pub struct BatchReport {
     pub deferred: usize,
 }
 
+/// Decodes a batch's rows. A row that is not an event (written by something
+/// other than `enqueue`: an id that is not a UUID, headers that are not a
+/// list of pairs) is set aside as a dead failure with the reason, to be
+/// marked with the batch, so it cannot block the relay (or its key) forever.
+pub(crate) fn decode_rows<R, T>(
+    rows: &[R],
+    decode: impl Fn(&R) -> Result<T, crate::OutboxError>,
+    seq: impl Fn(&R) -> Result<i64, crate::OutboxError>,
+) -> Result<(Vec<T>, Vec<Failure>), crate::OutboxError> {
+    let mut decoded = Vec::with_capacity(rows.len());
+    let mut corrupt = Vec::new();
+    for row in rows {
+        match decode(row) {
+            Ok(item) => decoded.push(item),
+            Err(crate::OutboxError::Corrupt(why)) => {
+                let seq = seq(row)?;
+                tracing::error!(seq, reason = %why, "an outbox row is not an event: marked dead, not published");
+                corrupt.push(Failure {
+                    seq,
+                    error: format!("unreadable row: {why}"),
+                    delay: Duration::ZERO,
+                    dead: true,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((decoded, corrupt))
+}
+
 pub(crate) struct Failure {
     pub(crate) seq: i64,
     pub(crate) error: String,

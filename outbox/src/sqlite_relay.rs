@@ -123,15 +123,17 @@ impl<P: Publisher> SqliteRelay<P> {
         .bind(i64::from(cfg.batch_size))
         .fetch_all(&inner.pool)
         .await?;
-        let candidates = rows
-            .iter()
-            .map(|r| outgoing(r).map(|o| (o, true)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (candidates, corrupt) = settle::decode_rows(
+            &rows,
+            |r| outgoing(r).map(|o| (o, true)),
+            |r| Ok(r.try_get("seq")?),
+        )?;
         let batch = settle::take_heads(candidates, cfg.max_per_key);
-        if batch.is_empty() {
+        if batch.is_empty() && corrupt.is_empty() {
             return Ok(BatchReport::default());
         }
-        let settled = settle::publish(&inner.publisher, &batch, cfg).await;
+        let mut settled = settle::publish(&inner.publisher, &batch, cfg).await;
+        settled.failures.extend(corrupt);
         let now = crate::unix_millis();
         let mut tx = inner.pool.begin().await?;
         if !settled.published.is_empty() {

@@ -655,3 +655,57 @@ async fn a_key_beyond_the_scan_window_is_not_starved_by_a_blocked_key() {
     assert_eq!(relay.run_once().await.unwrap().claimed, 0);
     env.finish().await;
 }
+
+/// A row that is not an event (written around `enqueue`: headers that are
+/// not a list of pairs) is marked dead with the reason, once; the events
+/// around it, keyed (the same key after it) and keyless, are published, and
+/// the relay is not stuck on it.
+#[tokio::test]
+async fn an_unreadable_row_dies_with_its_reason_and_blocks_nothing() {
+    let Some(env) = PgEnv::new("an_unreadable_row_dies").await else {
+        return;
+    };
+    let keyed_bad = Event::new("payments", &b"bad"[..]).with_ordering_key("k");
+    let keyed_next = Event::new("payments", &b"next"[..]).with_ordering_key("k");
+    let keyless_bad = Event::new("payments", &b"bad2"[..]);
+    let keyless_ok = Event::new("payments", &b"ok"[..]);
+    for e in [&keyed_bad, &keyed_next, &keyless_bad, &keyless_ok] {
+        env.enqueue(e).await;
+    }
+    for bad in [&keyed_bad, &keyless_bad] {
+        sqlx::query(
+            "UPDATE outbox.events SET headers = '{\"not\": \"pairs\"}' WHERE id = $1::uuid",
+        )
+        .bind(bad.id().to_string())
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+    let broker = MemoryPublisher::new();
+    let relay = Relay::new(env.pool.clone(), broker.clone(), fast().build().unwrap());
+    for _ in 0..4 {
+        relay
+            .run_once()
+            .await
+            .expect("an unreadable row fails no batch");
+    }
+    let mut published: Vec<Vec<u8>> = broker
+        .confirmed()
+        .iter()
+        .map(|s| s.payload.clone())
+        .collect();
+    published.sort();
+    assert_eq!(published, [b"next".to_vec(), b"ok".to_vec()]);
+    for bad in [&keyed_bad, &keyless_bad] {
+        let (attempts, dead, error, was_published) = env.state(bad.id()).await;
+        assert!(dead && !was_published, "{attempts} {error:?}");
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("unreadable row")),
+            "{error:?}"
+        );
+    }
+    assert_eq!(relay.run_once().await.unwrap().claimed, 0);
+    env.finish().await;
+}

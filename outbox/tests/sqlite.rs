@@ -223,3 +223,49 @@ async fn sqlite_relay_runs_until_shutdown() {
     let payloads: Vec<_> = broker.confirmed().into_iter().map(|s| s.payload).collect();
     common::assert_per_key_order(&payloads, 100);
 }
+
+/// A row that is not an event (its id is not a UUID) is marked dead with the
+/// reason; the events behind it, of its key and keyless, are published.
+#[tokio::test]
+async fn sqlite_an_unreadable_row_dies_with_its_reason_and_blocks_nothing() {
+    let pool = pool().await;
+    let bad = Event::new("payments", &b"bad"[..]).with_ordering_key("k");
+    let next = Event::new("payments", &b"next"[..]).with_ordering_key("k");
+    let free = Event::new("payments", &b"free"[..]);
+    enqueue(&pool, &[bad.clone(), next, free]).await;
+    sqlx::query("UPDATE outbox_events SET id = 'not-a-uuid' WHERE id = ?")
+        .bind(bad.id().to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let broker = common::MemoryPublisher::new();
+    let relay = outbox::SqliteRelay::new(pool.clone(), broker.clone(), fast().build().unwrap());
+    for _ in 0..3 {
+        relay
+            .run_once()
+            .await
+            .expect("an unreadable row fails no batch");
+    }
+    let mut published: Vec<Vec<u8>> = broker
+        .confirmed()
+        .iter()
+        .map(|s| s.payload.clone())
+        .collect();
+    published.sort();
+    assert_eq!(published, [b"free".to_vec(), b"next".to_vec()]);
+    let row = sqlx::query(
+        "SELECT dead_at IS NOT NULL AS dead, last_error FROM outbox_events WHERE id = 'not-a-uuid'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(row.get::<bool, _>("dead"));
+    let error: Option<String> = row.get("last_error");
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("unreadable row")),
+        "{error:?}"
+    );
+    assert_eq!(relay.run_once().await.unwrap().claimed, 0);
+}
