@@ -80,6 +80,25 @@ impl RecordId {
     pub fn to_hex(&self) -> String {
         hex(&self.0)
     }
+
+    /// From 64 hex digits (either case), as [`to_hex`](Self::to_hex) writes
+    /// them; `None` for anything else.
+    pub fn from_hex(hex: &[u8]) -> Option<Self> {
+        if hex.len() != 64 {
+            return None;
+        }
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        };
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+            *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(Self(bytes))
+    }
 }
 
 impl fmt::Debug for RecordId {
@@ -566,6 +585,28 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_ids_read_back_from_their_hex() {
+        let id = RecordId::from_parts(b"scope", b"key");
+        assert_eq!(RecordId::from_hex(id.to_hex().as_bytes()), Some(id));
+        assert_eq!(
+            RecordId::from_hex(id.to_hex().to_uppercase().as_bytes()),
+            Some(id)
+        );
+        let hex = id.to_hex();
+        for bad in [
+            String::new(),
+            hex[..63].to_owned(),
+            format!("{hex}0"),
+            "00".repeat(31),
+            format!("{}zz", "00".repeat(31)),
+            format!("{}é", "0".repeat(62)),
+            format!("+{}", "0".repeat(63)),
+        ] {
+            assert_eq!(RecordId::from_hex(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
 
     fn fp(m: &str, p: &str, q: Option<&str>, ct: Option<&[u8]>, b: &[u8]) -> Fingerprint {
         Fingerprint::compute(m, p, q, ct, b)

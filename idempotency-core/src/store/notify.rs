@@ -156,6 +156,112 @@ impl Waiters {
     }
 }
 
+/// What a store's listener task is doing, as its watches see it.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Listening {
+    /// Connecting and subscribing for the first time.
+    Starting,
+    /// Subscribed: notifications arrive.
+    Up,
+    /// It lost its connection and is reconnecting; a watch now may miss its
+    /// notification, and then waits for the engine's fallback poll.
+    Down,
+    /// The first subscription failed (why); the task has ended.
+    Failed(Arc<str>),
+}
+
+/// How long after a failed start a watch tries to start the listener again
+/// (meanwhile waiters poll).
+#[cfg(any(feature = "redis", feature = "postgres"))]
+const RESTART_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest pause between two reconnection attempts of a listener.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A shared store's notifications (Redis pub/sub, PostgreSQL `LISTEN`): the
+/// waiters of this process, and the one listener task that wakes them,
+/// started on the first watch, started again (at most every
+/// [`RESTART_AFTER`]) when its first connection failed, and ended when this
+/// is dropped. One per store, shared by its clones.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) struct Listener {
+    pub(crate) waiters: Waiters,
+    slot: Mutex<Slot>,
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+enum Slot {
+    Idle,
+    Running {
+        state: tokio::sync::watch::Receiver<Listening>,
+        /// Ends the task when dropped.
+        _task: Box<dyn Send>,
+    },
+    /// The last start failed; no new attempt before this instant.
+    Failed(std::time::Instant),
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+impl Listener {
+    pub(crate) fn new() -> Self {
+        Self {
+            waiters: Waiters::new(),
+            slot: Mutex::new(Slot::Idle),
+        }
+    }
+
+    /// Waits until the listener has subscribed once, starting it with
+    /// `start` when it is not running. `start` spawns the task, which
+    /// reports its state on the sender and wakes the waiters, and returns
+    /// what ends the task when dropped. `Ok(false)`: a start failed
+    /// recently (waiters poll); `Err(why)`: this start failed.
+    pub(crate) async fn ready<G: Send + 'static>(
+        &self,
+        start: impl FnOnce(tokio::sync::watch::Sender<Listening>, Waiters) -> G,
+    ) -> Result<bool, Arc<str>> {
+        let mut state = {
+            let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+            let running = match &*slot {
+                Slot::Running { state, .. } if !matches!(*state.borrow(), Listening::Failed(_)) => {
+                    Some(state.clone())
+                }
+                Slot::Running { .. } => {
+                    *slot = Slot::Failed(std::time::Instant::now() + RESTART_AFTER);
+                    None
+                }
+                _ => None,
+            };
+            match running {
+                Some(state) => state,
+                None => {
+                    if let Slot::Failed(until) = &*slot {
+                        if std::time::Instant::now() < *until {
+                            return Ok(false);
+                        }
+                    }
+                    let (tx, rx) = tokio::sync::watch::channel(Listening::Starting);
+                    let task = start(tx, self.waiters.clone());
+                    *slot = Slot::Running {
+                        state: rx.clone(),
+                        _task: Box::new(task),
+                    };
+                    rx
+                }
+            }
+        };
+        let ready = match state.wait_for(|s| *s != Listening::Starting).await {
+            Ok(s) => match &*s {
+                Listening::Failed(why) => Err(Arc::clone(why)),
+                _ => Ok(true),
+            },
+            Err(_) => Err(Arc::from("the listener ended")),
+        };
+        ready
+    }
+}
+
 /// Unregisters a watch when it is dropped (resolved or abandoned).
 struct Registration {
     shared: Arc<Shared>,

@@ -88,6 +88,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use tokio::sync::watch;
 
+use super::notify::{Listener, Listening, RECONNECT_MAX};
 use super::sql::millis;
 use super::{Claim, StoreError, Waiters, Watch};
 use crate::fingerprint::RecordId;
@@ -308,121 +309,53 @@ fn channel(schema: &str) -> String {
     format!("{}~{}{TABLE}", &schema[..keep], &hash[..8])
 }
 
-/// The record id of a notification's payload (64 hex digits), or `None`.
-fn parse_payload(payload: &str) -> Option<RecordId> {
-    let hex = payload.as_bytes();
-    if hex.len() != 64 {
-        return None;
+/// The listener's own pool of one connection, closed when the store and its
+/// clones are dropped: the listener's wait then ends with `PoolClosed`, and
+/// the task with it.
+struct ClosePool(PgPool);
+
+impl Drop for ClosePool {
+    fn drop(&mut self) {
+        // Marks the pool closed at once (the future only waits for the
+        // connection to be returned).
+        drop(self.0.close());
     }
-    let digit = |b: u8| {
-        char::from(b)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
-    };
-    let mut bytes = [0u8; 32];
-    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
-        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
-    }
-    Some(RecordId::from_bytes(bytes))
-}
-
-/// What the listener task is doing, as [`PostgresStore::watch`] sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Listening {
-    /// Connecting and sending `LISTEN` for the first time.
-    Starting,
-    /// `LISTEN` is in place: notifications arrive.
-    Up,
-    /// It lost its connection and is reconnecting; a watch now may miss its
-    /// notification, and then waits for the fallback poll.
-    Down,
-    /// The first connection failed (why); the task has ended.
-    Failed(Arc<str>),
-}
-
-/// How long after a failed start a watch tries to start the listener again
-/// (meanwhile waiters poll).
-const RESTART_AFTER: Duration = Duration::from_secs(1);
-
-/// The longest pause between two reconnection attempts of the listener.
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
-
-enum Slot {
-    Idle,
-    Running {
-        /// The listener's own pool of one connection; closed on drop, which
-        /// ends the task.
-        pool: PgPool,
-        state: watch::Receiver<Listening>,
-    },
-    /// The last start failed; no new attempt before this instant.
-    Failed(std::time::Instant),
 }
 
 /// The tasks of this process that wait for a record of this store, and the
 /// listener that wakes them. One per store, shared by its clones.
 struct Notifier {
-    waiters: Waiters,
+    listener: Listener,
     channel: Arc<str>,
-    slot: std::sync::Mutex<Slot>,
-}
-
-impl Drop for Notifier {
-    fn drop(&mut self) {
-        let slot = self.slot.get_mut().unwrap_or_else(|p| p.into_inner());
-        if let Slot::Running { pool, .. } = slot {
-            // Marks the pool closed at once: the listener's wait ends with
-            // `PoolClosed`, and the task with it (the future only waits for
-            // the connection to be returned).
-            drop(pool.close());
-        }
-    }
 }
 
 impl Notifier {
     fn new(schema: &str) -> Self {
         Self {
-            waiters: Waiters::new(),
+            listener: Listener::new(),
             channel: Arc::from(channel(schema)),
-            slot: std::sync::Mutex::new(Slot::Idle),
         }
     }
 
-    /// The state of the listener, started when it is not running; `None`
-    /// while a failed start is recent.
-    fn listening(&self, options: &PgConnectOptions) -> Option<watch::Receiver<Listening>> {
-        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Slot::Running { state, .. } = &*slot {
-            if !matches!(*state.borrow(), Listening::Failed(_)) {
-                return Some(state.clone());
-            }
-            *slot = Slot::Failed(std::time::Instant::now() + RESTART_AFTER);
+    /// Starts the listener (its own pool of one connection) on `options`.
+    fn start(
+        &self,
+        options: &PgConnectOptions,
+    ) -> impl FnOnce(watch::Sender<Listening>, Waiters) -> ClosePool {
+        let options = options.clone();
+        let channel = Arc::clone(&self.channel);
+        move |state, waiters| {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .test_before_acquire(false)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options);
+            tokio::spawn(listen(pool.clone(), channel, waiters, state));
+            ClosePool(pool)
         }
-        if let Slot::Failed(until) = &*slot {
-            if std::time::Instant::now() < *until {
-                return None;
-            }
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options.clone());
-        let (tx, rx) = watch::channel(Listening::Starting);
-        tokio::spawn(listen(
-            pool.clone(),
-            Arc::clone(&self.channel),
-            self.waiters.clone(),
-            tx,
-        ));
-        *slot = Slot::Running {
-            pool,
-            state: rx.clone(),
-        };
-        Some(rx)
     }
 }
 
@@ -460,7 +393,7 @@ async fn listen(
     let mut pause = Duration::from_millis(100);
     loop {
         match listener.try_recv().await {
-            Ok(Some(notification)) => match parse_payload(notification.payload()) {
+            Ok(Some(notification)) => match RecordId::from_hex(notification.payload().as_bytes()) {
                 Some(id) => waiters.wake(&id),
                 None => tracing::debug!(
                     backend = BACKEND,
@@ -685,26 +618,18 @@ impl PostgresStore {
     /// the first watch), the waiter registered, then the record marked, so
     /// that its completion or release from then on notifies.
     async fn watch_now(&self, id: &RecordId) -> Result<Option<Watch>, StoreError> {
-        let Some(mut state) = self
-            .notifier
-            .listening(self.pool.connect_options().as_ref())
-        else {
-            return Ok(None);
-        };
-        let failed = match state.wait_for(|s| *s != Listening::Starting).await {
-            Ok(s) => match &*s {
-                Listening::Failed(why) => Some(Arc::clone(why)),
-                _ => None,
-            },
-            Err(_) => Some(Arc::from("the listener ended")),
-        };
-        if let Some(why) = failed {
-            return Err(StoreError::backend(
-                BACKEND,
-                format!("cannot LISTEN for waiting duplicates: {why}"),
-            ));
+        let start = self.notifier.start(self.pool.connect_options().as_ref());
+        match self.notifier.listener.ready(start).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(why) => {
+                return Err(StoreError::backend(
+                    BACKEND,
+                    format!("cannot LISTEN for waiting duplicates: {why}"),
+                ))
+            }
         }
-        let watch = self.notifier.waiters.watch(id);
+        let watch = self.notifier.listener.waiters.watch(id);
         sqlx::query(&self.queries.watch)
             .bind(id.as_bytes().as_slice())
             .execute(&self.pool)
@@ -813,22 +738,5 @@ mod tests {
         }
         assert_eq!(channel(&"x".repeat(43)).len(), 63);
         assert_ne!(channel(&a), channel(&b));
-    }
-
-    #[test]
-    fn payloads_parse_to_record_ids_or_nothing() {
-        let id = RecordId::from_parts(b"p", b"k");
-        assert_eq!(parse_payload(&id.to_hex()), Some(id));
-        assert_eq!(parse_payload(&id.to_hex().to_uppercase()), Some(id));
-        for bad in [
-            String::new(),
-            "00".repeat(31),
-            "00".repeat(33),
-            format!("{}zz", "00".repeat(31)),
-            format!("{}é", "0".repeat(62)),
-            format!("+{}", "0".repeat(63)),
-        ] {
-            assert_eq!(parse_payload(&bad), None, "{bad:?}");
-        }
     }
 }

@@ -153,6 +153,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
+use super::notify::{Listener, Listening, RECONNECT_MAX};
 use super::{Claim, Store, StoreError, StoreFuture, Waiters, Watch};
 use crate::fingerprint::{Fingerprint, RecordId};
 use crate::record::{ClaimOutcome, CorruptRecord, LeaseToken, StoredOutcome, TokenOutcome};
@@ -479,85 +480,34 @@ enum Native {
     Unsupported,
 }
 
-/// What the listener task is doing, as [`RedisStore::watch`] sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Listening {
-    /// Connecting and subscribing for the first time.
-    Starting,
-    /// Subscribed: notifications arrive.
-    Up,
-    /// It lost its connection and is reconnecting; a watch now may miss its
-    /// notification, and then waits for the engine's fallback poll.
-    Down,
-    /// The first subscription failed (why); the task has ended.
-    Failed(Arc<str>),
-}
-
-/// How long after a failed start a watch tries to start the listener again
-/// (meanwhile waiters poll).
-const RESTART_AFTER: Duration = Duration::from_secs(1);
-
-/// The longest pause between two reconnection attempts of the listener.
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
-
-enum Slot {
-    Idle,
-    Running {
-        state: tokio::sync::watch::Receiver<Listening>,
-        /// Dropped with the notifier, which ends the task.
-        _stop: tokio::sync::watch::Sender<()>,
-    },
-    /// The last start failed; no new attempt before this instant.
-    Failed(std::time::Instant),
-}
-
 /// The tasks of this process that wait for a record of this store, and the
 /// subscriber that wakes them. One per store and prefix, shared by clones.
 struct Notifier {
-    waiters: Waiters,
+    listener: Listener,
     /// Where to subscribe: the server, or each seed node of a cluster.
     subscribers: Vec<redis::Client>,
-    slot: std::sync::Mutex<Slot>,
 }
 
 impl Notifier {
     fn new(subscribers: Vec<redis::Client>) -> Self {
         Self {
-            waiters: Waiters::new(),
+            listener: Listener::new(),
             subscribers,
-            slot: std::sync::Mutex::new(Slot::Idle),
         }
     }
 
-    /// The state of the listener on `channel`, started when it is not
-    /// running; `None` while a failed start is recent.
-    fn listening(&self, channel: &[u8]) -> Option<tokio::sync::watch::Receiver<Listening>> {
-        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Slot::Running { state, .. } = &*slot {
-            if !matches!(*state.borrow(), Listening::Failed(_)) {
-                return Some(state.clone());
-            }
-            *slot = Slot::Failed(std::time::Instant::now() + RESTART_AFTER);
+    /// Starts the subscriber on `channel`; dropping what it returns ends it.
+    fn start(
+        &self,
+        channel: Vec<u8>,
+    ) -> impl FnOnce(tokio::sync::watch::Sender<Listening>, Waiters) -> tokio::sync::watch::Sender<()>
+    {
+        let subscribers = self.subscribers.clone();
+        move |state, waiters| {
+            let (stop, stopped) = tokio::sync::watch::channel(());
+            tokio::spawn(listen(subscribers, channel, waiters, state, stopped));
+            stop
         }
-        if let Slot::Failed(until) = &*slot {
-            if std::time::Instant::now() < *until {
-                return None;
-            }
-        }
-        let (state, rx) = tokio::sync::watch::channel(Listening::Starting);
-        let (stop, stopped) = tokio::sync::watch::channel(());
-        tokio::spawn(listen(
-            self.subscribers.clone(),
-            channel.to_vec(),
-            self.waiters.clone(),
-            state,
-            stopped,
-        ));
-        *slot = Slot::Running {
-            state: rx.clone(),
-            _stop: stop,
-        };
-        Some(rx)
     }
 }
 
@@ -593,20 +543,11 @@ async fn subscribe(
 /// `<prefix>{<64 hex digits>}`.
 fn notified_record(payload: &[u8]) -> Option<RecordId> {
     let tag = payload.strip_suffix(b"}")?;
-    let hex = tag.get(tag.len().checked_sub(64)?..)?;
-    if tag.len() < 65 || tag[tag.len() - 65] != b'{' {
+    let open = tag.len().checked_sub(65)?;
+    if tag[open] != b'{' {
         return None;
     }
-    let mut bytes = [0u8; 32];
-    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
-        let digit = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
-    }
-    Some(RecordId::from_bytes(bytes))
+    RecordId::from_hex(&tag[open + 1..])
 }
 
 /// The listener task: subscribes to the store's channel and wakes the
@@ -1007,23 +948,21 @@ impl RedisStore {
         let Some(notifier) = &self.notifier else {
             return Ok(None);
         };
-        let Some(mut state) = notifier.listening(&self.channel()) else {
-            return Ok(None);
-        };
-        let failed = match state.wait_for(|s| *s != Listening::Starting).await {
-            Ok(s) => match &*s {
-                Listening::Failed(why) => Some(Arc::clone(why)),
-                _ => None,
-            },
-            Err(_) => Some(Arc::from("the listener ended")),
-        };
-        if let Some(why) = failed {
-            return Err(StoreError::backend(
-                BACKEND,
-                format!("cannot SUBSCRIBE for waiting duplicates: {why}"),
-            ));
+        match notifier
+            .listener
+            .ready(notifier.start(self.channel()))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(why) => {
+                return Err(StoreError::backend(
+                    BACKEND,
+                    format!("cannot SUBSCRIBE for waiting duplicates: {why}"),
+                ))
+            }
         }
-        let watch = notifier.waiters.watch(id);
+        let watch = notifier.listener.waiters.watch(id);
         let lua = &self.scripts.watch;
         let cmd = self.call(lua, &self.key_bytes(id), 0);
         let _in_flight: i64 = self.invoke(lua, &cmd).await?;
@@ -1211,6 +1150,24 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notifications_name_their_record_or_nothing() {
+        let id = RecordId::from_parts(b"p", b"k");
+        let key = |prefix: &str, hex: &str| format!("{prefix}{{{hex}}}").into_bytes();
+        assert_eq!(notified_record(&key("pay:", &id.to_hex())), Some(id));
+        assert_eq!(notified_record(&key("", &id.to_hex())), Some(id));
+        for bad in [
+            b"".to_vec(),
+            b"}".to_vec(),
+            key("pay:", &id.to_hex()[1..]),
+            format!("pay:[{}}}", id.to_hex()).into_bytes(),
+            format!("pay:{{{}", id.to_hex()).into_bytes(),
+            key("pay:", &format!("{}zz", &id.to_hex()[2..])),
+        ] {
+            assert_eq!(notified_record(&bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn malformed_replies_are_typed_errors() {
