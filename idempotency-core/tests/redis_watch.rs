@@ -7,16 +7,16 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use idempotency_core::store::redis::RedisStore;
-use idempotency_core::store::{StoreFuture, Watch};
+use idempotency_core::store::Watch;
 use idempotency_core::{
     Claim, ClaimOutcome, Decision, Fingerprint, Idempotency, IdempotencyConfig, Inspection,
-    LeaseToken, RecordId, Store, StoreError, StoredOutcome, StoredResponse, TokenOutcome,
+    LeaseToken, RecordId, Store, StoredOutcome, StoredResponse, TokenOutcome,
 };
 
 /// Long enough for a notification on a loaded machine; a watch that has
@@ -176,54 +176,6 @@ async fn a_watch_resolves_on_completion_and_on_release_of_its_record_only_cluste
     a_watch_resolves_on_completion_and_on_release_of_its_record_only("REDIS_CLUSTER_URL").await;
 }
 
-/// A store that counts claims and forwards watches.
-struct Counting {
-    inner: RedisStore,
-    claims: AtomicU64,
-}
-
-impl Store for Counting {
-    fn claim<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        claim: Claim<'a>,
-    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        self.claims.fetch_add(1, Ordering::SeqCst);
-        self.inner.claim(id, token, claim)
-    }
-    fn complete<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        outcome: &'a StoredOutcome,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.complete(id, token, outcome, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.release(id, token)
-    }
-    fn extend<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.extend(id, token, lease)
-    }
-    fn backend(&self) -> &'static str {
-        "redis"
-    }
-    fn watch<'a>(&'a self, id: &'a RecordId) -> StoreFuture<'a, Result<Option<Watch>, StoreError>> {
-        self.inner.watch(id)
-    }
-}
-
 async fn decide(engine: &Idempotency, key: &str) -> Decision {
     let (parts, ()) = http::Request::post("/payments")
         .header("idempotency-key", key)
@@ -250,10 +202,7 @@ async fn waiting_duplicates_are_woken_not_polling(var: &str) {
         .build()
         .expect("config");
     let first = Idempotency::new(first_store, config.clone());
-    let counting = Arc::new(Counting {
-        inner: waiting_store,
-        claims: AtomicU64::new(0),
-    });
+    let counting = Arc::new(common::Counting::new(waiting_store));
     let waiting = Idempotency::new(counting.clone(), config);
     let Decision::Execute(execution) = decide(&first, "k").await else {
         panic!("the first is not executed");
@@ -272,10 +221,18 @@ async fn waiting_duplicates_are_woken_not_polling(var: &str) {
             other => panic!("a waiter did not replay: {other:?}"),
         }
     }
-    let claims = counting.claims.load(Ordering::SeqCst);
+    let claims = counting.claims();
     assert!(
         claims <= 7 * WAITERS,
         "{claims} claims for {WAITERS} waiters: they polled"
+    );
+    // Woken by the completion's publish, not by a fallback poll (under which
+    // every watch is dropped unresolved); the ticks, at 250 ms steps from
+    // the waiters' first claims, fall well away from the completion at 600.
+    let woken = counting.woken.load(Ordering::SeqCst);
+    assert!(
+        woken >= WAITERS / 2,
+        "{woken} of {WAITERS} waiters were woken by the completion"
     );
 }
 

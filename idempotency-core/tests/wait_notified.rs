@@ -5,78 +5,26 @@
 //! the same instant as the completion, where a polling one returns at its
 //! next tick.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency_core::store::{Claim, Store, StoreError, StoreFuture, Watch};
+use idempotency_core::store::Store;
 use idempotency_core::{
-    ClaimOutcome, Decision, Idempotency, IdempotencyConfig, Inspection, LeaseToken, MemoryStore,
-    RecordId, StoredOutcome, StoredResponse, TokenOutcome,
+    Decision, Idempotency, IdempotencyConfig, Inspection, MemoryStore, RecordId, StoredResponse,
 };
 use tokio::time::Instant;
 
+mod common;
+
+use common::Counting;
+
 const WAITERS: usize = 16;
 
-/// A memory store that counts claims, and can hide its notifications (so
-/// the waiters poll, as with a store that cannot notify).
-struct Counting {
-    inner: MemoryStore,
-    claims: AtomicU64,
-    notify: bool,
-}
-
-impl Store for Counting {
-    fn claim<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        claim: Claim<'a>,
-    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        self.claims.fetch_add(1, Ordering::SeqCst);
-        self.inner.claim(id, token, claim)
-    }
-    fn complete<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        outcome: &'a StoredOutcome,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.complete(id, token, outcome, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.release(id, token)
-    }
-    fn extend<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.extend(id, token, lease)
-    }
-    fn backend(&self) -> &'static str {
-        "counting"
-    }
-    fn watch<'a>(&'a self, id: &'a RecordId) -> StoreFuture<'a, Result<Option<Watch>, StoreError>> {
-        if self.notify {
-            self.inner.watch(id)
-        } else {
-            StoreFuture::ready(Ok(None))
-        }
-    }
-}
-
-fn engine(notify: bool) -> (Idempotency, Arc<Counting>) {
-    let store = Arc::new(Counting {
-        inner: MemoryStore::new(),
-        claims: AtomicU64::new(0),
-        notify,
+fn engine(notify: bool) -> (Idempotency, Arc<Counting<MemoryStore>>) {
+    let store = Arc::new(if notify {
+        Counting::new(MemoryStore::new())
+    } else {
+        Counting::polling(MemoryStore::new())
     });
     let config = IdempotencyConfig::builder()
         .wait_for_in_flight(Duration::from_secs(10))
@@ -111,7 +59,7 @@ fn response() -> StoredResponse {
 async fn waiters_after_completion(
     notify: bool,
     parked: Duration,
-) -> (Vec<Duration>, Arc<Counting>) {
+) -> (Vec<Duration>, Arc<Counting<MemoryStore>>) {
     let (engine, store) = engine(notify);
     let Decision::Execute(first) = decide(&engine, "k").await else {
         panic!("the first is not executed");
@@ -149,11 +97,7 @@ async fn waiters_wake_when_the_first_completes_without_polling() {
     );
     // The first's claim, then for each waiter: its claim, the claim after
     // the watch began, and the claim after the wake-up. No poll in between.
-    assert_eq!(
-        store.claims.load(Ordering::SeqCst),
-        1 + 3 * WAITERS as u64,
-        "claims"
-    );
+    assert_eq!(store.claims(), 1 + 3 * WAITERS as u64, "claims");
 }
 
 /// The same run where the store cannot notify: the waiters poll, return
@@ -167,9 +111,9 @@ async fn without_notification_waiters_poll() {
         "polling waiters return at their next tick: {delays:?}"
     );
     assert!(
-        store.claims.load(Ordering::SeqCst) > 8 * WAITERS as u64,
+        store.claims() > 8 * WAITERS as u64,
         "at least one claim per 25 ms tick: {}",
-        store.claims.load(Ordering::SeqCst)
+        store.claims()
     );
 }
 

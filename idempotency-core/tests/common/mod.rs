@@ -299,3 +299,104 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A store that counts claims, watches, and watches that resolved (were
+/// woken, rather than dropped when the waiter's fallback poll came first),
+/// and forwards everything else. [`Counting::polling`] hides the store's
+/// notifications, so waiters poll as with a store that cannot notify.
+pub struct Counting<S> {
+    pub inner: S,
+    pub claims: AtomicU64,
+    pub watches: AtomicU64,
+    pub woken: Arc<AtomicU64>,
+    notify: bool,
+}
+
+impl<S> Counting<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            claims: AtomicU64::new(0),
+            watches: AtomicU64::new(0),
+            woken: Arc::new(AtomicU64::new(0)),
+            notify: true,
+        }
+    }
+
+    pub fn polling(inner: S) -> Self {
+        Self {
+            notify: false,
+            ..Self::new(inner)
+        }
+    }
+
+    pub fn claims(&self) -> u64 {
+        self.claims.load(Ordering::SeqCst)
+    }
+}
+
+mod counting {
+    use super::Counting;
+    use idempotency_core::store::{Claim, Store, StoreError, StoreFuture, Watch};
+    use idempotency_core::{ClaimOutcome, LeaseToken, RecordId, StoredOutcome, TokenOutcome};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    impl<S: Store> Store for Counting<S> {
+        fn claim<'a>(
+            &'a self,
+            id: &'a RecordId,
+            token: LeaseToken,
+            claim: Claim<'a>,
+        ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
+            self.claims.fetch_add(1, Ordering::SeqCst);
+            self.inner.claim(id, token, claim)
+        }
+        fn complete<'a>(
+            &'a self,
+            id: &'a RecordId,
+            token: LeaseToken,
+            outcome: &'a StoredOutcome,
+            ttl: Duration,
+        ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+            self.inner.complete(id, token, outcome, ttl)
+        }
+        fn release<'a>(
+            &'a self,
+            id: &'a RecordId,
+            token: LeaseToken,
+        ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+            self.inner.release(id, token)
+        }
+        fn extend<'a>(
+            &'a self,
+            id: &'a RecordId,
+            token: LeaseToken,
+            lease: Duration,
+        ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
+            self.inner.extend(id, token, lease)
+        }
+        fn backend(&self) -> &'static str {
+            self.inner.backend()
+        }
+        fn watch<'a>(
+            &'a self,
+            id: &'a RecordId,
+        ) -> StoreFuture<'a, Result<Option<Watch>, StoreError>> {
+            if !self.notify {
+                return StoreFuture::ready(Ok(None));
+            }
+            self.watches.fetch_add(1, Ordering::SeqCst);
+            let woken = Arc::clone(&self.woken);
+            StoreFuture::new(async move {
+                Ok(self.inner.watch(id).await?.map(|watch| {
+                    Watch::new(async move {
+                        watch.await;
+                        woken.fetch_add(1, Ordering::SeqCst);
+                    })
+                }))
+            })
+        }
+    }
+}
