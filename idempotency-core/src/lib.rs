@@ -25,24 +25,57 @@
 //!
 //! # The request flow
 //!
-//! Read top-down, one module a step:
+//! Read top-down, one module a step (`src/engine/`):
 //!
-//! 1. **head** ([`engine::head`]): covered or not; a declared body over the limit;
-//! 2. **key and scope** ([`key`], [`fingerprint::Scope`]): the `Idempotency-Key`
+//! 1. **head**: covered or not; a declared body over the limit;
+//! 2. **key and scope** ([`IdempotencyKey`], [`Scope`]): the `Idempotency-Key`
 //!    and the principal give the [`RecordId`];
-//! 3. **fingerprint** ([`fingerprint`], [`engine::body`]): method, path,
-//!    query, content type and the body read up to its limit;
-//! 4. **claim** ([`engine::decide`], [`store`]): one atomic store call,
-//!    bounded by the store timeout ([`store::Guarded`]);
-//! 5. **run or replay** ([`engine::run`], [`engine::decide`]): the handler
-//!    runs while its lease is extended, or the stored response is replayed,
-//!    or a problem ([`problem`]) refuses the request;
-//! 6. **settle** ([`engine::settle`]): store the response, store it as not
-//!    replayable, or release the claim; [`engine::detach`] finishes a
+//! 3. **fingerprint** ([`Fingerprint`]): method, path, query, content type
+//!    and the body read up to its limit;
+//! 4. **claim** ([`Decision`]): one atomic store call, bounded by the store
+//!    timeout ([`Guarded`]);
+//! 5. **run or replay** ([`Execution`]): the handler runs while its lease is
+//!    extended, or the stored response is replayed ([`Replay`]), or a
+//!    [`Problem`] refuses the request;
+//! 6. **settle**: store the response, store it as not replayable, or release
+//!    the claim, in both modes by one rule; [`DetachOnDrop`] finishes a
 //!    request whose client went away.
 //!
 //! The adapters call [`Idempotency::inspect`] and [`Idempotency::respond`],
 //! and only convert their framework's types.
+//!
+//! # Stores
+//!
+//! A record is addressed by a [`RecordId`] and moves through these states:
+//!
+//! ```text
+//! absent ──claim──▶ in-flight {token, fingerprint, lease_until}
+//! in-flight ──complete(token)──▶ completed {fingerprint, outcome, expires_at}
+//! in-flight ──release(token)──▶ absent
+//! in-flight, lease passed, same fingerprint ──claim──▶ in-flight with a NEW token
+//! completed or in-flight, past its ttl ──claim──▶ in-flight (a new request)
+//! ```
+//!
+//! Every operation is one atomic step in the backend. `complete`, `release`
+//! and `extend` change nothing unless the token matches, and say so with
+//! [`TokenOutcome::Fenced`]. This crate holds the contract ([`Store`],
+//! [`TransactionalStore`] for transactional mode, [`Store::watch`] for
+//! waking waiting duplicates) and the in-process [`MemoryStore`]; the other
+//! stores live in crates of their own:
+//!
+//! | store | crate | instances it serves | survives a restart of the service | clock | use it for |
+//! |---|---|---|---|---|---|
+//! | [`MemoryStore`] | this one | one process | no | the process's (injectable) | tests, one instance where a lost record after a restart is acceptable |
+//! | `SqliteStore` | `idempotency-sqlx` (feature `sqlite`) | the processes of one machine (one file, WAL) | yes (committed with `synchronous = FULL`) | SQLite's | one machine, durable, no server to run |
+//! | `RedisStore` | `idempotency-redis` | any number, on any machines | as far as Redis persists (AOF/RDB) | Redis key expiry | many instances, lowest latency (1 round trip per replay, 2 per fresh request) |
+//! | `RedisStore` on a Redis Cluster (`redis+cluster://`) | `idempotency-redis` | any number, on any machines | as far as Redis persists; a failover can lose the last writes the master acknowledged before they reached its replica (a retry may then run the handler again) | Redis key expiry | Redis that scales out and survives the loss of a master (503 until a replica is promoted, then recovers without a restart); the same round trips |
+//! | `PostgresStore` | `idempotency-sqlx` (feature `postgres`) | any number, on any machines | yes (the database's durability) | PostgreSQL `now()` | many instances, records as durable as your data; the same database as the effect |
+//!
+//! Every store keeps the same contract, checked by one conformance suite
+//! (`conformance`, feature `test-util`), which a store outside this
+//! workspace can run too, transactional mode and `watch` included. The
+//! adapters' `connect(url)` (crate `idempotency-connect`) picks a store
+//! from a URL.
 //!
 //! # Guarantees
 //!
@@ -59,7 +92,7 @@
 //!   it over and runs the handler. A running handler extends its lease every
 //!   half lease. So a crash *during* the handler means the handler may run
 //!   again on retry. **Transactional mode** ([`Idempotency::transactional`],
-//!   PostgreSQL and SQLite, [`store::transaction`]) removes that window: the
+//!   a [`TransactionalStore`]: PostgreSQL and SQLite) removes that window: the
 //!   record commits in the handler's own transaction, one commit for both,
 //!   and a crash before it rolls both back, so the retry runs at once.
 //! - **Store outages.** Each store call times out (default 2 s). Fail-closed
@@ -76,7 +109,7 @@
 //!   duplicate of a request in flight waits, up to that bound, and replays
 //!   its response (or runs, if the first was released). The memory, Redis
 //!   (and Redis Cluster) and PostgreSQL stores wake it when the first
-//!   completes or is released ([`store::Store::watch`]:
+//!   completes or is released ([`Store::watch`]:
 //!   in process, pub/sub, `LISTEN/NOTIFY`), at no cost while nobody waits;
 //!   it claims again every 250 ms in case a notification was lost, so a
 //!   lost listener only slows it down. A store without `watch` is polled
@@ -97,64 +130,44 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod clock;
-pub mod config;
-pub mod engine;
-pub mod fingerprint;
-pub mod key;
+mod clock;
+mod config;
+mod engine;
+mod fingerprint;
+mod key;
 pub mod metrics;
-pub mod problem;
-pub mod record;
-pub mod store;
+mod problem;
+mod record;
+mod store;
+mod url;
 
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
 
 pub use clock::{Clock, FakeClock, SystemClock, TokioClock};
-pub use config::{ConfigError, FailureMode, IdempotencyConfig, IdempotencyConfigBuilder};
+pub use config::{
+    default_store_response, ConfigError, FailureMode, IdempotencyConfig, IdempotencyConfigBuilder,
+    DEFAULT_NEVER_REPLAYED,
+};
 pub use engine::{
     Answer, AnswerHeaders, Chunks, Decision, DetachOnDrop, Execution, Handoff, Idempotency,
     Inspection, Pending, Replay, Reply, RequestFuture, RequestHead, ResponseBody, ResponseHead,
-    ScopedEngine, TxHandle,
+    ScopedEngine,
 };
-pub use fingerprint::{Fingerprint, RecordId, Scope};
-pub use key::{IdempotencyKey, KeyError};
-pub use problem::{Problem, ProblemHeaders, ProblemKind};
+pub use fingerprint::{Fingerprint, FingerprintBuilder, RecordId, Scope};
+pub use key::{parse_key, IdempotencyKey, KeyError, IDEMPOTENCY_KEY, MAX_KEY_LEN};
+pub use problem::{Problem, ProblemHeaders, ProblemKind, PROBLEM_JSON};
 pub use record::{
     ClaimOutcome, CorruptRecord, HeaderText, LeaseToken, ReplayHeaders, StoredOutcome,
     StoredResponse, TokenOutcome,
 };
-pub use store::memory::MemoryStore;
-pub use store::{BoxFuture, Claim, Guarded, Store, StoreError, StoreFuture};
+pub use store::{
+    Begun, Bounded, BoxFuture, Claim, Guarded, Held, Hold, Listener, Listening, MemoryStore,
+    OpenTransaction, Store, StoreError, StoreFuture, TransactionalStore, TxGuard, TxHandle, TxSlot,
+    TxUnavailable, Waiters, Watch, DEFAULT_CAPACITY, RECONNECT_MAX,
+};
+pub use url::redact;
 
 /// The response header that marks a replay.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
-
-/// Entry points for the fuzz targets (`fuzz/`): the decoders of stored bytes
-/// that are private to their store. Not part of the API.
-#[doc(hidden)]
-pub mod __fuzz {
-    use crate::{ClaimOutcome, StoreError};
-
-    /// The SQL stores' decoding of a row (`store::sql::existing`) with these
-    /// `fingerprint`, `outcome` and `remaining` columns, past sqlx's typed
-    /// reads of them.
-    pub fn sql_existing(
-        fingerprint: Vec<u8>,
-        outcome: Option<Vec<u8>>,
-        remaining: i64,
-    ) -> Result<ClaimOutcome, StoreError> {
-        crate::record::from_columns("sql", fingerprint, outcome, || Ok(remaining))
-    }
-
-    /// The Redis store's decoders of a claim's replies: the claim script's,
-    /// and the native claim's (`SET ... NX GET`, then `PTTL`).
-    #[cfg(feature = "redis")]
-    pub use crate::store::redis::__fuzz::{
-        claim_reply as redis_claim_reply, native_reply as redis_native_reply,
-    };
-    /// The reply type they decode.
-    #[cfg(feature = "redis")]
-    pub use redis::Value as RedisValue;
-}

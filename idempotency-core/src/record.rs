@@ -383,42 +383,6 @@ pub enum ClaimOutcome {
     },
 }
 
-/// The answer of a claim that found a record, from the values a SQL store
-/// keeps in its row: the fingerprint, the encoded outcome (`None`: in
-/// flight) and, read only then, the milliseconds left of the lease.
-///
-/// # Errors
-/// [`StoreError::Corrupt`](crate::StoreError::Corrupt) of `backend` when the
-/// fingerprint is not 32 bytes or the outcome does not decode; `remaining`'s
-/// own error.
-pub(crate) fn from_columns(
-    backend: &'static str,
-    fingerprint: Vec<u8>,
-    outcome: Option<Vec<u8>>,
-    remaining: impl FnOnce() -> Result<i64, crate::StoreError>,
-) -> Result<ClaimOutcome, crate::StoreError> {
-    use crate::StoreError;
-    let fingerprint = <[u8; 32]>::try_from(fingerprint)
-        .map(Fingerprint::from_bytes)
-        .map_err(|_| {
-            StoreError::corrupt(
-                backend,
-                CorruptRecord::new("the fingerprint is not 32 bytes"),
-            )
-        })?;
-    match outcome {
-        Some(bytes) => Ok(ClaimOutcome::Completed {
-            fingerprint,
-            outcome: StoredOutcome::decode(Bytes::from(bytes))
-                .map_err(|e| StoreError::corrupt(backend, e))?,
-        }),
-        None => Ok(ClaimOutcome::InFlight {
-            fingerprint,
-            lease_remaining: Duration::from_millis(u64::try_from(remaining()?).unwrap_or(0)),
-        }),
-    }
-}
-
 /// What a fenced operation (`complete`, `release`, `extend`) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]

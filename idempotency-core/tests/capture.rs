@@ -4,20 +4,8 @@
 //! a large one kept as the handler's `Bytes`. Replays give back exactly that.
 
 use bytes::Bytes;
-use idempotency_core::{Decision, Idempotency, Inspection, MemoryStore};
-
-/// Inspects and decides a `POST /payments` with `key` and a fixed body.
-async fn decide(engine: &Idempotency, key: &str) -> Decision {
-    let (parts, ()) = http::Request::post("/payments")
-        .header("idempotency-key", key)
-        .body(())
-        .expect("request")
-        .into_parts();
-    let Inspection::Pending(pending) = engine.inspect(&parts, || None) else {
-        panic!("not covered");
-    };
-    engine.decide(pending, b"{}").await
-}
+use idempotency_core::{Decision, Idempotency, MemoryStore};
+use test_support::decide;
 
 #[tokio::test]
 async fn capture_keeps_replayable_headers_in_order_and_the_body() {

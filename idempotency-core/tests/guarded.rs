@@ -2,15 +2,15 @@
 //! call itself within it), and `hold`'s heartbeat keeping a claim alive while
 //! slow work runs. On tokio's paused clock: nothing really sleeps.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency_core::store::Held;
+use idempotency_core::Held;
 use idempotency_core::{
     Claim, ClaimOutcome, Fingerprint, Guarded, LeaseToken, MemoryStore, RecordId, Store,
     StoreError, StoreFuture, StoredOutcome, TokenOutcome, TokioClock,
 };
+use test_support::{Hooked, Op};
 use tokio::time::Instant;
 
 /// How a [`Scripted`] store answers.
@@ -242,57 +242,10 @@ async fn a_ready_answer_needs_no_timer() {
     assert!(matches!(r, Ok(TokenOutcome::Applied)), "{r:?}");
 }
 
-/// A memory store that counts `extend` calls.
-struct Counting {
-    inner: MemoryStore,
-    extends: AtomicU64,
-}
-
-impl Store for Counting {
-    fn claim<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        claim: Claim<'a>,
-    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        self.inner.claim(id, token, claim)
-    }
-    fn complete<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        outcome: &'a StoredOutcome,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.complete(id, token, outcome, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.release(id, token)
-    }
-    fn extend<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.extends.fetch_add(1, Ordering::SeqCst);
-        self.inner.extend(id, token, lease)
-    }
-    fn backend(&self) -> &'static str {
-        "counting"
-    }
-}
-
-/// A memory store on tokio's (paused) clock, behind a `Guarded`.
-fn memory() -> (Guarded, Arc<Counting>) {
-    let counting = Arc::new(Counting {
-        inner: MemoryStore::with_clock(100, TokioClock::new()),
-        extends: AtomicU64::new(0),
-    });
+/// A memory store on tokio's (paused) clock, counting its calls, behind a
+/// `Guarded`.
+fn memory() -> (Guarded, Arc<Hooked<MemoryStore>>) {
+    let counting = Arc::new(Hooked::new(MemoryStore::with_clock(100, TokioClock::new())));
     let store: Arc<dyn Store> = counting.clone();
     (Guarded::new(store, Duration::from_secs(1)), counting)
 }
@@ -339,7 +292,7 @@ async fn hold_keeps_the_claim_of_work_slower_than_the_lease() {
             n + 1
         );
     }
-    let extends = counting.extends.load(Ordering::SeqCst);
+    let extends = counting.calls(Op::Extend);
     assert!(
         (9..=10).contains(&extends),
         "one heartbeat every half lease: {extends}"
@@ -355,7 +308,7 @@ async fn hold_keeps_the_claim_of_work_slower_than_the_lease() {
     );
     // No heartbeat runs once `hold` returned.
     tokio::time::sleep(lease * 3).await;
-    assert_eq!(counting.extends.load(Ordering::SeqCst), extends);
+    assert_eq!(counting.calls(Op::Extend), extends);
 }
 
 /// Without `hold`, the same work loses its claim: the retry takes it over
@@ -381,7 +334,7 @@ async fn hold_of_ready_work_costs_no_store_call() {
     let (out, held) = guarded.hold(&id, token, lease, async { 42 }).await;
     assert_eq!((out, held), (42, Held::Kept));
     tokio::time::sleep(lease * 3).await;
-    assert_eq!(counting.extends.load(Ordering::SeqCst), 0);
+    assert_eq!(counting.calls(Op::Extend), 0);
 }
 
 /// A claim taken over while the work runs (here: the claim's lease is shorter
@@ -412,7 +365,7 @@ async fn hold_reports_a_claim_taken_over_as_lost() {
     assert_ne!(new_token, token);
     assert_eq!(held, Held::Lost);
     assert_eq!(
-        counting.extends.load(Ordering::SeqCst),
+        counting.calls(Op::Extend),
         1,
         "the heartbeat stopped at its first fenced extend"
     );

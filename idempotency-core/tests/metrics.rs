@@ -1,186 +1,23 @@
 //! The metrics, seen through `metrics-util`'s `DebuggingRecorder`: every
 //! decision counts once under its outcome, and every store call that failed
 //! counts under its backend and op; a store call that waits is timed, one
-//! that answers at once is not.
+//! that answers at once is not. (Transactional mode's counts: in
+//! idempotency-sqlx's tests, on SQLite.)
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use idempotency_core::metrics::{
-    label, op, outcome, REQUESTS_TOTAL, STORE_DURATION_SECONDS, STORE_ERRORS_TOTAL,
+    op, outcome, REQUESTS_TOTAL, STORE_DURATION_SECONDS, STORE_ERRORS_TOTAL,
 };
 use idempotency_core::{
-    Chunks, Claim, ClaimOutcome, FailureMode, Idempotency, IdempotencyConfig, Inspection,
-    LeaseToken, MemoryStore, RecordId, Reply, Store, StoreError, StoreFuture, StoredOutcome,
-    TokenOutcome,
+    Claim, ClaimOutcome, FailureMode, Idempotency, LeaseToken, MemoryStore, RecordId, Store,
+    StoreError, StoreFuture, StoredOutcome, TokenOutcome,
 };
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use metrics_util::MetricKind;
-
-/// A body held in memory.
-struct Full(Option<Bytes>);
-
-impl Chunks for Full {
-    type Error = std::convert::Infallible;
-
-    fn poll_chunk(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        Poll::Ready(self.get_mut().0.take().map(Ok))
-    }
-}
-
-/// Runs `f` on a current-thread runtime with `recorder` as the thread's
-/// recorder, so that every task it spawns records there too.
-fn recorded<F: Future>(recorder: &DebuggingRecorder, f: F) -> F::Output {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    metrics::with_local_recorder(recorder, || rt.block_on(f))
-}
-
-/// One snapshot of a recorder (taking it resets the recorder's counters).
-struct Seen(Vec<(MetricKind, metrics::Key, DebugValue)>);
-
-impl Seen {
-    fn take(snapshotter: &Snapshotter) -> Self {
-        Self(
-            snapshotter
-                .snapshot()
-                .into_vec()
-                .into_iter()
-                .map(|(key, _, _, value)| {
-                    let (kind, key) = key.into_parts();
-                    (kind, key, value)
-                })
-                .collect(),
-        )
-    }
-
-    /// The values of the metric `name` with exactly `labels`.
-    fn values<'a>(
-        &'a self,
-        name: &'a str,
-        labels: &'a [(&'a str, &'a str)],
-    ) -> impl Iterator<Item = &'a DebugValue> + 'a {
-        self.0.iter().filter_map(move |(_, key, value)| {
-            let mine: Vec<_> = key.labels().map(|l| (l.key(), l.value())).collect();
-            (key.name() == name && mine == labels).then_some(value)
-        })
-    }
-
-    /// The counter `name` with `labels`, 0 if absent.
-    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.values(name, labels)
-            .map(|v| match v {
-                DebugValue::Counter(n) => *n,
-                other => panic!("{name} is not a counter: {other:?}"),
-            })
-            .sum()
-    }
-
-    /// Every request outcome's count, in the order of [`outcome::ALL`].
-    fn outcomes(&self) -> [u64; 7] {
-        outcome::ALL.map(|o| self.counter(REQUESTS_TOTAL, &[(label::OUTCOME, o)]))
-    }
-
-    /// The store errors of `backend` and `op`.
-    fn errors(&self, backend: &str, op: &str) -> u64 {
-        self.counter(
-            STORE_ERRORS_TOTAL,
-            &[(label::BACKEND, backend), (label::OP, op)],
-        )
-    }
-
-    /// How many samples the store latency histogram of `backend` and `op` has.
-    fn timed(&self, backend: &str, op: &str) -> usize {
-        self.values(
-            STORE_DURATION_SECONDS,
-            &[(label::BACKEND, backend), (label::OP, op)],
-        )
-        .map(|v| match v {
-            DebugValue::Histogram(samples) => samples.len(),
-            other => panic!("not a histogram: {other:?}"),
-        })
-        .sum()
-    }
-
-    /// How many series of `name` of this kind there are.
-    fn series(&self, kind: MetricKind, name: &str) -> usize {
-        self.0
-            .iter()
-            .filter(|(k, key, _)| *k == kind && key.name() == name)
-            .count()
-    }
-}
-
-/// One `POST /payments` with `key` (none if empty) and `body`, whose
-/// handler answers 201 after `gate` (if any) lets it; the status sent.
-async fn post(
-    engine: &Idempotency,
-    key: &str,
-    body: &'static str,
-    gate: Option<&tokio::sync::Notify>,
-) -> u16 {
-    post_answering(engine, key, body, gate, Duration::ZERO, 201).await
-}
-
-/// [`post`], the handler taking `delay` and answering `status`.
-async fn post_answering(
-    engine: &Idempotency,
-    key: &str,
-    body: &'static str,
-    gate: Option<&tokio::sync::Notify>,
-    delay: Duration,
-    status: u16,
-) -> u16 {
-    let mut request = http::Request::post("/payments").header("content-type", "application/json");
-    if !key.is_empty() {
-        request = request.header("idempotency-key", key);
-    }
-    let (head, ()) = request.body(()).expect("request").into_parts();
-    let pending = match engine.inspect(&head, || None) {
-        Inspection::Pending(pending) => pending,
-        Inspection::Reject(problem) => return problem.status(),
-        Inspection::PassThrough => panic!("a POST is covered"),
-    };
-    let reply = engine
-        .respond(
-            pending,
-            Full(Some(Bytes::from_static(body.as_bytes()))),
-            |_| async move {
-                if let Some(gate) = gate {
-                    gate.notified().await;
-                }
-                tokio::time::sleep(delay).await;
-                let (head, ()) = http::Response::builder()
-                    .status(status)
-                    .body(())
-                    .expect("response")
-                    .into_parts();
-                Ok::<_, std::convert::Infallible>((head, Full(Some(Bytes::from_static(b"{}")))))
-            },
-        )
-        .await
-        .expect("infallible");
-    match reply {
-        Reply::Answer(answer) => answer.status(),
-        Reply::Handler(head, _) => head.status.as_u16(),
-    }
-}
+use test_support::recorder::{config, post, recorded, DebuggingRecorder, MetricKind, Seen};
 
 /// A body over the 64-byte limit of [`config`].
 const TOO_LARGE: &str = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
-
-fn config() -> idempotency_core::IdempotencyConfigBuilder {
-    IdempotencyConfig::builder().max_request_body(64)
-}
 
 #[test]
 fn every_decision_counts_once_under_its_outcome() {
@@ -388,44 +225,4 @@ fn a_store_call_that_waits_is_timed_per_op() {
     for op in op::ALL {
         assert_eq!(seen.errors("scripted", op), 0, "{op}");
     }
-}
-
-/// Transactional mode (SQLite): executed once its transaction commits or
-/// its answer is not stored; a transaction that times out is unavailable.
-#[cfg(feature = "sqlite")]
-#[test]
-fn transactional_mode_counts_at_the_end_of_the_transaction() {
-    let dir = std::env::temp_dir().join(format!(
-        "core-metrics-{}-{:?}",
-        std::process::id(),
-        std::time::Instant::now()
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("records.sqlite");
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let statuses = recorded(&recorder, async {
-        let store = idempotency_core::store::sqlite::SqliteStore::connect(
-            path.to_str().expect("utf-8 path"),
-        )
-        .await
-        .expect("sqlite");
-        let config = config()
-            .transaction_timeout(Duration::from_millis(100))
-            .build()
-            .expect("config");
-        let engine = Idempotency::transactional(store, config);
-        let slow = Duration::from_millis(400);
-        vec![
-            post(&engine, "a", "{}", None).await,
-            post(&engine, "a", "{}", None).await,
-            post(&engine, "a", r#"{"n":2}"#, None).await,
-            post_answering(&engine, "b", "{}", None, Duration::ZERO, 500).await,
-            post_answering(&engine, "c", "{}", None, slow, 201).await,
-        ]
-    });
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(statuses, [201, 201, 422, 500, 503]);
-    // executed, replayed, conflict, mismatch, rejected, unavailable, unguarded
-    assert_eq!(Seen::take(&snapshotter).outcomes(), [2, 1, 0, 1, 0, 1, 0]);
 }

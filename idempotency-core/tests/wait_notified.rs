@@ -8,41 +8,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency_core::store::Store;
+use idempotency_core::Store;
 use idempotency_core::{
-    Decision, Idempotency, IdempotencyConfig, Inspection, MemoryStore, RecordId, StoredResponse,
+    Decision, Idempotency, IdempotencyConfig, MemoryStore, RecordId, StoredResponse,
 };
+use test_support::{decide, Hooked};
 use tokio::time::Instant;
-
-mod common;
-
-use common::Counting;
 
 const WAITERS: usize = 16;
 
-fn engine(notify: bool) -> (Idempotency, Arc<Counting<MemoryStore>>) {
+fn engine(notify: bool) -> (Idempotency, Arc<Hooked<MemoryStore>>) {
     let store = Arc::new(if notify {
-        Counting::new(MemoryStore::new())
+        Hooked::new(MemoryStore::new())
     } else {
-        Counting::polling(MemoryStore::new())
+        Hooked::polling(MemoryStore::new())
     });
     let config = IdempotencyConfig::builder()
         .wait_for_in_flight(Duration::from_secs(10))
         .build()
         .expect("config");
     (Idempotency::new(store.clone(), config), store)
-}
-
-async fn decide(engine: &Idempotency, key: &str) -> Decision {
-    let (parts, ()) = http::Request::post("/payments")
-        .header("idempotency-key", key)
-        .body(())
-        .expect("request")
-        .into_parts();
-    let Inspection::Pending(pending) = engine.inspect(&parts, || None) else {
-        panic!("not covered");
-    };
-    engine.decide(pending, b"{\"amount\":1}").await
 }
 
 fn response() -> StoredResponse {
@@ -59,7 +44,7 @@ fn response() -> StoredResponse {
 async fn waiters_after_completion(
     notify: bool,
     parked: Duration,
-) -> (Vec<Duration>, Arc<Counting<MemoryStore>>) {
+) -> (Vec<Duration>, Arc<Hooked<MemoryStore>>) {
     let (engine, store) = engine(notify);
     let Decision::Execute(first) = decide(&engine, "k").await else {
         panic!("the first is not executed");

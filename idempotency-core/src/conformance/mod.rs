@@ -18,6 +18,14 @@
 //! # }
 //! ```
 //!
+//! A store that wakes waiting duplicates ([`Store::watch`]) also runs the
+//! watch cases; give it a second instance ([`Conformance::with_peer`],
+//! another connection to the same data) so that they settle records on one
+//! instance and watch them on the other, as two service instances would. A
+//! store with transactional mode runs [`TransactionalConformance`] as well.
+//! [`Hooked`] wraps a store to count its calls, or to delay, fail or hang
+//! them: the doubles of the workspace's own tests.
+//!
 //! Run it on a multi-threaded runtime (`#[tokio::test(flavor =
 //! "multi_thread")]`): the concurrency cases spawn real concurrent claimers.
 //! Every case uses fresh random record ids, so the suite may run in parallel
@@ -35,6 +43,13 @@ use crate::key::IdempotencyKey;
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome};
 use crate::store::{Claim, Store};
 
+mod hooked;
+mod transactional;
+mod watch;
+
+pub use hooked::{Hook, Hooked, Op};
+pub use transactional::TransactionalConformance;
+
 /// How many claimers race for one record in the concurrency cases.
 pub const CONCURRENT_CLAIMERS: usize = 64;
 
@@ -45,6 +60,8 @@ const LONG: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub struct Conformance {
     store: Arc<dyn Store>,
+    /// Another instance of the store, for the watch cases.
+    peer: Option<Arc<dyn Store>>,
     clock: Option<FakeClock>,
     short: Duration,
 }
@@ -53,6 +70,7 @@ impl std::fmt::Debug for Conformance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conformance")
             .field("store", &self.store.backend())
+            .field("peer", &self.peer.is_some())
             .field("fake_clock", &self.clock.is_some())
             .field("short", &self.short)
             .finish()
@@ -70,6 +88,7 @@ impl Conformance {
     pub fn from_arc(store: Arc<dyn Store>) -> Self {
         Self {
             store,
+            peer: None,
             clock: None,
             short: Duration::from_millis(600),
         }
@@ -79,9 +98,18 @@ impl Conformance {
     pub fn with_fake_clock(store: impl Store, clock: FakeClock) -> Self {
         Self {
             store: Arc::new(store),
+            peer: None,
             clock: Some(clock),
             short: Duration::from_millis(600),
         }
+    }
+
+    /// A second instance of the same store (another connection to the same
+    /// data): the watch cases settle records on it and watch them on the
+    /// store under test, as two service instances would.
+    pub fn with_peer(mut self, peer: impl Store) -> Self {
+        self.peer = Some(Arc::new(peer));
+        self
     }
 
     /// The short lease and ttl the timing cases use (default 600 ms). Raise
@@ -112,6 +140,8 @@ impl Conformance {
             Box::pin(self.not_replayable_round_trips()),
             Box::pin(self.mark_round_trips()),
             Box::pin(self.scopes_never_meet()),
+            Box::pin(self.a_watch_resolves_on_completion_and_on_release_of_its_record_only()),
+            Box::pin(self.waiting_duplicates_are_woken()),
         ];
         if self.clock.is_some() {
             for case in cases {

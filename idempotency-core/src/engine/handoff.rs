@@ -3,25 +3,7 @@
 
 use bytes::Bytes;
 
-/// The handle of a covered request's transaction (transactional mode),
-/// which the adapter puts into the request's extensions for the handler's
-/// extractor. Without the `postgres` and `sqlite` features there is none.
-#[derive(Clone)]
-#[non_exhaustive]
-pub enum TxHandle {
-    /// A PostgreSQL transaction.
-    #[cfg(feature = "postgres")]
-    Postgres(crate::store::transaction::TxSlot<sqlx::Postgres>),
-    /// A SQLite transaction.
-    #[cfg(feature = "sqlite")]
-    Sqlite(crate::store::transaction::TxSlot<sqlx::Sqlite>),
-}
-
-impl std::fmt::Debug for TxHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TxHandle")
-    }
-}
+use crate::store::TxHandle;
 
 /// The request as the handler gets it.
 #[derive(Debug)]

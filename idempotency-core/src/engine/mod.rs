@@ -18,15 +18,14 @@
 //! 6), and renders what comes back: an [`Answer`] (a problem or a replay),
 //! or the handler's response head with a [`ResponseBody`].
 
-pub mod body;
-pub mod decide;
-pub mod detach;
-pub mod handoff;
-pub mod head;
-pub mod run;
-pub mod settle;
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-pub mod transaction;
+mod body;
+mod decide;
+mod detach;
+mod handoff;
+mod head;
+mod run;
+mod settle;
+mod transaction;
 
 use bytes::Bytes;
 use std::future::Future;
@@ -34,13 +33,13 @@ use std::sync::Arc;
 
 use crate::config::IdempotencyConfig;
 use crate::problem::{Problem, ProblemKind};
-use crate::store::{Guarded, Store};
+use crate::store::{Guarded, Store, TransactionalStore};
 
 pub use body::{Chunks, ResponseBody};
 
 pub use decide::{Decision, Replay};
 pub use detach::{DetachOnDrop, RequestFuture};
-pub use handoff::{Handoff, TxHandle};
+pub use handoff::Handoff;
 pub use head::{Inspection, Pending, RequestHead, ScopedEngine};
 pub use run::Execution;
 pub use settle::ResponseHead;
@@ -56,11 +55,9 @@ pub struct Idempotency {
 struct Inner {
     config: IdempotencyConfig,
     store: Guarded,
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
-    transactional: Option<Arc<dyn crate::store::transaction::TransactionalStore>>,
+    transactional: Option<Arc<dyn TransactionalStore>>,
     /// Transactional mode: the duplicates of this process that wait for a
     /// record whose transaction runs here, woken when it ends.
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
     settled: transaction::Settled,
 }
 
@@ -87,9 +84,7 @@ impl Idempotency {
             inner: Arc::new(Inner {
                 config,
                 store,
-                #[cfg(any(feature = "postgres", feature = "sqlite"))]
                 transactional: None,
-                #[cfg(any(feature = "postgres", feature = "sqlite"))]
                 settled: transaction::Settled::default(),
             }),
         }
@@ -97,16 +92,12 @@ impl Idempotency {
 
     /// An engine in transactional mode: the record commits in the
     /// handler's own transaction on `store`'s database, which the handler
-    /// gets through the adapter's extractor (see
-    /// [`store::transaction`](crate::store::transaction)).
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
-    #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+    /// gets through the adapter's extractor (see [`TransactionalStore`]).
     pub fn transactional<S>(store: S, config: IdempotencyConfig) -> Self
     where
-        S: Store + crate::store::transaction::TransactionalStore + Clone,
+        S: Store + TransactionalStore + Clone,
     {
-        let transactional: Arc<dyn crate::store::transaction::TransactionalStore> =
-            Arc::new(store.clone());
+        let transactional: Arc<dyn TransactionalStore> = Arc::new(store.clone());
         let store = Guarded::new(Arc::new(store), config.store_timeout);
         Self {
             inner: Arc::new(Inner {
@@ -120,10 +111,7 @@ impl Idempotency {
 
     /// Whether the record commits in the handler's transaction.
     pub fn is_transactional(&self) -> bool {
-        #[cfg(any(feature = "postgres", feature = "sqlite"))]
-        return self.inner.transactional.is_some();
-        #[cfg(not(any(feature = "postgres", feature = "sqlite")))]
-        false
+        self.inner.transactional.is_some()
     }
 
     /// The config.
@@ -170,7 +158,6 @@ impl Idempotency {
             Err(ReadError::TooLarge) => return Ok(Reply::problem(self.refuse_body_too_large())),
             Err(ReadError::Failed(e)) => return Ok(Reply::problem(refuse_unreadable(&e))),
         };
-        #[cfg(any(feature = "postgres", feature = "sqlite"))]
         if let Some(store) = &self.inner.transactional {
             // Rare enough, and its futures large enough, to live in a box.
             return Box::pin(self.respond_in_transaction(&**store, pending, body, call)).await;
@@ -190,20 +177,12 @@ impl Idempotency {
                 return Ok(Reply::Handler(head, ResponseBody::stream(body)));
             }
         };
-        let lease = self.config().lease;
         let work = async {
             let (head, body) = call(body).await?;
             let handled = execution.read(head.status(), body).await;
             Ok((head, handled))
         };
-        let (handled, held) = self
-            .guarded()
-            .hold(&execution.id, execution.token, lease, work)
-            .await;
-        if held == crate::store::Held::Lost {
-            tracing::warn!("idempotency claim was taken over while the handler ran; its response will not be stored");
-        }
-        match handled {
+        match execution.run(work).await {
             Ok((head, handled)) => {
                 let body = execution.settle(&head, handled).await;
                 Ok(Reply::Handler(head, body))

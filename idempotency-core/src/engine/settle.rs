@@ -60,27 +60,14 @@ impl Execution {
         head: &H,
         handled: Handled<S>,
     ) -> ResponseBody<S> {
-        let status = head.status();
-        match handled {
-            Handled::NotStored(body) => {
+        match settlement(self.engine.config(), head, handled) {
+            Settlement::Keep(outcome, body) => {
+                self.finish(outcome).await;
+                body
+            }
+            Settlement::Discard(body) => {
                 self.release().await;
-                ResponseBody::stream(body)
-            }
-            Handled::Read(Read::Complete(bytes)) => {
-                let stored = self.capture(status, head.headers(), bytes.clone());
-                self.complete(stored).await;
-                ResponseBody::full(bytes)
-            }
-            Handled::Read(Read::TooLarge { mut prefix, rest }) => {
-                self.complete_not_replayable(status).await;
-                match rest {
-                    Some(rest) => ResponseBody::chain(prefix, rest),
-                    None => ResponseBody::full(prefix.pop_front().unwrap_or_default()),
-                }
-            }
-            Handled::Read(Read::Failed(error)) => {
-                self.release().await;
-                ResponseBody::failed(error)
+                body
             }
         }
     }
@@ -169,6 +156,40 @@ impl Execution {
                 Some(e) => error = e,
                 None => return,
             }
+        }
+    }
+}
+
+/// What becomes of a handled response, in either mode: kept (completed,
+/// or committed with the effect) or discarded (released, or rolled back),
+/// and the body the client gets either way.
+pub(super) enum Settlement<S: Chunks> {
+    /// Store this outcome.
+    Keep(StoredOutcome, ResponseBody<S>),
+    /// Store nothing: a status that is not stored, or a body that failed.
+    Discard(ResponseBody<S>),
+}
+
+/// Decides the [`Settlement`] of a response read by [`read`].
+pub(super) fn settlement<H: ResponseHead, S: Chunks>(
+    config: &crate::IdempotencyConfig,
+    head: &H,
+    handled: Handled<S>,
+) -> Settlement<S> {
+    let status = head.status();
+    match handled {
+        Handled::NotStored(body) => Settlement::Discard(ResponseBody::stream(body)),
+        Handled::Read(Read::Failed(error)) => Settlement::Discard(ResponseBody::failed(error)),
+        Handled::Read(Read::Complete(bytes)) => {
+            let stored = capture(config, status, head.headers(), bytes.clone());
+            Settlement::Keep(StoredOutcome::response(stored), ResponseBody::full(bytes))
+        }
+        Handled::Read(Read::TooLarge { mut prefix, rest }) => {
+            let body = match rest {
+                Some(rest) => ResponseBody::chain(prefix, rest),
+                None => ResponseBody::full(prefix.pop_front().unwrap_or_default()),
+            };
+            Settlement::Keep(StoredOutcome::NotReplayable { status }, body)
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Steps 3 to 5 in transactional mode (PostgreSQL, SQLite): the record is
+//! Steps 3 to 5 in transactional mode (a [`TransactionalStore`]): the record is
 //! claimed, and settled, in the handler's own database transaction.
 //!
 //! 1. One snapshot read, no transaction: completed → replay (or 422, 410).
@@ -16,12 +16,12 @@ use bytes::Bytes;
 use std::future::Future;
 use std::time::Duration;
 
-use super::body::{Chunks, Read, ResponseBody};
-use super::settle::{capture, read, Handled, ResponseHead};
+use super::body::Chunks;
+use super::settle::{read, settlement, ResponseHead, Settlement};
 use super::{Decision, Handoff, Idempotency, Pending, Reply};
 use crate::problem::{Problem, ProblemKind};
-use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome};
-use crate::store::transaction::{Begun, OpenTransaction, TransactionalStore};
+use crate::record::{ClaimOutcome, LeaseToken};
+use crate::store::{Begun, OpenTransaction, TransactionalStore};
 use crate::store::{Claim, StoreError};
 
 impl Idempotency {
@@ -120,28 +120,12 @@ impl Idempotency {
                 ));
             }
         };
-        let status = head.status();
-        let (outcome, body) = match handled {
-            Handled::NotStored(body) => {
+        let (outcome, body) = match settlement(config, &head, handled) {
+            Settlement::Keep(outcome, body) => (outcome, body),
+            Settlement::Discard(body) => {
                 rollback(open, bound).await;
                 crate::metrics::request(crate::metrics::Outcome::Executed);
-                return Ok(Reply::Handler(head, ResponseBody::stream(body)));
-            }
-            Handled::Read(Read::Failed(error)) => {
-                rollback(open, bound).await;
-                crate::metrics::request(crate::metrics::Outcome::Executed);
-                return Ok(Reply::Handler(head, ResponseBody::failed(error)));
-            }
-            Handled::Read(Read::Complete(bytes)) => {
-                let stored = capture(config, status, head.headers(), bytes.clone());
-                (StoredOutcome::response(stored), ResponseBody::full(bytes))
-            }
-            Handled::Read(Read::TooLarge { mut prefix, rest }) => {
-                let body = match rest {
-                    Some(rest) => ResponseBody::chain(prefix, rest),
-                    None => ResponseBody::full(prefix.pop_front().unwrap_or_default()),
-                };
-                (StoredOutcome::NotReplayable { status }, body)
+                return Ok(Reply::Handler(head, body));
             }
         };
         // Waiting for the handler to let go is bounded by `bound`, the two

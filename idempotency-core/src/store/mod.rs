@@ -16,17 +16,19 @@
 //!
 //! # Choosing a store
 //!
-//! | store | feature | instances it serves | survives a restart of the service | clock | use it for |
+//! | store | crate | instances it serves | survives a restart of the service | clock | use it for |
 //! |---|---|---|---|---|---|
-//! | [`MemoryStore`](memory::MemoryStore) | `memory` (default) | one process | no | the process's (injectable) | tests, one instance where a lost record after a restart is acceptable |
-//! | [`SqliteStore`](sqlite::SqliteStore) | `sqlite` | the processes of one machine (one file, WAL) | yes (committed with `synchronous = FULL`) | SQLite's | one machine, durable, no server to run |
-//! | [`RedisStore`](redis::RedisStore) | `redis` | any number, on any machines | as far as Redis persists (AOF/RDB) | Redis key expiry | many instances, lowest latency (1 round trip per replay, 2 per fresh request) |
-//! | [`RedisStore`](redis::RedisStore) on a Redis Cluster (`redis+cluster://`) | `redis` | any number, on any machines | as far as Redis persists; a failover can lose the last writes the master acknowledged before they reached its replica (a retry may then run the handler again) | Redis key expiry | Redis that scales out and survives the loss of a master (503 until a replica is promoted, then recovers without a restart); the same round trips |
-//! | [`PostgresStore`](postgres::PostgresStore) | `postgres` | any number, on any machines | yes (the database's durability) | PostgreSQL `now()` | many instances, records as durable as your data; the same database as the effect |
+//! | [`MemoryStore`] | this one | one process | no | the process's (injectable) | tests, one instance where a lost record after a restart is acceptable |
+//! | `SqliteStore` | `idempotency-sqlx` (feature `sqlite`) | the processes of one machine (one file, WAL) | yes (committed with `synchronous = FULL`) | SQLite's | one machine, durable, no server to run |
+//! | `RedisStore` | `idempotency-redis` | any number, on any machines | as far as Redis persists (AOF/RDB) | Redis key expiry | many instances, lowest latency (1 round trip per replay, 2 per fresh request) |
+//! | `RedisStore` on a Redis Cluster (`redis+cluster://`) | `idempotency-redis` | any number, on any machines | as far as Redis persists; a failover can lose the last writes the master acknowledged before they reached its replica (a retry may then run the handler again) | Redis key expiry | Redis that scales out and survives the loss of a master (503 until a replica is promoted, then recovers without a restart); the same round trips |
+//! | `PostgresStore` | `idempotency-sqlx` (feature `postgres`) | any number, on any machines | yes (the database's durability) | PostgreSQL `now()` | many instances, records as durable as your data; the same database as the effect |
 //!
 //! Every store keeps the same contract, checked by one conformance suite
 //! (`idempotency_core::conformance`, feature `test-util`), which a
-//! third-party store can run too. [`connect`] picks one from a URL.
+//! third-party store can run too, transactional mode included. The
+//! adapters' `connect(url)` (crate `idempotency-connect`) picks a store from
+//! a URL.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,25 +40,16 @@ use crate::fingerprint::{Fingerprint, RecordId};
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
 
 mod guarded;
-pub mod memory;
-pub mod notify;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub mod postgres;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub mod redis;
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-mod sql;
-#[cfg(feature = "sqlite")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub mod sqlite;
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
-pub mod transaction;
+pub(crate) mod memory;
+pub(crate) mod notify;
+pub(crate) mod transaction;
 
 pub use guarded::{Bounded, Guarded, Held, Hold};
-pub use notify::{Waiters, Watch};
+pub use memory::{MemoryStore, DEFAULT_CAPACITY};
+pub use notify::{Listener, Listening, Waiters, Watch, RECONNECT_MAX};
+pub use transaction::{
+    Begun, OpenTransaction, TransactionalStore, TxGuard, TxHandle, TxSlot, TxUnavailable,
+};
 
 /// A boxed `Send` future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -66,7 +59,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// future.
 ///
 /// ```
-/// # use idempotency_core::store::StoreFuture;
+/// # use idempotency_core::StoreFuture;
 /// let ready: StoreFuture<'_, u8> = StoreFuture::ready(1);
 /// let later: StoreFuture<'_, u8> = StoreFuture::new(async { 1 });
 /// # let _ = (ready, later);
@@ -179,7 +172,7 @@ pub struct Claim<'a> {
 /// use std::collections::HashMap;
 /// use std::sync::Mutex;
 /// use std::time::{Duration, Instant};
-/// use idempotency_core::store::{Claim, Store, StoreError, StoreFuture};
+/// use idempotency_core::{Claim, Store, StoreError, StoreFuture};
 /// use idempotency_core::{ClaimOutcome, LeaseToken, RecordId, StoredOutcome, TokenOutcome};
 ///
 /// enum State { InFlight(LeaseToken, Instant), Completed(StoredOutcome) }
@@ -426,321 +419,5 @@ impl StoreError {
             backend,
             source: source.into(),
         }
-    }
-}
-
-/// Why [`connect`] could not build a store from a URL.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConnectError {
-    /// The URL names no store this crate knows.
-    #[error("unknown store URL `{url}`: use `memory`, `sqlite://PATH`, `redis://HOST:PORT`, `redis+cluster://HOST:PORT[,HOST:PORT...]` or `postgres://USER@HOST/DB`")]
-    UnknownScheme {
-        /// The URL, with any password removed.
-        url: String,
-    },
-    /// A `sqlite:` URL without a file (`sqlite://`, `sqlite:`). SQLite would
-    /// open a new, empty, private in-memory database for each pooled
-    /// connection, so the store would start and then fail every request.
-    #[error("the store URL `{url}` names no SQLite file: write `sqlite://PATH` with a relative path (e.g. `sqlite://payments.sqlite`) or `sqlite:///PATH` with an absolute one")]
-    MissingPath {
-        /// The URL, with any password removed.
-        url: String,
-    },
-    /// A `sqlite:` URL of an in-memory database (`sqlite::memory:`,
-    /// `sqlite://:memory:`, `mode=memory`): it lives only as long as the
-    /// pool keeps a connection open (a private-cache one per connection),
-    /// so records would vanish, or never be shared, while the store serves.
-    #[error("the store URL `{url}` names an in-memory SQLite database, which lasts only while the pool holds its connections: use `memory` for records in this process, or a file such as `sqlite://payments.sqlite`")]
-    InMemory {
-        /// The URL, with any password removed.
-        url: String,
-    },
-    /// The URL names a store whose cargo feature is not enabled.
-    #[error("the store URL `{scheme}` needs the `{feature}` feature of idempotency-core")]
-    FeatureDisabled {
-        /// The URL's scheme (`redis`, `postgres`, `sqlite`).
-        scheme: &'static str,
-        /// The feature to enable.
-        feature: &'static str,
-    },
-    /// The store could not connect (or migrate).
-    #[error("could not connect the {backend} store")]
-    Store {
-        /// Which store.
-        backend: &'static str,
-        /// What failed.
-        #[source]
-        source: StoreError,
-    },
-}
-
-/// Connects the store named by `url`:
-///
-/// - `memory`: a [`MemoryStore`](memory::MemoryStore) of the default capacity;
-/// - `sqlite://PATH` (relative), `sqlite:///PATH` (absolute): a
-///   [`SqliteStore`](sqlite::SqliteStore) (feature `sqlite`), the file created
-///   and migrated when needed;
-/// - `redis://...`, `rediss://...`: a [`RedisStore`](redis::RedisStore)
-///   (feature `redis`), scripts loaded;
-/// - `redis+cluster://HOST:PORT[,HOST:PORT...]`: a
-///   [`RedisStore`](redis::RedisStore) on a Redis Cluster (feature `redis`),
-///   from its seed nodes; a list without a usable node is refused with a
-///   [`StoreError::Config`] that says what is wrong;
-/// - `postgres://...`, `postgresql://...`: a
-///   [`PostgresStore`](postgres::PostgresStore) (feature `postgres`), schema
-///   `idempotency`, migrated.
-///
-/// A `sqlite:` URL must name a file: `sqlite://`, `sqlite:` and in-memory
-/// databases (`sqlite::memory:`, `mode=memory`) are refused, since each would
-/// start a store that loses its records (or never shares them) while it
-/// serves; use `memory` for an in-process store.
-///
-/// # Errors
-/// [`ConnectError::UnknownScheme`], [`ConnectError::MissingPath`] and
-/// [`ConnectError::InMemory`] for a `sqlite:` URL without a file,
-/// [`ConnectError::FeatureDisabled`] when the scheme's feature is off, and
-/// [`ConnectError::Store`] when the store cannot connect.
-pub async fn connect(url: &str) -> Result<Arc<dyn Store>, ConnectError> {
-    let url = url.trim();
-    let scheme = match url.split_once(':') {
-        _ if url == "memory" || url == "memory://" => "memory",
-        Some(("sqlite", rest)) => {
-            sqlite_file(url, rest)?;
-            "sqlite"
-        }
-        Some(("redis" | "rediss", _)) => "redis",
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("redis+cluster") => "redis",
-        Some(("postgres" | "postgresql", _)) => "postgres",
-        _ => return Err(ConnectError::UnknownScheme { url: redact(url) }),
-    };
-    let store: Arc<dyn Store> =
-        match scheme {
-            #[cfg(feature = "sqlite")]
-            "sqlite" => Arc::new(sqlite::SqliteStore::connect(url).await.map_err(|source| {
-                ConnectError::Store {
-                    backend: "sqlite",
-                    source,
-                }
-            })?),
-            #[cfg(feature = "redis")]
-            "redis" => Arc::new(redis::RedisStore::connect(url).await.map_err(|source| {
-                ConnectError::Store {
-                    backend: "redis",
-                    source,
-                }
-            })?),
-            #[cfg(feature = "postgres")]
-            "postgres" => Arc::new(postgres::PostgresStore::connect(url).await.map_err(
-                |source| ConnectError::Store {
-                    backend: "postgres",
-                    source,
-                },
-            )?),
-            "memory" => Arc::new(memory::MemoryStore::new()),
-            other => {
-                return Err(ConnectError::FeatureDisabled {
-                    scheme: other,
-                    feature: other,
-                })
-            }
-        };
-    Ok(store)
-}
-
-/// Refuses a `sqlite:` URL (`rest` is what follows `sqlite:`) that names no
-/// file, or an in-memory database.
-fn sqlite_file(url: &str, rest: &str) -> Result<(), ConnectError> {
-    let rest = rest.strip_prefix("//").unwrap_or(rest);
-    let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
-    let in_memory = database == ":memory:"
-        || database.starts_with("file::memory:")
-        || params
-            .split('&')
-            .any(|pair| pair.trim().eq_ignore_ascii_case("mode=memory"));
-    if in_memory {
-        return Err(ConnectError::InMemory { url: redact(url) });
-    }
-    if database.trim().is_empty() || database == "/" {
-        return Err(ConnectError::MissingPath { url: redact(url) });
-    }
-    Ok(())
-}
-
-/// `url` without the password between `:` and `@`, for logs and error
-/// messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
-}
-
-/// The purge loop shared by the SQL stores: every `every`, purge in batches
-/// until a batch comes back short.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-pub(crate) fn spawn_purger<F, Fut>(
-    backend: &'static str,
-    every: Duration,
-    batch: u32,
-    purge: F,
-) -> tokio::task::JoinHandle<()>
-where
-    F: Fn() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<u64, StoreError>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let mut total = 0u64;
-            loop {
-                match purge().await {
-                    Ok(n) => {
-                        total += n;
-                        if n < u64::from(batch.max(1)) {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(backend, error = &e as &dyn std::error::Error, cause = ?std::error::Error::source(&e), "purging expired idempotency records failed; retrying on the next tick");
-                        break;
-                    }
-                }
-            }
-            if total > 0 {
-                tracing::debug!(
-                    backend,
-                    purged = total,
-                    "purged expired idempotency records"
-                );
-            }
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_never_reach_error_messages() {
-        assert_eq!(
-            redact("foo://user:secret@host:1/db"),
-            "foo://user:***@host:1/db"
-        );
-        assert_eq!(redact("foo://host/db"), "foo://host/db");
-        assert_eq!(redact("nonsense"), "nonsense");
-    }
-
-    #[tokio::test]
-    async fn unknown_schemes_are_typed_errors() {
-        for url in ["", "mysql://u:pw@h/db", "file:/x", "memoryx"] {
-            let err = connect(url).await.err().expect(url);
-            assert!(matches!(err, ConnectError::UnknownScheme { .. }), "{url}");
-            assert!(!err.to_string().contains("pw@"), "{err}");
-        }
-        let memory = connect("memory").await.expect("memory");
-        assert_eq!(memory.backend(), "memory");
-    }
-
-    #[cfg(feature = "sqlite")]
-    #[tokio::test]
-    async fn a_sqlite_url_without_a_file_is_refused() {
-        for url in [
-            "sqlite://",
-            "sqlite:",
-            " sqlite:// ",
-            "sqlite:///",
-            "sqlite://?mode=rwc",
-        ] {
-            let err = connect(url).await.err().expect(url);
-            assert!(
-                matches!(err, ConnectError::MissingPath { .. }),
-                "{url}: {err}"
-            );
-            assert!(
-                err.to_string().contains("sqlite://payments.sqlite"),
-                "{err}"
-            );
-        }
-        for url in [
-            "sqlite::memory:",
-            "sqlite://:memory:",
-            "sqlite://?mode=memory",
-            "sqlite://a.db?mode=memory&cache=shared",
-            "sqlite://file::memory:?cache=shared",
-        ] {
-            let err = connect(url).await.err().expect(url);
-            assert!(matches!(err, ConnectError::InMemory { .. }), "{url}: {err}");
-            assert!(err.to_string().contains("use `memory`"), "{err}");
-        }
-    }
-
-    #[cfg(feature = "sqlite")]
-    #[tokio::test]
-    async fn a_sqlite_url_with_a_file_connects() {
-        let dir = std::env::temp_dir().join(format!(
-            "idempotency-connect-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let url = format!("sqlite://{}", dir.join("records.sqlite").display());
-        let store = connect(&url).await.expect(&url);
-        assert_eq!(store.backend(), "sqlite");
-        drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[cfg(not(feature = "redis"))]
-    #[tokio::test]
-    async fn a_disabled_feature_is_named() {
-        let err = connect("redis://127.0.0.1").await.err().expect("redis");
-        assert!(
-            matches!(
-                err,
-                ConnectError::FeatureDisabled {
-                    feature: "redis",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(err.to_string().contains("`redis` feature"), "{err}");
-    }
-
-    #[cfg(not(feature = "postgres"))]
-    #[tokio::test]
-    async fn a_disabled_postgres_feature_is_named() {
-        let err = connect("postgres://h/db").await.err().expect("postgres");
-        assert!(matches!(
-            err,
-            ConnectError::FeatureDisabled {
-                feature: "postgres",
-                ..
-            }
-        ));
-    }
-
-    #[cfg(not(feature = "sqlite"))]
-    #[tokio::test]
-    async fn a_disabled_sqlite_feature_is_named() {
-        let err = connect("sqlite://x.db").await.err().expect("sqlite");
-        assert!(matches!(
-            err,
-            ConnectError::FeatureDisabled {
-                feature: "sqlite",
-                ..
-            }
-        ));
     }
 }

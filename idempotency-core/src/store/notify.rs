@@ -15,7 +15,7 @@
 //! `complete` and `release`; the Redis and PostgreSQL stores wake it from
 //! their listener (pub/sub, `LISTEN`).
 //!
-//! [`Store::watch`]: super::Store::watch
+//! [`Store::watch`]: crate::Store::watch
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -157,9 +157,8 @@ impl Waiters {
 }
 
 /// What a store's listener task is doing, as its watches see it.
-#[cfg(any(feature = "redis", feature = "postgres"))]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Listening {
+pub enum Listening {
     /// Connecting and subscribing for the first time.
     Starting,
     /// Subscribed: notifications arrive.
@@ -173,25 +172,22 @@ pub(crate) enum Listening {
 
 /// How long after a failed start a watch tries to start the listener again
 /// (meanwhile waiters poll).
-#[cfg(any(feature = "redis", feature = "postgres"))]
 const RESTART_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The longest pause between two reconnection attempts of a listener.
-#[cfg(any(feature = "redis", feature = "postgres"))]
-pub(crate) const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+pub const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A shared store's notifications (Redis pub/sub, PostgreSQL `LISTEN`): the
 /// waiters of this process, and the one listener task that wakes them,
 /// started on the first watch, started again (at most every
 /// [`RESTART_AFTER`]) when its first connection failed, and ended when this
 /// is dropped. One per store, shared by its clones.
-#[cfg(any(feature = "redis", feature = "postgres"))]
-pub(crate) struct Listener {
-    pub(crate) waiters: Waiters,
+pub struct Listener {
+    /// The waiters its task wakes.
+    pub waiters: Waiters,
     slot: Mutex<Slot>,
 }
 
-#[cfg(any(feature = "redis", feature = "postgres"))]
 enum Slot {
     Idle,
     Running {
@@ -203,9 +199,21 @@ enum Slot {
     Failed(std::time::Instant),
 }
 
-#[cfg(any(feature = "redis", feature = "postgres"))]
+impl Default for Listener {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener").finish_non_exhaustive()
+    }
+}
+
 impl Listener {
-    pub(crate) fn new() -> Self {
+    /// A listener not yet started.
+    pub fn new() -> Self {
         Self {
             waiters: Waiters::new(),
             slot: Mutex::new(Slot::Idle),
@@ -217,7 +225,7 @@ impl Listener {
     /// reports its state on the sender and wakes the waiters, and returns
     /// what ends the task when dropped. `Ok(false)`: a start failed
     /// recently (waiters poll); `Err(why)`: this start failed.
-    pub(crate) async fn ready<G: Send + 'static>(
+    pub async fn ready<G: Send + 'static>(
         &self,
         start: impl FnOnce(tokio::sync::watch::Sender<Listening>, Waiters) -> G,
     ) -> Result<bool, Arc<str>> {

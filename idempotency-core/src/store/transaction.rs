@@ -1,6 +1,6 @@
-//! Transactional mode's side of a store (PostgreSQL, SQLite): the record is
-//! written in the handler's own database transaction, so the effect and the
-//! record commit together or not at all.
+//! Transactional mode's side of a store: the record is written in the
+//! handler's own database transaction, so the effect and the record commit
+//! together or not at all.
 //!
 //! Per covered request: one snapshot read (no transaction) answers replays;
 //! otherwise [`TransactionalStore::begin`] opens a transaction, takes the
@@ -8,12 +8,19 @@
 //! the record in flight in it. The handler gets the transaction through
 //! the adapter's extractor; the engine then writes the response into the
 //! record and commits, or rolls everything back.
+//!
+//! Nothing here knows a database. A store puts its transaction into a
+//! [`TxSlot`], hands the engine a [`TxHandle`] to it, and takes it back to
+//! commit; the handler's extractor finds the slot through the handle
+//! ([`TxGuard::acquire`]). The SQL stores (`idempotency-sqlx`) do exactly
+//! this, and so can a store outside the workspace: the conformance suite's
+//! transactional cases (feature `test-util`) check one.
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::{BoxFuture, Claim, StoreError};
-use crate::engine::TxHandle;
 use crate::fingerprint::{Fingerprint, RecordId};
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome};
 
@@ -28,8 +35,8 @@ pub trait TransactionalStore: Send + Sync + 'static {
         fingerprint: &'a Fingerprint,
     ) -> BoxFuture<'a, Result<Option<ClaimOutcome>, StoreError>>;
 
-    /// Opens a transaction on the store's pool, takes the record's lock
-    /// without waiting, and claims the record in flight inside it.
+    /// Opens a transaction, takes the record's lock without waiting, and
+    /// claims the record in flight inside it.
     fn begin<'a>(
         &'a self,
         id: &'a RecordId,
@@ -81,30 +88,55 @@ pub trait OpenTransaction: Send {
     fn rollback(self: Box<Self>, bound: Duration) -> BoxFuture<'static, Result<(), StoreError>>;
 }
 
-/// The transaction of a covered request, shared between the handler's
-/// extractor (while it runs) and the engine (which commits after it).
-pub struct TxSlot<DB: sqlx::Database>(
-    Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, DB>>>>,
-);
+/// The handle of a covered request's transaction, which the adapter puts
+/// into the request's extensions for the handler's extractor. Opaque: it
+/// holds whatever [`TxSlot`] the store made, and only a [`TxGuard`] of the
+/// same transaction type can take it.
+#[derive(Clone)]
+pub struct TxHandle(Arc<dyn Any + Send + Sync>);
 
-impl<DB: sqlx::Database> Clone for TxSlot<DB> {
+impl TxHandle {
+    /// A handle to `slot` (it shares the slot: no copy, no allocation).
+    pub fn new<T: Send + 'static>(slot: &TxSlot<T>) -> Self {
+        Self(Arc::clone(&slot.0) as Arc<dyn Any + Send + Sync>)
+    }
+
+    fn slot<T: Send + 'static>(&self) -> Option<Shared<T>> {
+        Arc::clone(&self.0).downcast().ok()
+    }
+}
+
+impl std::fmt::Debug for TxHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TxHandle")
+    }
+}
+
+type Shared<T> = Arc<tokio::sync::Mutex<Option<T>>>;
+
+/// The transaction of a covered request, shared between the handler's
+/// extractor (while it runs) and the store (which commits after it).
+pub struct TxSlot<T>(Shared<T>);
+
+impl<T> Clone for TxSlot<T> {
     fn clone(&self) -> Self {
         Self(Arc::clone(&self.0))
     }
 }
 
-impl<DB: sqlx::Database> TxSlot<DB> {
-    pub(crate) fn new(tx: sqlx::Transaction<'static, DB>) -> Self {
+impl<T: Send + 'static> TxSlot<T> {
+    /// A slot holding `tx`.
+    pub fn new(tx: T) -> Self {
         Self(Arc::new(tokio::sync::Mutex::new(Some(tx))))
     }
 
     /// Takes the transaction back from the handler, waiting at most `bound`
     /// for it to let go.
-    pub(crate) async fn take(
-        &self,
-        backend: &'static str,
-        bound: Duration,
-    ) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
+    ///
+    /// # Errors
+    /// [`StoreError::Timeout`] of `backend` when the handler still holds it
+    /// after `bound`; [`StoreError::Backend`] when it was taken already.
+    pub async fn take(&self, backend: &'static str, bound: Duration) -> Result<T, StoreError> {
         let held = tokio::time::timeout(bound, self.0.lock())
             .await
             .map_err(|_| StoreError::Timeout {
@@ -116,54 +148,42 @@ impl<DB: sqlx::Database> TxSlot<DB> {
     }
 }
 
-/// A database whose transactions the extractors hand out.
-pub trait TxDatabase: sqlx::Database {
-    /// This database's slot in `handle`, if it is one of this database's.
-    fn slot(handle: &TxHandle) -> Option<&TxSlot<Self>>;
-}
+/// The handler's hold on its request's transaction. It derefs to what the
+/// transaction derefs to (a sqlx transaction: its connection), so handler
+/// code reads like sqlx code (`query(..).execute(&mut *tx)`). It never
+/// commits; the engine does, after the handler returns.
+pub struct TxGuard<T>(tokio::sync::OwnedMappedMutexGuard<Option<T>, T>);
 
-#[cfg(feature = "postgres")]
-impl TxDatabase for sqlx::Postgres {
-    #[allow(unreachable_patterns)]
-    fn slot(handle: &TxHandle) -> Option<&TxSlot<Self>> {
-        match handle {
-            TxHandle::Postgres(slot) => Some(slot),
-            _ => None,
-        }
+impl<T: Send + 'static> TxGuard<T> {
+    /// The transaction of the request whose extensions hold `handle`.
+    /// Adapters' extractors call this.
+    ///
+    /// # Errors
+    /// [`TxUnavailable`] says why there is none.
+    pub fn acquire(handle: Option<&TxHandle>) -> Result<Self, TxUnavailable> {
+        let handle = handle.ok_or(TxUnavailable::NotCovered)?;
+        let slot = handle.slot::<T>().ok_or(TxUnavailable::OtherDatabase)?;
+        let guard = slot.try_lock_owned().map_err(|_| TxUnavailable::InUse)?;
+        tokio::sync::OwnedMutexGuard::try_map(guard, Option::as_mut)
+            .map(Self)
+            .map_err(|_| TxUnavailable::InUse)
+    }
+
+    /// The transaction itself.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.0
     }
 }
 
-#[cfg(feature = "sqlite")]
-impl TxDatabase for sqlx::Sqlite {
-    #[allow(unreachable_patterns)]
-    fn slot(handle: &TxHandle) -> Option<&TxSlot<Self>> {
-        match handle {
-            TxHandle::Sqlite(slot) => Some(slot),
-            _ => None,
-        }
-    }
-}
-
-/// The handler's hold on its request's transaction: derefs to the
-/// connection, so handler code reads like sqlx code
-/// (`query(..).execute(&mut *tx)`). It never commits; the engine does,
-/// after the handler returns.
-pub struct TxGuard<DB: sqlx::Database>(
-    tokio::sync::OwnedMappedMutexGuard<
-        Option<sqlx::Transaction<'static, DB>>,
-        sqlx::Transaction<'static, DB>,
-    >,
-);
-
-impl<DB: sqlx::Database> std::ops::Deref for TxGuard<DB> {
-    type Target = DB::Connection;
-    fn deref(&self) -> &DB::Connection {
+impl<T: std::ops::Deref> std::ops::Deref for TxGuard<T> {
+    type Target = T::Target;
+    fn deref(&self) -> &T::Target {
         &self.0
     }
 }
 
-impl<DB: sqlx::Database> std::ops::DerefMut for TxGuard<DB> {
-    fn deref_mut(&mut self) -> &mut DB::Connection {
+impl<T: std::ops::DerefMut> std::ops::DerefMut for TxGuard<T> {
+    fn deref_mut(&mut self) -> &mut T::Target {
         &mut self.0
     }
 }
@@ -177,28 +197,12 @@ pub enum TxUnavailable {
     /// engine's store has no transactional mode.
     #[error("this request has no idempotency transaction: its route is not covered by a middleware in transactional mode")]
     NotCovered,
-    /// The request's transaction is of another database.
+    /// The request's transaction is of another type (another database).
     #[error("this request's idempotency transaction is of another database")]
     OtherDatabase,
     /// The transaction was already taken (a second extractor on one request).
     #[error("this request's idempotency transaction is already in use")]
     InUse,
-}
-
-/// The transaction of the request whose extensions hold `handle`, for its
-/// handler. Adapters' extractors call this.
-///
-/// # Errors
-/// [`TxUnavailable`] says why there is none.
-pub fn acquire<DB: TxDatabase>(handle: Option<&TxHandle>) -> Result<TxGuard<DB>, TxUnavailable> {
-    let handle = handle.ok_or(TxUnavailable::NotCovered)?;
-    let slot = DB::slot(handle).ok_or(TxUnavailable::OtherDatabase)?;
-    let guard = Arc::clone(&slot.0)
-        .try_lock_owned()
-        .map_err(|_| TxUnavailable::InUse)?;
-    tokio::sync::OwnedMutexGuard::try_map(guard, Option::as_mut)
-        .map(TxGuard)
-        .map_err(|_| TxUnavailable::InUse)
 }
 
 impl TxUnavailable {
@@ -214,37 +218,62 @@ impl TxUnavailable {
 }
 
 /// Defines an adapter's extractor type: a newtype over [`TxGuard`] that
-/// derefs to the connection, so both adapters' extractors are the same
-/// type shape without repeating it.
+/// derefs like it, so both adapters' extractors are the same type shape
+/// without repeating it.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! transaction_extractor {
     ($(#[$attr:meta])* pub struct $name:ident;) => {
         $(#[$attr])*
-        pub struct $name<DB: $crate::store::transaction::TxDatabase>(
-            $crate::store::transaction::TxGuard<DB>,
-        );
+        pub struct $name<T>($crate::TxGuard<T>);
 
-        impl<DB: $crate::store::transaction::TxDatabase> ::std::ops::Deref for $name<DB> {
-            type Target = DB::Connection;
-            fn deref(&self) -> &DB::Connection {
+        impl<T: ::std::ops::Deref> ::std::ops::Deref for $name<T> {
+            type Target = T::Target;
+            fn deref(&self) -> &T::Target {
                 &self.0
             }
         }
 
-        impl<DB: $crate::store::transaction::TxDatabase> ::std::ops::DerefMut for $name<DB> {
-            fn deref_mut(&mut self) -> &mut DB::Connection {
+        impl<T: ::std::ops::DerefMut> ::std::ops::DerefMut for $name<T> {
+            fn deref_mut(&mut self) -> &mut T::Target {
                 &mut self.0
             }
         }
 
-        impl<DB: $crate::store::transaction::TxDatabase> $name<DB> {
+        impl<T: Send + 'static> $name<T> {
             /// The transaction of the request whose extensions hold `handle`.
-            fn acquire(
-                handle: Option<&$crate::TxHandle>,
-            ) -> Result<Self, $crate::store::transaction::TxUnavailable> {
-                $crate::store::transaction::acquire(handle).map(Self)
+            fn acquire(handle: Option<&$crate::TxHandle>) -> Result<Self, $crate::TxUnavailable> {
+                $crate::TxGuard::acquire(handle).map(Self)
+            }
+
+            /// The transaction itself (a `sqlx::Transaction`, or a
+            /// third-party store's own type).
+            pub fn get_mut(&mut self) -> &mut T {
+                self.0.get_mut()
             }
         }
     };
+}
+
+impl<S: TransactionalStore + ?Sized> TransactionalStore for Arc<S> {
+    fn snapshot<'a>(
+        &'a self,
+        id: &'a RecordId,
+        fingerprint: &'a Fingerprint,
+    ) -> BoxFuture<'a, Result<Option<ClaimOutcome>, StoreError>> {
+        (**self).snapshot(id, fingerprint)
+    }
+
+    fn begin<'a>(
+        &'a self,
+        id: &'a RecordId,
+        token: LeaseToken,
+        claim: Claim<'a>,
+    ) -> BoxFuture<'a, Result<Begun, StoreError>> {
+        (**self).begin(id, token, claim)
+    }
+
+    fn backend(&self) -> &'static str {
+        (**self).backend()
+    }
 }
