@@ -4,7 +4,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), idempotency_core::StoreError> {
 //! use std::time::Duration;
-//! use idempotency_core::store::postgres::PostgresStore;
+//! use idempotency_sqlx::postgres::PostgresStore;
 //!
 //! let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/app").await?;
 //! let purger = store.spawn_purger(Duration::from_secs(60), 1000);
@@ -43,7 +43,7 @@
 //!   returns to the pool, in the background, off the request's path.)
 //! - **Waiting duplicates.** A duplicate that waits for a record in flight
 //!   (`wait_for_in_flight`) is woken when it completes or is released, on
-//!   whichever instance, instead of polling: [`Store::watch`](super::Store::watch) makes sure this
+//!   whichever instance, instead of polling: [`Store::watch`](idempotency_core::Store::watch) makes sure this
 //!   store's listener has run `LISTEN` on the schema's channel
 //!   (`<schema>.idempotency_records`, shortened with a hash past 63 bytes),
 //!   registers the waiter, then marks the row (`watched`, one `UPDATE`).
@@ -84,15 +84,16 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use idempotency_core::{
+    Begun, Claim, ClaimOutcome, LeaseToken, Listener, Listening, RecordId, StoreError, StoreFuture,
+    Waiters, Watch, RECONNECT_MAX,
+};
+use sql_foundation::{millis, Dialect, Statement};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
-use sqlx::Row;
+use sqlx::Postgres;
 use tokio::sync::watch;
 
-use super::notify::{Listener, Listening, RECONNECT_MAX};
-use super::sql::millis;
-use super::{Claim, StoreError, Waiters, Watch};
-use crate::fingerprint::RecordId;
-use crate::record::{ClaimOutcome, LeaseToken, TokenOutcome};
+use crate::store::{Queries, SqlBackend, SqlStore};
 
 const BACKEND: &str = "postgres";
 
@@ -102,20 +103,13 @@ pub const DEFAULT_SCHEMA: &str = "idempotency";
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 fn backend(e: sqlx::Error) -> StoreError {
-    super::sql::error(BACKEND, e)
+    crate::store::error(BACKEND, e)
 }
 
 /// A schema name that is not a plain SQL identifier.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid schema name {0:?}: use 1 to 63 ASCII letters, digits and `_`, not starting with a digit")]
 pub struct InvalidSchema(pub String);
-
-fn valid_identifier(name: &str) -> bool {
-    let mut bytes = name.bytes();
-    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && name.len() <= 63
-}
 
 /// How [`PostgresStore::connect_with`] connects.
 #[derive(Debug, Clone)]
@@ -178,23 +172,23 @@ impl PostgresOptions {
     }
 }
 
-struct Queries {
+/// What a PostgreSQL store keeps besides its pool and the shared statements.
+#[doc(hidden)]
+pub struct PgState {
+    schema: Arc<str>,
     /// Mixed into the advisory lock key of a record: advisory locks are the
     /// database's, so stores in two schemas must not share them.
     lock_salt: i64,
-    snapshot: String,
     claim: String,
     lock_claim: String,
-    complete: String,
-    release: String,
-    extend: String,
-    purge: String,
     /// A waiter marks the record in flight it waits for (`watched`).
     watch: String,
+    notifier: Notifier,
 }
 
-impl Queries {
-    fn new(schema: &str) -> Self {
+/// The statements of a store in `schema`: the shared ones, and its own.
+fn statements(schema: &str) -> (Queries, PgState) {
+    {
         let t = format!("\"{schema}\".idempotency_records");
         let ms = "* interval '1 millisecond'";
         // Takeable: expired, or in flight with the lease passed for the same request.
@@ -261,8 +255,7 @@ impl Queries {
             channel(schema)
         );
         let salt = RecordId::from_parts(b"idempotency advisory lock", schema.as_bytes());
-        Self {
-            lock_salt: lock_key(&salt, 0),
+        let queries = Queries {
             snapshot: format!(
                 "SELECT fingerprint, outcome, {remaining} AS remaining,
                     (expires_at <= now() OR (outcome IS NULL AND lease_until <= now() AND fingerprint = $2)) AS takeable
@@ -272,8 +265,6 @@ impl Queries {
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" "),
-            claim,
-            lock_claim,
             complete: format!(
                 "UPDATE {t} SET outcome = $3, expires_at = now() + $4::int8 {ms} WHERE {held} {notify}"
             ),
@@ -287,12 +278,20 @@ impl Queries {
                     SELECT id FROM {t} WHERE expires_at <= now()
                     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ),
+        };
+        let state = PgState {
+            schema: Arc::from(schema),
+            lock_salt: lock_key(&salt, 0),
+            claim,
+            lock_claim,
             // `NOT watched`: the waiters after the first write nothing.
             watch: format!(
                 "UPDATE {t} SET watched = true \
                  WHERE id = $1 AND outcome IS NULL AND expires_at > now() AND NOT watched"
             ),
-        }
+            notifier: Notifier::new(schema),
+        };
+        (queries, state)
     }
 }
 
@@ -446,24 +445,9 @@ async fn listen(
 }
 
 /// A store in PostgreSQL. Cheap to clone: clones share the pool.
-#[derive(Clone)]
-pub struct PostgresStore {
-    pool: PgPool,
-    schema: Arc<str>,
-    queries: Arc<Queries>,
-    notifier: Arc<Notifier>,
-}
+pub type PostgresStore = SqlStore<Postgres>;
 
-impl std::fmt::Debug for PostgresStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresStore")
-            .field("schema", &self.schema)
-            .field("pool_size", &self.pool.size())
-            .finish_non_exhaustive()
-    }
-}
-
-impl PostgresStore {
+impl SqlStore<Postgres> {
     /// Connects to `url` (`postgres://user[:password]@host[:port]/database`)
     /// with [`PostgresOptions::default`] and runs the migration.
     ///
@@ -506,18 +490,14 @@ impl PostgresStore {
     /// # Errors
     /// [`StoreError::Config`] with [`InvalidSchema`] as its source.
     pub fn from_pool(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
-        if !valid_identifier(schema) {
+        if !sql_foundation::valid_identifier(schema) {
             return Err(StoreError::config(
                 BACKEND,
                 InvalidSchema(schema.to_owned()),
             ));
         }
-        Ok(Self {
-            pool,
-            queries: Arc::new(Queries::new(schema)),
-            notifier: Arc::new(Notifier::new(schema)),
-            schema: Arc::from(schema),
-        })
+        let (queries, state) = statements(schema);
+        Ok(Self::new(pool, queries, state))
     }
 
     /// Creates the schema when missing and runs the embedded migrations in
@@ -528,98 +508,23 @@ impl PostgresStore {
     /// [`StoreError::Config`] when the schema's migration history has
     /// migrations this version does not know (a newer version ran there).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        // A one-connection pool of its own whose `search_path` is the schema,
-        // so the migration and its `_sqlx_migrations` table land there.
-        let options = (*self.pool.connect_options())
-            .clone()
-            .options([("search_path", format!("\"{}\"", self.schema))]);
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
+        sql_foundation::migrate_postgres(&self.pool, &self.state.schema, &MIGRATOR)
             .await
-            .map_err(backend)?;
-        let result = async {
-            // `CREATE SCHEMA IF NOT EXISTS` races with itself; serialize it.
-            // The lock is the session's, held until the pool closes.
-            sqlx::query("SELECT pg_advisory_lock(7355608112233)")
-                .execute(&pool)
-                .await?;
-            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
-                .execute(&pool)
-                .await?;
-            MIGRATOR
-                .run(&pool)
-                .await
-                .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
-        }
-        .await;
-        pool.close().await;
-        result.map_err(backend)
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+            .map_err(backend)
     }
 
     /// The schema that holds the records table.
     pub fn schema(&self) -> &str {
-        &self.schema
+        &self.state.schema
     }
 
-    /// Deletes up to `batch` expired records; returns how many. Several
-    /// instances may purge at once (rows locked by another purger are
-    /// skipped). Call it until it returns less than `batch` to purge all.
-    ///
-    /// # Errors
-    /// [`StoreError::Backend`] when the database fails.
-    pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
-        let done = sqlx::query(&self.queries.purge)
-            .bind(i64::from(batch.max(1)))
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?;
-        Ok(done.rows_affected())
-    }
-
-    /// Purges expired records every `every`, in batches of `batch`, until
-    /// the returned handle is aborted (or the runtime stops). Failures are
-    /// logged at `warn` and retried on the next tick.
-    pub fn spawn_purger(&self, every: Duration, batch: u32) -> tokio::task::JoinHandle<()> {
-        let store = self.clone();
-        super::spawn_purger(BACKEND, every, batch, move || {
-            let store = store.clone();
-            async move { store.purge_expired(batch).await }
-        })
-    }
-
-    async fn claim_now(
-        &self,
-        id: &RecordId,
-        token: LeaseToken,
-        claim: Claim<'_>,
-    ) -> Result<ClaimOutcome, StoreError> {
-        let row = sqlx::query(&self.queries.claim)
-            .bind(id.as_bytes().as_slice())
-            .bind(claim.fingerprint.as_bytes().as_slice())
-            .bind(token.to_bytes().to_vec())
-            .bind(millis(claim.lease))
-            .bind(millis(claim.ttl))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(backend)?;
-        if row.try_get::<bool, _>("acquired").map_err(backend)? {
-            return Ok(ClaimOutcome::Acquired(token));
-        }
-        super::sql::existing(BACKEND, &row)
-    }
-
-    /// [`Store::watch`](super::Store::watch): the listener up (started on
-    /// the first watch), the waiter registered, then the record marked, so
-    /// that its completion or release from then on notifies.
+    /// [`Store::watch`](idempotency_core::Store::watch): the listener up
+    /// (started on the first watch), the waiter registered, then the record
+    /// marked, so that its completion or release from then on notifies.
     async fn watch_now(&self, id: &RecordId) -> Result<Option<Watch>, StoreError> {
-        let start = self.notifier.start(self.pool.connect_options().as_ref());
-        match self.notifier.listener.ready(start).await {
+        let notifier = &self.state.notifier;
+        let start = notifier.start(self.pool.connect_options().as_ref());
+        match notifier.listener.ready(start).await {
             Ok(true) => {}
             Ok(false) => return Ok(None),
             Err(why) => {
@@ -629,37 +534,15 @@ impl PostgresStore {
                 ))
             }
         }
-        let watch = self.notifier.listener.waiters.watch(id);
-        sqlx::query(&self.queries.watch)
+        let watch = notifier.listener.waiters.watch(id);
+        Statement::<Postgres>::new(&self.state.watch)
             .bind(id.as_bytes().as_slice())
             .execute(&self.pool)
             .await
             .map_err(backend)?;
         Ok(Some(watch))
     }
-
-    async fn fenced(
-        &self,
-        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> Result<TokenOutcome, StoreError> {
-        let done = query.execute(&self.pool).await.map_err(backend)?;
-        Ok(if done.rows_affected() == 1 {
-            TokenOutcome::Applied
-        } else {
-            TokenOutcome::Fenced
-        })
-    }
 }
-
-super::sql::sql_store!(PostgresStore, {
-    fn watch<'a>(
-        &'a self,
-        id: &'a RecordId,
-    ) -> super::StoreFuture<'a, Result<Option<Watch>, StoreError>> {
-        super::StoreFuture::new(self.watch_now(id))
-    }
-});
-super::sql::sql_open!(PgOpen, sqlx::Postgres, Postgres);
 
 /// The key of a record's transaction-scoped advisory lock: 64 bits of its
 /// id mixed with `salt`, the store's schema (another record that shares
@@ -670,62 +553,73 @@ fn lock_key(id: &RecordId, salt: i64) -> i64 {
     i64::from_be_bytes(first) ^ salt
 }
 
-impl super::transaction::TransactionalStore for PostgresStore {
-    super::sql::sql_snapshot!(snapshot);
+impl crate::store::sealed::Sealed for Postgres {}
 
-    fn begin<'a>(
-        &'a self,
+impl SqlBackend for Postgres {
+    type State = PgState;
+
+    /// One statement: the snapshot and the upsert in one CTE (see the
+    /// module's guarantees).
+    async fn claim<'a>(
+        store: &'a PostgresStore,
         id: &'a RecordId,
         token: LeaseToken,
         claim: Claim<'a>,
-    ) -> super::BoxFuture<'a, Result<super::transaction::Begun, StoreError>> {
-        use super::transaction::Begun;
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(backend)?;
-            let row = sqlx::query(&self.queries.lock_claim)
-                .bind(id.as_bytes().as_slice())
-                .bind(claim.fingerprint.as_bytes().as_slice())
-                .bind(token.to_bytes().to_vec())
-                .bind(millis(claim.lease))
-                .bind(millis(claim.ttl))
-                .bind(lock_key(id, self.queries.lock_salt))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(backend)?;
-            if !row.try_get::<bool, _>("locked").map_err(backend)? {
-                return Ok(Begun::Locked);
-            }
-            if !row.try_get::<bool, _>("acquired").map_err(backend)? {
-                return super::sql::existing(BACKEND, &row).map(Begun::Existing);
-            }
-            Ok(Begun::Acquired(Box::new(PgOpen {
-                slot: super::transaction::TxSlot::new(tx),
-                id: *id,
-                token,
-                queries: Arc::clone(&self.queries),
-                _lock: None,
-            })))
-        })
+    ) -> Result<ClaimOutcome, StoreError> {
+        let row = Statement::<Postgres>::new(&store.state.claim)
+            .bind(id.as_bytes().as_slice())
+            .bind(claim.fingerprint.as_bytes().as_slice())
+            .bind(token.to_bytes().to_vec())
+            .bind(millis(claim.lease))
+            .bind(millis(claim.ttl))
+            .fetch_one(&store.pool)
+            .await
+            .map_err(backend)?;
+        if Postgres::get::<bool>(&row, "acquired").map_err(backend)? {
+            return Ok(ClaimOutcome::Acquired(token));
+        }
+        PostgresStore::existing(&row)
     }
 
-    fn backend(&self) -> &'static str {
-        BACKEND
+    /// The record's advisory lock tried without waiting, and the claim, in
+    /// one statement of a new transaction.
+    async fn begin<'a>(
+        store: &'a PostgresStore,
+        id: &'a RecordId,
+        token: LeaseToken,
+        claim: Claim<'a>,
+    ) -> Result<Begun, StoreError> {
+        let mut tx = Postgres::begin_write(&store.pool).await.map_err(backend)?;
+        let row = Statement::<Postgres>::new(&store.state.lock_claim)
+            .bind(id.as_bytes().as_slice())
+            .bind(claim.fingerprint.as_bytes().as_slice())
+            .bind(token.to_bytes().to_vec())
+            .bind(millis(claim.lease))
+            .bind(millis(claim.ttl))
+            .bind(lock_key(id, store.state.lock_salt))
+            .fetch_one(&mut tx)
+            .await
+            .map_err(backend)?;
+        if !Postgres::get::<bool>(&row, "locked").map_err(backend)? {
+            return Ok(Begun::Locked);
+        }
+        if !Postgres::get::<bool>(&row, "acquired").map_err(backend)? {
+            return PostgresStore::existing(&row).map(Begun::Existing);
+        }
+        Ok(store.open(tx, id, token, None))
+    }
+
+    fn watch<'a>(
+        store: &'a PostgresStore,
+        id: &'a RecordId,
+    ) -> StoreFuture<'a, Result<Option<Watch>, StoreError>> {
+        StoreFuture::new(store.watch_now(id))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn schema_names_are_plain_identifiers() {
-        for ok in ["idempotency", "_t1", "A_b_9"] {
-            assert!(valid_identifier(ok), "{ok}");
-        }
-        for bad in ["", "1a", "a-b", "a\"b", "a;drop", "é", &"a".repeat(64)] {
-            assert!(!valid_identifier(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn channels_fit_in_63_bytes_and_stay_distinct() {

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), idempotency_core::StoreError> {
-//! use idempotency_core::store::sqlite::SqliteStore;
+//! use idempotency_sqlx::sqlite::SqliteStore;
 //!
 //! let store = SqliteStore::connect("sqlite://idempotency.db").await?;
 //! # let _ = store;
@@ -46,15 +46,14 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use idempotency_core::{Begun, Claim, ClaimOutcome, LeaseToken, RecordId, StoreError};
+use sql_foundation::{millis, Dialect, Statement};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::Sqlite;
 
-use super::sql::millis;
-use super::{Claim, StoreError};
-use crate::fingerprint::RecordId;
-use crate::record::{ClaimOutcome, LeaseToken, TokenOutcome};
+use crate::store::{Queries, SqlBackend, SqlStore};
 
 const BACKEND: &str = "sqlite";
 
@@ -68,7 +67,7 @@ const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 const CLAIM_ATTEMPTS: usize = 16;
 
 fn backend(e: sqlx::Error) -> StoreError {
-    super::sql::error(BACKEND, e)
+    crate::store::error(BACKEND, e)
 }
 
 /// A claim lost the race for a row 16 times in a row (the
@@ -76,14 +75,6 @@ fn backend(e: sqlx::Error) -> StoreError {
 #[derive(Debug, thiserror::Error)]
 #[error("the claim lost the race for its row {0} times in a row")]
 pub struct Contended(pub usize);
-
-/// Whether `e` is SQLite's `SQLITE_BUSY` or `SQLITE_LOCKED` (any extended code).
-fn is_busy(e: &sqlx::Error) -> bool {
-    let Some(code) = e.as_database_error().and_then(|d| d.code()) else {
-        return false;
-    };
-    matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5 | 6))
-}
 
 /// How [`SqliteStore::connect_with`] opens the file.
 #[derive(Debug, Clone)]
@@ -129,71 +120,59 @@ impl SqliteOptions {
     }
 }
 
-struct Queries {
-    read: String,
+/// What a SQLite store keeps besides its pool and the shared statements.
+#[doc(hidden)]
+pub struct LiteState {
+    /// `(id, fingerprint, token, lease ms, ttl ms)`: claims the row if it is
+    /// absent or takeable; returns a row when it did.
     upsert: String,
-    complete: String,
-    release: String,
-    extend: String,
-    purge: String,
-}
-
-impl Queries {
-    fn new() -> Self {
-        let t = "idempotency_records";
-        let held = format!("id = ?1 AND token = ?2 AND outcome IS NULL AND expires_at > {NOW}");
-        Self {
-            read: format!(
-                "SELECT fingerprint, outcome, MAX(0, lease_until - {NOW}) AS remaining,
-                    (expires_at <= {NOW} OR (outcome IS NULL AND lease_until <= {NOW} AND fingerprint = ?2)) AS takeable
-                 FROM {t} WHERE id = ?1"
-            ),
-            upsert: format!(
-                "INSERT INTO {t} (id, fingerprint, token, lease_until, expires_at, outcome)
-                 VALUES (?1, ?2, ?3, {NOW} + ?4, {NOW} + ?4 + ?5, NULL)
-                 ON CONFLICT (id) DO UPDATE SET
-                    fingerprint = excluded.fingerprint, token = excluded.token,
-                    lease_until = excluded.lease_until, expires_at = excluded.expires_at,
-                    outcome = NULL
-                 WHERE {t}.expires_at <= {NOW}
-                    OR ({t}.outcome IS NULL AND {t}.lease_until <= {NOW} AND {t}.fingerprint = excluded.fingerprint)
-                 RETURNING 1"
-            ),
-            complete: format!(
-                "UPDATE {t} SET outcome = ?3, expires_at = {NOW} + ?4 WHERE {held}"
-            ),
-            release: format!("DELETE FROM {t} WHERE {held}"),
-            extend: format!(
-                "UPDATE {t} SET lease_until = {NOW} + ?3, expires_at = {NOW} + ?3 + (expires_at - lease_until)
-                 WHERE {held}"
-            ),
-            purge: format!(
-                "DELETE FROM {t} WHERE id IN (
-                    SELECT id FROM {t} WHERE expires_at <= {NOW} ORDER BY expires_at LIMIT ?1)"
-            ),
-        }
-    }
-}
-
-/// A store in a SQLite file. Cheap to clone: clones share the pool.
-#[derive(Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
-    queries: Arc<Queries>,
     /// Records held in flight by this process's transactions (transactional
     /// mode): a duplicate answers 409 at once instead of waiting for the file.
     in_flight: Arc<std::sync::Mutex<std::collections::HashSet<RecordId>>>,
 }
 
-impl std::fmt::Debug for SqliteStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("pool_size", &self.pool.size())
-            .finish_non_exhaustive()
-    }
+/// The store's statements: the shared ones, and its own.
+fn statements() -> (Queries, LiteState) {
+    let t = "idempotency_records";
+    let held = format!("id = ?1 AND token = ?2 AND outcome IS NULL AND expires_at > {NOW}");
+    let queries = Queries {
+        snapshot: format!(
+            "SELECT fingerprint, outcome, MAX(0, lease_until - {NOW}) AS remaining,
+                (expires_at <= {NOW} OR (outcome IS NULL AND lease_until <= {NOW} AND fingerprint = ?2)) AS takeable
+             FROM {t} WHERE id = ?1"
+        ),
+        complete: format!("UPDATE {t} SET outcome = ?3, expires_at = {NOW} + ?4 WHERE {held}"),
+        release: format!("DELETE FROM {t} WHERE {held}"),
+        extend: format!(
+            "UPDATE {t} SET lease_until = {NOW} + ?3, expires_at = {NOW} + ?3 + (expires_at - lease_until)
+             WHERE {held}"
+        ),
+        purge: format!(
+            "DELETE FROM {t} WHERE id IN (
+                SELECT id FROM {t} WHERE expires_at <= {NOW} ORDER BY expires_at LIMIT ?1)"
+        ),
+    };
+    let state = LiteState {
+        upsert: format!(
+            "INSERT INTO {t} (id, fingerprint, token, lease_until, expires_at, outcome)
+             VALUES (?1, ?2, ?3, {NOW} + ?4, {NOW} + ?4 + ?5, NULL)
+             ON CONFLICT (id) DO UPDATE SET
+                fingerprint = excluded.fingerprint, token = excluded.token,
+                lease_until = excluded.lease_until, expires_at = excluded.expires_at,
+                outcome = NULL
+             WHERE {t}.expires_at <= {NOW}
+                OR ({t}.outcome IS NULL AND {t}.lease_until <= {NOW} AND {t}.fingerprint = excluded.fingerprint)
+             RETURNING 1"
+        ),
+        in_flight: Arc::default(),
+    };
+    (queries, state)
 }
 
-impl SqliteStore {
+/// A store in a SQLite file. Cheap to clone: clones share the pool.
+pub type SqliteStore = SqlStore<Sqlite>;
+
+impl SqlStore<Sqlite> {
     /// Opens (creating when missing) the file named by `url`:
     /// `sqlite://PATH` (relative), `sqlite:///ABSOLUTE/PATH`, or a bare path,
     /// with [`SqliteOptions::default`], and runs the migration.
@@ -233,7 +212,9 @@ impl SqliteStore {
                 .await;
             match opened {
                 Ok(pool) => break pool,
-                Err(e) if is_busy(&e) && tokio::time::Instant::now() < deadline => {
+                Err(e)
+                    if sql_foundation::is_locked(&e) && tokio::time::Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(10 << attempt.min(4))).await;
                     attempt += 1;
                 }
@@ -250,11 +231,8 @@ impl SqliteStore {
     /// A store over a pool you opened (set WAL and a busy timeout on it).
     /// Call [`migrate`](Self::migrate) unless the table exists.
     pub fn from_pool(pool: SqlitePool) -> Self {
-        Self {
-            pool,
-            queries: Arc::new(Queries::new()),
-            in_flight: Arc::default(),
-        }
+        let (queries, state) = statements();
+        Self::new(pool, queries, state)
     }
 
     /// Runs the embedded migration. Several processes opening a new file at
@@ -263,79 +241,35 @@ impl SqliteStore {
     /// # Errors
     /// [`StoreError::Backend`] when the migration fails.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut last = None;
-        for attempt in 0..5u32 {
-            match MIGRATOR.run(&self.pool).await {
-                Ok(()) => return Ok(()),
-                Err(e) => last = Some(e),
-            }
-            tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
-        }
-        Err(match last {
-            Some(e) => backend(sqlx::Error::Migrate(Box::new(e))),
-            None => StoreError::backend(BACKEND, "migration did not run"),
-        })
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// Deletes up to `batch` expired records; returns how many.
-    ///
-    /// # Errors
-    /// [`StoreError::Backend`] when the database fails.
-    pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
-        let done = sqlx::query(&self.queries.purge)
-            .bind(i64::from(batch.max(1)))
-            .execute(&self.pool)
+        sql_foundation::migrate_sqlite(&self.pool, &MIGRATOR)
             .await
-            .map_err(backend)?;
-        Ok(done.rows_affected())
+            .map_err(backend)
     }
+}
 
-    /// Purges expired records every `every`, in batches of `batch`, until
-    /// the returned handle is aborted. Failures are logged at `warn`.
-    pub fn spawn_purger(&self, every: Duration, batch: u32) -> tokio::task::JoinHandle<()> {
-        let store = self.clone();
-        super::spawn_purger(BACKEND, every, batch, move || {
-            let store = store.clone();
-            async move { store.purge_expired(batch).await }
-        })
-    }
+impl crate::store::sealed::Sealed for Sqlite {}
 
-    async fn claim_now(
-        &self,
-        id: &RecordId,
+impl SqlBackend for Sqlite {
+    type State = LiteState;
+
+    /// A read (readers never block in WAL mode) answers replays and
+    /// conflicts; only an absent or takeable row goes on to the upsert,
+    /// which SQLite runs under its one writer lock. An upsert that changed
+    /// nothing lost a race: read again.
+    async fn claim<'a>(
+        store: &'a SqliteStore,
+        id: &'a RecordId,
         token: LeaseToken,
-        claim: Claim<'_>,
+        claim: Claim<'a>,
     ) -> Result<ClaimOutcome, StoreError> {
-        let id = id.as_bytes().as_slice();
-        let fingerprint = claim.fingerprint.as_bytes().as_slice();
         for _ in 0..CLAIM_ATTEMPTS {
-            let row = sqlx::query(&self.queries.read)
-                .bind(id)
-                .bind(fingerprint)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(backend)?;
-            if let Some(row) = row {
-                let takeable: bool = row.try_get("takeable").map_err(backend)?;
-                if !takeable {
-                    return super::sql::existing(BACKEND, &row);
-                }
+            if let Some(existing) = store
+                .snapshot_on(&store.pool, id, claim.fingerprint)
+                .await?
+            {
+                return Ok(existing);
             }
-            let acquired = sqlx::query(&self.queries.upsert)
-                .bind(id)
-                .bind(fingerprint)
-                .bind(token.to_bytes().to_vec())
-                .bind(millis(claim.lease))
-                .bind(millis(claim.ttl))
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(backend)?;
-            if acquired.is_some() {
+            if upsert(store, &store.pool, id, token, claim).await? {
                 return Ok(ClaimOutcome::Acquired(token));
             }
             // Someone changed the row between the read and the upsert.
@@ -343,21 +277,49 @@ impl SqliteStore {
         Err(StoreError::backend(BACKEND, Contended(CLAIM_ATTEMPTS)))
     }
 
-    async fn fenced<'q>(
-        &self,
-        query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-    ) -> Result<TokenOutcome, StoreError> {
-        let done = query.execute(&self.pool).await.map_err(backend)?;
-        Ok(if done.rows_affected() == 1 {
-            TokenOutcome::Applied
-        } else {
-            TokenOutcome::Fenced
-        })
+    /// The lock: this process's own set of records in flight (409 at once);
+    /// other processes on the same file wait for SQLite's write lock
+    /// (`BEGIN IMMEDIATE`, within the busy timeout) and then see the
+    /// record as it was committed.
+    async fn begin<'a>(
+        store: &'a SqliteStore,
+        id: &'a RecordId,
+        token: LeaseToken,
+        claim: Claim<'a>,
+    ) -> Result<Begun, StoreError> {
+        let Some(lock) = InFlight::try_new(&store.state.in_flight, *id) else {
+            return Ok(Begun::Locked);
+        };
+        let mut tx = Sqlite::begin_write(&store.pool).await.map_err(backend)?;
+        if let Some(existing) = store.snapshot_on(&mut tx, id, claim.fingerprint).await? {
+            return Ok(Begun::Existing(existing));
+        }
+        // The write lock is this transaction's: nothing changes the row
+        // between the read and the upsert.
+        upsert(store, &mut tx, id, token, claim).await?;
+        Ok(store.open(tx, id, token, Some(Box::new(lock))))
     }
 }
 
-super::sql::sql_store!(SqliteStore);
-super::sql::sql_open!(SqliteOpen, sqlx::Sqlite, Sqlite);
+/// Claims the row if it is absent or takeable; whether it did.
+async fn upsert<'c>(
+    store: &SqliteStore,
+    on: impl Into<sql_foundation::On<'c, Sqlite>>,
+    id: &RecordId,
+    token: LeaseToken,
+    claim: Claim<'_>,
+) -> Result<bool, StoreError> {
+    let row = Statement::<Sqlite>::new(&store.state.upsert)
+        .bind(id.as_bytes().as_slice())
+        .bind(claim.fingerprint.as_bytes().as_slice())
+        .bind(token.to_bytes().to_vec())
+        .bind(millis(claim.lease))
+        .bind(millis(claim.ttl))
+        .fetch_optional(on)
+        .await
+        .map_err(backend)?;
+    Ok(row.is_some())
+}
 
 /// A record held in flight by one of this process's transactions, until
 /// dropped.
@@ -383,66 +345,5 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let mut held = self.set.lock().unwrap_or_else(|p| p.into_inner());
         held.remove(&self.id);
-    }
-}
-
-impl super::transaction::TransactionalStore for SqliteStore {
-    super::sql::sql_snapshot!(read);
-
-    /// The lock: this process's own set of records in flight (409 at once);
-    /// other processes on the same file wait for SQLite's write lock
-    /// (`BEGIN IMMEDIATE`, within the busy timeout) and then see the
-    /// record as it was committed.
-    fn begin<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        claim: Claim<'a>,
-    ) -> super::BoxFuture<'a, Result<super::transaction::Begun, StoreError>> {
-        use super::transaction::Begun;
-        Box::pin(async move {
-            let Some(lock) = InFlight::try_new(&self.in_flight, *id) else {
-                return Ok(Begun::Locked);
-            };
-            let mut tx = self
-                .pool
-                .begin_with("BEGIN IMMEDIATE")
-                .await
-                .map_err(backend)?;
-            let fingerprint = claim.fingerprint.as_bytes().as_slice();
-            let row = sqlx::query(&self.queries.read)
-                .bind(id.as_bytes().as_slice())
-                .bind(fingerprint)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(backend)?;
-            if let Some(row) = row {
-                if !row.try_get::<bool, _>("takeable").map_err(backend)? {
-                    return super::sql::existing(BACKEND, &row).map(Begun::Existing);
-                }
-            }
-            // The write lock is this transaction's: nothing changes the row
-            // between the read and the upsert.
-            sqlx::query(&self.queries.upsert)
-                .bind(id.as_bytes().as_slice())
-                .bind(fingerprint)
-                .bind(token.to_bytes().to_vec())
-                .bind(millis(claim.lease))
-                .bind(millis(claim.ttl))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(backend)?;
-            Ok(Begun::Acquired(Box::new(SqliteOpen {
-                slot: super::transaction::TxSlot::new(tx),
-                id: *id,
-                token,
-                queries: Arc::clone(&self.queries),
-                _lock: Some(Box::new(lock)),
-            })))
-        })
-    }
-
-    fn backend(&self) -> &'static str {
-        BACKEND
     }
 }

@@ -1,0 +1,5 @@
+
+__HELD__
+redis.call('DEL', KEYS[1])
+__SETTLED__
+return 1
