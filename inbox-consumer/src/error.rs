@@ -21,3 +21,14 @@ pub enum InboxError {
     #[error("the inbox store failed")]
     Store(#[from] idempotency_core::StoreError),
 }
+
+impl InboxError {
+    /// A migration's error: the migrator's own, or the database's.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn from_migration(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Migrate(m) => InboxError::Migrate(*m),
+            e => InboxError::Database(e),
+        }
+    }
+}

@@ -14,7 +14,7 @@ use crate::metrics::{Counters, InboxMetrics};
 use crate::outcome::{DeadReason, HandlerError, Outcome};
 
 /// Dedupes broker messages by `(consumer name, message id)` before the
-/// business handler runs. `B` is the mode: `PgTransactional`,
+/// business handler runs. `B` is the mode: `PostgresTransactional`,
 /// `SqliteTransactional` (transactional) or [`Lease`](crate::Lease).
 ///
 /// Clones share the config, the counters and the backend's pool or store.

@@ -21,11 +21,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency_core::store::{Claim, Guarded, Held};
 use idempotency_core::{
     BoxFuture, ClaimOutcome, Fingerprint, LeaseToken, RecordId, Store, StoreError, StoredOutcome,
     TokenOutcome,
 };
+use idempotency_core::{Claim, Guarded, Held};
 
 use crate::error::InboxError;
 use crate::inbox::{run_guarded, Inbox};

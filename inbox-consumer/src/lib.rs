@@ -192,13 +192,15 @@ pub use metrics::InboxMetrics;
 pub use outcome::{DeadReason, Disposition, FailureKind, HandlerError, Outcome};
 
 #[cfg(feature = "postgres")]
-pub use transactional::{migrate_postgres, PgTransactional};
+pub use transactional::{migrate_postgres, PostgresTransactional};
 #[cfg(feature = "sqlite")]
 pub use transactional::{migrate_sqlite, SqliteTransactional};
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use transactional::{InboxDatabase, Transactional};
 
 /// An inbox in transactional mode on PostgreSQL.
 #[cfg(feature = "postgres")]
-pub type PgInbox = Inbox<PgTransactional>;
+pub type PostgresInbox = Inbox<PostgresTransactional>;
 /// An inbox in transactional mode on SQLite.
 #[cfg(feature = "sqlite")]
 pub type SqliteInbox = Inbox<SqliteTransactional>;

@@ -1,5 +1,6 @@
 //! Transactional mode: the inbox row and the business effect commit in one
-//! database transaction (PostgreSQL or SQLite, through sqlx).
+//! database transaction (PostgreSQL or SQLite, through sqlx). Written once
+//! for both over `sql-foundation`'s [`Dialect`]; only the statements differ.
 //!
 //! Per delivery:
 //! 1. `BEGIN`; insert `(consumer, message id)` into the inbox table, unless a
@@ -13,7 +14,8 @@
 use std::time::Duration;
 
 use idempotency_core::BoxFuture;
-use sqlx::Transaction;
+use sql_foundation::{millis, Dialect, Statement};
+use sqlx::{Pool, Transaction};
 
 use crate::error::InboxError;
 use crate::inbox::{run_guarded, Inbox};
@@ -23,236 +25,341 @@ use crate::outcome::{DeadReason, FailureKind, HandlerError, Outcome};
 /// How long to suggest waiting before redelivery when the database failed.
 const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 
-// The whole flow is the same SQL shape on both databases; only the statements
-// and the integer width differ, so one macro writes it once for each.
-macro_rules! transactional_mode {
-    (
-        db = $db:ty,
-        mode = $mode:ident,
-        pool = $pool:ty,
-        int = $int:ty,
-        sql = $sql:ident,
-        retention = $retention:expr,
-        begin = $begin:expr,
-    ) => {
-        impl Inbox<$mode> {
-            /// Runs `handler` inside the transaction that records the message,
-            /// unless the message was processed before or is dead.
-            ///
-            /// The handler gets the transaction (do the business effect with
-            /// it, never commit it) and the message. Like a spawned task, the
-            /// handler's future may borrow only the transaction and the
-            /// message: move clones of anything else into it. Return
-            /// [`HandlerError::transient`] to retry,
-            /// [`HandlerError::permanent`] to dead-letter (an undecodable
-            /// payload). Ack the message only after this returns
-            /// [`Outcome::Processed`] or [`Outcome::Duplicate`] (see
-            /// [`Outcome::disposition`]).
-            pub async fn process<F>(&self, message: &InboxMessage, handler: F) -> Outcome
-            where
-                F: for<'t> FnOnce(
-                    &'t mut Transaction<'static, $db>,
-                    &'t InboxMessage,
-                ) -> BoxFuture<'t, Result<(), HandlerError>>,
-            {
-                let key = match self.key_of(message) {
-                    Ok(key) => key,
-                    Err(reason) => return self.finish(None, Outcome::Dead { reason }),
-                };
-                let outcome = self.process_keyed(&key, message, handler).await;
-                self.finish(Some(&key), outcome)
-            }
+/// Transactional mode on a database: [`PostgresTransactional`] or
+/// [`SqliteTransactional`]. Holds the pool; clones share it.
+pub struct Transactional<DB: InboxDatabase> {
+    pub(crate) pool: Pool<DB>,
+}
 
-            async fn process_keyed<F>(
-                &self,
-                key: &str,
-                message: &InboxMessage,
-                handler: F,
-            ) -> Outcome
-            where
-                F: for<'t> FnOnce(
-                    &'t mut Transaction<'static, $db>,
-                    &'t InboxMessage,
-                ) -> BoxFuture<'t, Result<(), HandlerError>>,
-            {
-                let consumer = self.consumer();
-                let max = <$int>::try_from(self.config().max_attempts()).unwrap_or(<$int>::MAX);
-                let unavailable = |e: sqlx::Error| Outcome::Unavailable {
-                    error: InboxError::Database(e),
-                    retry_after: UNAVAILABLE_RETRY,
-                };
-                let pool = &self.backend.pool;
-                let begun = match $begin {
-                    Some(statement) => pool.begin_with(statement).await,
-                    None => pool.begin().await,
-                };
-                let mut tx = match begun {
-                    Ok(tx) => tx,
-                    Err(e) => return unavailable(e),
-                };
-                let inserted: Option<$int> = match sqlx::query_scalar($sql::CLAIM)
-                    .bind(consumer)
-                    .bind(key)
-                    .bind(max)
-                    .fetch_optional(&mut *tx)
-                    .await
-                {
-                    Ok(row) => row,
-                    Err(e) => return unavailable(e),
-                };
-                let Some(attempt) = inserted else {
-                    let failures: Option<($int, bool)> = match sqlx::query_as($sql::FAILURES)
-                        .bind(consumer)
-                        .bind(key)
-                        .fetch_optional(&mut *tx)
-                        .await
-                    {
-                        Ok(row) => row,
-                        Err(e) => return unavailable(e),
-                    };
-                    return match failures {
-                        Some((n, dead)) if dead || n >= max => Outcome::Dead {
-                            reason: DeadReason::AlreadyDead,
-                        },
-                        _ => Outcome::Duplicate,
-                    };
-                };
-                let result = run_guarded(handler(&mut tx, message)).await;
-                match result {
-                    Ok(()) => match tx.commit().await {
-                        Ok(()) => Outcome::Processed {
-                            attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-                        },
-                        // Committed or not, a redelivery finds out: requeue.
-                        Err(e) => unavailable(e),
-                    },
-                    Err(error) => {
-                        if let Err(e) = tx.rollback().await {
-                            tracing::warn!(consumer, message_id = key, error = %e, "inbox: rollback failed");
-                        }
-                        let counted: Result<$int, _> = sqlx::query_scalar($sql::FAIL)
-                            .bind(consumer)
-                            .bind(key)
-                            .bind(error.kind() == FailureKind::Permanent)
-                            .bind(error.to_string())
-                            .fetch_one(&self.backend.pool)
-                            .await;
-                        let attempt = match counted {
-                            Ok(n) => n,
-                            Err(e) => {
-                                // The handler's failure is what matters; the
-                                // attempt it had when it started stands in.
-                                tracing::error!(consumer, message_id = key, error = %e,
-                                    "inbox: could not count a failed attempt");
-                                attempt
-                            }
-                        };
-                        self.failure_outcome(u32::try_from(attempt).unwrap_or(u32::MAX), error)
-                    }
+impl<DB: InboxDatabase> Clone for Transactional<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl<DB: InboxDatabase> std::fmt::Debug for Transactional<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transactional")
+            .field("database", &DB::BACKEND)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Transactional mode on PostgreSQL. Tables live in schema
+/// `inbox_consumer` (with their own migration history), so they never mix
+/// with the application's.
+#[cfg(feature = "postgres")]
+pub type PostgresTransactional = Transactional<sqlx::Postgres>;
+
+/// Transactional mode on SQLite: one machine, one or several processes
+/// sharing the file (give the pool WAL and a busy timeout). Each message
+/// takes the write lock up front (`BEGIN IMMEDIATE`), so a concurrent copy
+/// waits for the first to commit and then sees the duplicate.
+#[cfg(feature = "sqlite")]
+pub type SqliteTransactional = Transactional<sqlx::Sqlite>;
+
+/// A database the inbox runs on: its statements. Sealed.
+pub trait InboxDatabase: Dialect + sealed::Sealed {
+    /// The inbox's statements on this database.
+    #[doc(hidden)]
+    const SQL: &'static Statements;
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// The inbox's statements on one database; every integer they return is
+/// 64-bit, every age is in milliseconds.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Statements {
+    /// `(consumer, id, max attempts)` → `attempts` when inserted.
+    claim: &'static str,
+    /// `(consumer, id)` → `failures, dead`.
+    failures: &'static str,
+    /// `(consumer, id, dead, error)` → `failures`.
+    fail: &'static str,
+    /// `(consumer, age ms, batch)`: deletes a batch of processed rows.
+    purge_messages: &'static str,
+    /// `(consumer, age ms, batch)`: deletes a batch of attempt counts.
+    purge_attempts: &'static str,
+    /// `(consumer, id)` → `attempts`.
+    attempts: &'static str,
+    /// `(consumer, id)`: forgets the failures and the dead mark.
+    revive: &'static str,
+}
+
+impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
+    /// Runs `handler` inside the transaction that records the message,
+    /// unless the message was processed before or is dead.
+    ///
+    /// The handler gets the transaction (do the business effect with it,
+    /// never commit it) and the message. Like a spawned task, the handler's
+    /// future may borrow only the transaction and the message: move clones
+    /// of anything else into it. Return [`HandlerError::transient`] to
+    /// retry, [`HandlerError::permanent`] to dead-letter (an undecodable
+    /// payload). Ack the message only after this returns
+    /// [`Outcome::Processed`] or [`Outcome::Duplicate`] (see
+    /// [`Outcome::disposition`]).
+    pub async fn process<F>(&self, message: &InboxMessage, handler: F) -> Outcome
+    where
+        F: for<'t> FnOnce(
+            &'t mut Transaction<'static, DB>,
+            &'t InboxMessage,
+        ) -> BoxFuture<'t, Result<(), HandlerError>>,
+    {
+        let key = match self.key_of(message) {
+            Ok(key) => key,
+            Err(reason) => return self.finish(None, Outcome::Dead { reason }),
+        };
+        let outcome = self.process_keyed(&key, message, handler).await;
+        self.finish(Some(&key), outcome)
+    }
+
+    async fn process_keyed<F>(&self, key: &str, message: &InboxMessage, handler: F) -> Outcome
+    where
+        F: for<'t> FnOnce(
+            &'t mut Transaction<'static, DB>,
+            &'t InboxMessage,
+        ) -> BoxFuture<'t, Result<(), HandlerError>>,
+    {
+        let consumer = self.consumer();
+        let max = i64::from(self.config().max_attempts());
+        let unavailable = |e: sqlx::Error| Outcome::Unavailable {
+            error: InboxError::Database(e),
+            retry_after: UNAVAILABLE_RETRY,
+        };
+        let mut tx = match DB::begin_write(&self.backend.pool).await {
+            Ok(tx) => tx,
+            Err(e) => return unavailable(e),
+        };
+        let inserted = Statement::<DB>::new(DB::SQL.claim)
+            .bind(consumer)
+            .bind(key)
+            .bind(max)
+            .fetch_optional(&mut tx)
+            .await
+            .and_then(|row| row.map(|row| DB::get::<i64>(&row, "attempts")).transpose());
+        let attempt = match inserted {
+            Ok(Some(attempt)) => attempt,
+            Ok(None) => return self.not_inserted(&mut tx, key, max).await,
+            Err(e) => return unavailable(e),
+        };
+        match run_guarded(handler(&mut tx, message)).await {
+            Ok(()) => match tx.commit().await {
+                Ok(()) => Outcome::Processed {
+                    attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                },
+                // Committed or not, a redelivery finds out: requeue.
+                Err(e) => unavailable(e),
+            },
+            Err(error) => {
+                if let Err(e) = tx.rollback().await {
+                    tracing::warn!(consumer, message_id = key, error = %e, "inbox: rollback failed");
                 }
-            }
-
-            /// Deletes this consumer's processed rows older than the
-            /// retention, and its attempt counts untouched that long, in
-            /// batches of `purge_batch` rows; returns how many rows went.
-            ///
-            /// Safe to run from several instances at once. It never deletes a
-            /// message in flight: that row is not committed yet, so no purge
-            /// can see it.
-            ///
-            /// # Errors
-            /// [`InboxError::Database`]; rows deleted by earlier batches stay deleted.
-            pub async fn purge(&self) -> Result<u64, InboxError> {
-                self.purge_older_than(self.config().retention()).await
-            }
-
-            /// [`purge`](Self::purge) with another window.
-            ///
-            /// # Errors
-            /// [`InboxError::Database`].
-            pub async fn purge_older_than(&self, age: Duration) -> Result<u64, InboxError> {
-                let batch = i64::from(self.shared.config.purge_batch);
-                let mut total = 0;
-                for statement in [$sql::PURGE_MESSAGES, $sql::PURGE_ATTEMPTS] {
-                    loop {
-                        let done = sqlx::query(statement)
-                            .bind(self.consumer())
-                            .bind($retention(age))
-                            .bind(batch)
-                            .execute(&self.backend.pool)
-                            .await?
-                            .rows_affected();
-                        total += done;
-                        if done < batch as u64 {
-                            break;
-                        }
-                    }
-                }
-                if total > 0 {
-                    tracing::info!(consumer = self.consumer(), rows = total, "inbox: purged");
-                }
-                Ok(total)
-            }
-
-            /// Attempts recorded for `message_id`: of a processed message, the
-            /// attempt that succeeded; of a failing or dead one, the failures
-            /// counted; `None` if the inbox knows nothing of it.
-            ///
-            /// # Errors
-            /// [`InboxError::Database`].
-            pub async fn attempts(&self, message_id: &str) -> Result<Option<u32>, InboxError> {
-                let n: Option<$int> = sqlx::query_scalar($sql::ATTEMPTS)
-                    .bind(self.consumer())
-                    .bind(message_id)
-                    .fetch_one(&self.backend.pool)
-                    .await?;
-                Ok(n.map(|n| u32::try_from(n).unwrap_or(0)))
-            }
-
-            /// Forgets the failures and dead mark of `message_id`, so a
-            /// message replayed from the dead-letter queue (after a fix) is
-            /// processed again. Returns whether there was anything to forget.
-            ///
-            /// # Errors
-            /// [`InboxError::Database`].
-            pub async fn revive(&self, message_id: &str) -> Result<bool, InboxError> {
-                let done = sqlx::query($sql::REVIVE)
-                    .bind(self.consumer())
-                    .bind(message_id)
-                    .execute(&self.backend.pool)
-                    .await?
-                    .rows_affected();
-                Ok(done > 0)
-            }
-
-            /// The pool.
-            pub fn pool(&self) -> &$pool {
-                &self.backend.pool
+                let attempt = self.count_failure(key, &error).await.unwrap_or(attempt);
+                self.failure_outcome(u32::try_from(attempt).unwrap_or(u32::MAX), error)
             }
         }
-    };
+    }
+
+    /// Why the inbox row was not inserted: the message is dead (marked, or
+    /// out of attempts) or a duplicate.
+    async fn not_inserted(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        key: &str,
+        max: i64,
+    ) -> Outcome {
+        let failures = Statement::<DB>::new(DB::SQL.failures)
+            .bind(self.consumer())
+            .bind(key)
+            .fetch_optional(tx)
+            .await
+            .and_then(|row| {
+                row.map(|row| {
+                    Ok((
+                        DB::get::<i64>(&row, "failures")?,
+                        DB::get::<bool>(&row, "dead")?,
+                    ))
+                })
+                .transpose()
+            });
+        match failures {
+            Ok(Some((n, dead))) if dead || n >= max => Outcome::Dead {
+                reason: DeadReason::AlreadyDead,
+            },
+            Ok(_) => Outcome::Duplicate,
+            Err(e) => Outcome::Unavailable {
+                error: InboxError::Database(e),
+                retry_after: UNAVAILABLE_RETRY,
+            },
+        }
+    }
+
+    /// Counts a failed attempt in its own statement (the handler's
+    /// transaction rolled back); the failures so far, `None` when the count
+    /// itself failed (logged).
+    async fn count_failure(&self, key: &str, error: &HandlerError) -> Option<i64> {
+        let counted = Statement::<DB>::new(DB::SQL.fail)
+            .bind(self.consumer())
+            .bind(key)
+            .bind(error.kind() == FailureKind::Permanent)
+            .bind(error.to_string())
+            .fetch_one(&self.backend.pool)
+            .await
+            .and_then(|row| DB::get::<i64>(&row, "failures"));
+        match counted {
+            Ok(n) => Some(n),
+            Err(e) => {
+                // The handler's failure is what matters; the attempt it had
+                // when it started stands in.
+                tracing::error!(consumer = self.consumer(), message_id = key, error = %e,
+                    "inbox: could not count a failed attempt");
+                None
+            }
+        }
+    }
+
+    /// Deletes this consumer's processed rows older than the retention, and
+    /// its attempt counts untouched that long, in batches of `purge_batch`
+    /// rows; returns how many rows went.
+    ///
+    /// Safe to run from several instances at once. It never deletes a
+    /// message in flight: that row is not committed yet, so no purge can
+    /// see it.
+    ///
+    /// # Errors
+    /// [`InboxError::Database`]; rows deleted by earlier batches stay deleted.
+    pub async fn purge(&self) -> Result<u64, InboxError> {
+        self.purge_older_than(self.config().retention()).await
+    }
+
+    /// [`purge`](Self::purge) with another window.
+    ///
+    /// # Errors
+    /// [`InboxError::Database`].
+    pub async fn purge_older_than(&self, age: Duration) -> Result<u64, InboxError> {
+        let batch = i64::from(self.shared.config.purge_batch);
+        let mut total = 0;
+        for statement in [DB::SQL.purge_messages, DB::SQL.purge_attempts] {
+            loop {
+                let done = Statement::<DB>::new(statement)
+                    .bind(self.consumer())
+                    .bind(millis(age))
+                    .bind(batch)
+                    .execute(&self.backend.pool)
+                    .await?;
+                total += done;
+                if done < batch.unsigned_abs() {
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(consumer = self.consumer(), rows = total, "inbox: purged");
+        }
+        Ok(total)
+    }
+
+    /// Attempts recorded for `message_id`: of a processed message, the
+    /// attempt that succeeded; of a failing or dead one, the failures
+    /// counted; `None` if the inbox knows nothing of it.
+    ///
+    /// # Errors
+    /// [`InboxError::Database`].
+    pub async fn attempts(&self, message_id: &str) -> Result<Option<u32>, InboxError> {
+        let row = Statement::<DB>::new(DB::SQL.attempts)
+            .bind(self.consumer())
+            .bind(message_id)
+            .fetch_one(&self.backend.pool)
+            .await?;
+        let n: Option<i64> = DB::get(&row, "attempts")?;
+        Ok(n.map(|n| u32::try_from(n).unwrap_or(0)))
+    }
+
+    /// Forgets the failures and dead mark of `message_id`, so a message
+    /// replayed from the dead-letter queue (after a fix) is processed
+    /// again. Returns whether there was anything to forget.
+    ///
+    /// # Errors
+    /// [`InboxError::Database`].
+    pub async fn revive(&self, message_id: &str) -> Result<bool, InboxError> {
+        let done = Statement::<DB>::new(DB::SQL.revive)
+            .bind(self.consumer())
+            .bind(message_id)
+            .execute(&self.backend.pool)
+            .await?;
+        Ok(done > 0)
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.backend.pool
+    }
 }
 
 #[cfg(feature = "postgres")]
-pub use self::pg::PgTransactional;
-
-#[cfg(feature = "postgres")]
-mod pg {
+mod postgres {
     use super::*;
     use sqlx::{PgPool, Postgres};
 
-    /// Transactional mode on PostgreSQL. Tables live in schema
-    /// `inbox_consumer` (with their own migration history), so they never
-    /// mix with the application's.
-    #[derive(Debug, Clone)]
-    pub struct PgTransactional {
-        pub(crate) pool: PgPool,
+    static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+    /// The schema of the inbox's tables.
+    const SCHEMA: &str = "inbox_consumer";
+
+    impl super::sealed::Sealed for Postgres {}
+
+    impl InboxDatabase for Postgres {
+        const SQL: &'static Statements = &Statements {
+            claim: "\
+                INSERT INTO inbox_consumer.messages (consumer, message_id, attempts) \
+                SELECT $1, $2, 1 + COALESCE(a.failures, 0) \
+                FROM (SELECT 1) AS one \
+                LEFT JOIN inbox_consumer.attempts a ON a.consumer = $1 AND a.message_id = $2 \
+                WHERE a.consumer IS NULL OR (NOT a.dead AND a.failures < $3) \
+                ON CONFLICT (consumer, message_id) DO NOTHING \
+                RETURNING attempts::int8 AS attempts",
+            failures: "\
+                SELECT failures::int8 AS failures, dead FROM inbox_consumer.attempts \
+                WHERE consumer = $1 AND message_id = $2",
+            fail: "\
+                INSERT INTO inbox_consumer.attempts (consumer, message_id, failures, dead, last_error) \
+                VALUES ($1, $2, 1, $3, $4) \
+                ON CONFLICT (consumer, message_id) DO UPDATE SET \
+                  failures = attempts.failures + 1, \
+                  dead = attempts.dead OR EXCLUDED.dead, \
+                  last_error = EXCLUDED.last_error, \
+                  updated_at = now() \
+                RETURNING failures::int8 AS failures",
+            // SKIP LOCKED: instances purging at once take disjoint batches.
+            purge_messages: "\
+                WITH doomed AS ( \
+                  SELECT ctid FROM inbox_consumer.messages \
+                  WHERE consumer = $1 AND processed_at < now() - $2::int8 * interval '1 millisecond' \
+                  LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                DELETE FROM inbox_consumer.messages WHERE ctid IN (SELECT ctid FROM doomed)",
+            purge_attempts: "\
+                WITH doomed AS ( \
+                  SELECT ctid FROM inbox_consumer.attempts \
+                  WHERE consumer = $1 AND updated_at < now() - $2::int8 * interval '1 millisecond' \
+                  LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                DELETE FROM inbox_consumer.attempts WHERE ctid IN (SELECT ctid FROM doomed)",
+            attempts: "\
+                SELECT COALESCE( \
+                  (SELECT attempts FROM inbox_consumer.messages WHERE consumer = $1 AND message_id = $2), \
+                  (SELECT failures FROM inbox_consumer.attempts WHERE consumer = $1 AND message_id = $2))::int8 \
+                  AS attempts",
+            revive: "\
+                DELETE FROM inbox_consumer.attempts WHERE consumer = $1 AND message_id = $2",
+        };
     }
 
-    // Serializes concurrent first connects (CREATE SCHEMA races otherwise).
-    const MIGRATION_LOCK: i64 = 0x696e_626f_785f_7067; // "inbox_pg"
-
-    impl Inbox<PgTransactional> {
+    impl Inbox<PostgresTransactional> {
         /// An inbox on `pool`; creates or updates its tables first.
         ///
         /// # Errors
@@ -267,7 +374,7 @@ mod pg {
 
         /// An inbox on `pool` whose tables [`migrate_postgres`] created before.
         pub fn postgres_unmigrated(pool: PgPool, config: crate::InboxConfig) -> Self {
-            Self::from_parts(PgTransactional { pool }, config)
+            Self::from_parts(Transactional { pool }, config)
         }
     }
 
@@ -277,122 +384,80 @@ mod pg {
     /// # Errors
     /// [`InboxError::Database`] or [`InboxError::Migrate`].
     pub async fn migrate_postgres(pool: &PgPool) -> Result<(), InboxError> {
-        let mut conn = pool.acquire().await?;
-        let result = async {
-            sqlx::query("SELECT pg_advisory_lock($1)")
-                .bind(MIGRATION_LOCK)
-                .execute(&mut *conn)
-                .await?;
-            let migrated = async {
-                sqlx::query("CREATE SCHEMA IF NOT EXISTS inbox_consumer")
-                    .execute(&mut *conn)
-                    .await?;
-                // The migrator's bookkeeping table follows the search path.
-                sqlx::query("SET search_path TO inbox_consumer")
-                    .execute(&mut *conn)
-                    .await?;
-                // `run_direct`: `run` makes this future not `Send` in generic contexts.
-                sqlx::migrate!("./migrations/postgres")
-                    .run_direct(&mut *conn)
-                    .await?;
-                sqlx::query("RESET search_path").execute(&mut *conn).await?;
-                Ok::<_, InboxError>(())
-            }
-            .await;
-            sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(MIGRATION_LOCK)
-                .execute(&mut *conn)
-                .await?;
-            migrated
-        }
-        .await;
-        if result.is_err() {
-            // Its search path or lock may be left behind: do not pool it.
-            let _ = conn.close().await;
-        }
-        result
+        sql_foundation::migrate_postgres(pool, SCHEMA, &MIGRATOR)
+            .await
+            .map_err(InboxError::from_migration)
     }
-
-    pub(super) mod sql {
-        pub const CLAIM: &str = "\
-            INSERT INTO inbox_consumer.messages (consumer, message_id, attempts) \
-            SELECT $1, $2, 1 + COALESCE(a.failures, 0) \
-            FROM (SELECT 1) AS one \
-            LEFT JOIN inbox_consumer.attempts a ON a.consumer = $1 AND a.message_id = $2 \
-            WHERE a.consumer IS NULL OR (NOT a.dead AND a.failures < $3) \
-            ON CONFLICT (consumer, message_id) DO NOTHING \
-            RETURNING attempts";
-        pub const FAILURES: &str = "\
-            SELECT failures, dead FROM inbox_consumer.attempts \
-            WHERE consumer = $1 AND message_id = $2";
-        pub const FAIL: &str = "\
-            INSERT INTO inbox_consumer.attempts (consumer, message_id, failures, dead, last_error) \
-            VALUES ($1, $2, 1, $3, $4) \
-            ON CONFLICT (consumer, message_id) DO UPDATE SET \
-              failures = attempts.failures + 1, \
-              dead = attempts.dead OR EXCLUDED.dead, \
-              last_error = EXCLUDED.last_error, \
-              updated_at = now() \
-            RETURNING failures";
-        // SKIP LOCKED: instances purging at once take disjoint batches.
-        pub const PURGE_MESSAGES: &str = "\
-            WITH doomed AS ( \
-              SELECT ctid FROM inbox_consumer.messages \
-              WHERE consumer = $1 AND processed_at < now() - make_interval(secs => $2) \
-              LIMIT $3 FOR UPDATE SKIP LOCKED) \
-            DELETE FROM inbox_consumer.messages WHERE ctid IN (SELECT ctid FROM doomed)";
-        pub const PURGE_ATTEMPTS: &str = "\
-            WITH doomed AS ( \
-              SELECT ctid FROM inbox_consumer.attempts \
-              WHERE consumer = $1 AND updated_at < now() - make_interval(secs => $2) \
-              LIMIT $3 FOR UPDATE SKIP LOCKED) \
-            DELETE FROM inbox_consumer.attempts WHERE ctid IN (SELECT ctid FROM doomed)";
-        pub const ATTEMPTS: &str = "\
-            SELECT COALESCE( \
-              (SELECT attempts FROM inbox_consumer.messages WHERE consumer = $1 AND message_id = $2), \
-              (SELECT failures FROM inbox_consumer.attempts WHERE consumer = $1 AND message_id = $2))";
-        pub const REVIVE: &str = "\
-            DELETE FROM inbox_consumer.attempts WHERE consumer = $1 AND message_id = $2";
-    }
-
-    fn retention_secs(age: Duration) -> f64 {
-        age.as_secs_f64()
-    }
-
-    transactional_mode! {
-        db = Postgres,
-        mode = PgTransactional,
-        pool = PgPool,
-        int = i32,
-        sql = sql,
-        retention = retention_secs,
-        begin = None::<&'static str>,
-    }
-
-    pub use migrate_postgres as migrate;
 }
 
 #[cfg(feature = "postgres")]
-pub use self::pg::migrate as migrate_postgres;
+pub use self::postgres::migrate_postgres;
 
 #[cfg(feature = "sqlite")]
-pub use self::lite::SqliteTransactional;
-
-#[cfg(feature = "sqlite")]
-pub use self::lite::migrate as migrate_sqlite;
-
-#[cfg(feature = "sqlite")]
-mod lite {
+mod sqlite {
     use super::*;
     use sqlx::{Sqlite, SqlitePool};
 
-    /// Transactional mode on SQLite: one machine, one or several processes
-    /// sharing the file (give the pool WAL and a busy timeout). Each message
-    /// takes the write lock up front (`BEGIN IMMEDIATE`), so a concurrent
-    /// copy waits for the first to commit and then sees the duplicate.
-    #[derive(Debug, Clone)]
-    pub struct SqliteTransactional {
-        pub(crate) pool: SqlitePool,
+    static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+    impl super::sealed::Sealed for Sqlite {}
+
+    // SQLite's own clock, in Unix milliseconds.
+    macro_rules! now_ms {
+        () => {
+            "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+        };
+    }
+
+    impl InboxDatabase for Sqlite {
+        const SQL: &'static Statements = &Statements {
+            claim: concat!(
+                "INSERT INTO inbox_consumer_messages (consumer, message_id, attempts, processed_at) \
+                 SELECT $1, $2, 1 + COALESCE((SELECT failures FROM inbox_consumer_attempts \
+                     WHERE consumer = $1 AND message_id = $2), 0), ",
+                now_ms!(),
+                " WHERE NOT EXISTS (SELECT 1 FROM inbox_consumer_attempts \
+                     WHERE consumer = $1 AND message_id = $2 AND (dead OR failures >= $3)) \
+                 ON CONFLICT (consumer, message_id) DO NOTHING \
+                 RETURNING attempts"
+            ),
+            failures: "\
+                SELECT failures, dead FROM inbox_consumer_attempts \
+                WHERE consumer = $1 AND message_id = $2",
+            fail: concat!(
+                "INSERT INTO inbox_consumer_attempts \
+                   (consumer, message_id, failures, dead, last_error, updated_at) \
+                 VALUES ($1, $2, 1, $3, $4, ",
+                now_ms!(),
+                ") ON CONFLICT (consumer, message_id) DO UPDATE SET \
+                   failures = failures + 1, \
+                   dead = dead OR excluded.dead, \
+                   last_error = excluded.last_error, \
+                   updated_at = excluded.updated_at \
+                 RETURNING failures"
+            ),
+            purge_messages: concat!(
+                "DELETE FROM inbox_consumer_messages WHERE rowid IN ( \
+                   SELECT rowid FROM inbox_consumer_messages \
+                   WHERE consumer = $1 AND processed_at < ",
+                now_ms!(),
+                " - $2 LIMIT $3)"
+            ),
+            purge_attempts: concat!(
+                "DELETE FROM inbox_consumer_attempts WHERE rowid IN ( \
+                   SELECT rowid FROM inbox_consumer_attempts \
+                   WHERE consumer = $1 AND updated_at < ",
+                now_ms!(),
+                " - $2 LIMIT $3)"
+            ),
+            attempts: "\
+                SELECT COALESCE( \
+                  (SELECT attempts FROM inbox_consumer_messages WHERE consumer = $1 AND message_id = $2), \
+                  (SELECT failures FROM inbox_consumer_attempts WHERE consumer = $1 AND message_id = $2)) \
+                  AS attempts",
+            revive: "\
+                DELETE FROM inbox_consumer_attempts WHERE consumer = $1 AND message_id = $2",
+        };
     }
 
     impl Inbox<SqliteTransactional> {
@@ -404,8 +469,8 @@ mod lite {
             pool: SqlitePool,
             config: crate::InboxConfig,
         ) -> Result<Self, InboxError> {
-            migrate(&pool).await?;
-            Ok(Self::from_parts(SqliteTransactional { pool }, config))
+            migrate_sqlite(&pool).await?;
+            Ok(Self::from_parts(Transactional { pool }, config))
         }
     }
 
@@ -417,79 +482,12 @@ mod lite {
     ///
     /// # Errors
     /// [`InboxError::Database`] or [`InboxError::Migrate`].
-    pub async fn migrate(pool: &SqlitePool) -> Result<(), InboxError> {
-        let mut migrator = sqlx::migrate!("./migrations/sqlite");
-        migrator.set_ignore_missing(true);
-        migrator.run(pool).await?;
-        Ok(())
-    }
-
-    // SQLite's own clock, in Unix milliseconds.
-    macro_rules! now_ms {
-        () => {
-            "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
-        };
-    }
-
-    pub(super) mod sql {
-        pub const CLAIM: &str = concat!(
-            "INSERT INTO inbox_consumer_messages (consumer, message_id, attempts, processed_at) \
-             SELECT ?1, ?2, 1 + COALESCE((SELECT failures FROM inbox_consumer_attempts \
-                 WHERE consumer = ?1 AND message_id = ?2), 0), ",
-            now_ms!(),
-            " WHERE NOT EXISTS (SELECT 1 FROM inbox_consumer_attempts \
-                 WHERE consumer = ?1 AND message_id = ?2 AND (dead OR failures >= ?3)) \
-             ON CONFLICT (consumer, message_id) DO NOTHING \
-             RETURNING attempts"
-        );
-        pub const FAILURES: &str = "\
-            SELECT failures, dead FROM inbox_consumer_attempts \
-            WHERE consumer = ?1 AND message_id = ?2";
-        pub const FAIL: &str = concat!(
-            "INSERT INTO inbox_consumer_attempts \
-               (consumer, message_id, failures, dead, last_error, updated_at) \
-             VALUES (?1, ?2, 1, ?3, ?4, ",
-            now_ms!(),
-            ") ON CONFLICT (consumer, message_id) DO UPDATE SET \
-               failures = failures + 1, \
-               dead = dead OR excluded.dead, \
-               last_error = excluded.last_error, \
-               updated_at = excluded.updated_at \
-             RETURNING failures"
-        );
-        pub const PURGE_MESSAGES: &str = concat!(
-            "DELETE FROM inbox_consumer_messages WHERE rowid IN ( \
-               SELECT rowid FROM inbox_consumer_messages \
-               WHERE consumer = ?1 AND processed_at < ",
-            now_ms!(),
-            " - ?2 LIMIT ?3)"
-        );
-        pub const PURGE_ATTEMPTS: &str = concat!(
-            "DELETE FROM inbox_consumer_attempts WHERE rowid IN ( \
-               SELECT rowid FROM inbox_consumer_attempts \
-               WHERE consumer = ?1 AND updated_at < ",
-            now_ms!(),
-            " - ?2 LIMIT ?3)"
-        );
-        pub const ATTEMPTS: &str = "\
-            SELECT COALESCE( \
-              (SELECT attempts FROM inbox_consumer_messages WHERE consumer = ?1 AND message_id = ?2), \
-              (SELECT failures FROM inbox_consumer_attempts WHERE consumer = ?1 AND message_id = ?2))";
-        pub const REVIVE: &str = "\
-            DELETE FROM inbox_consumer_attempts WHERE consumer = ?1 AND message_id = ?2";
-    }
-
-    fn retention_millis(age: Duration) -> i64 {
-        i64::try_from(age.as_millis()).unwrap_or(i64::MAX)
-    }
-
-    transactional_mode! {
-        db = Sqlite,
-        mode = SqliteTransactional,
-        pool = SqlitePool,
-        int = i64,
-        sql = sql,
-        retention = retention_millis,
-        begin = Some("BEGIN IMMEDIATE"),
+    pub async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), InboxError> {
+        sql_foundation::migrate_sqlite(pool, &MIGRATOR)
+            .await
+            .map_err(InboxError::from_migration)
     }
 }
+
+#[cfg(feature = "sqlite")]
+pub use self::sqlite::migrate_sqlite;

@@ -7,16 +7,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency_core::store::redis::RedisStore;
-use idempotency_core::store::{Claim, StoreFuture};
+use idempotency_core::Claim;
 use idempotency_core::{
     ClaimOutcome, FakeClock, Fingerprint, LeaseToken, MemoryStore, RecordId, Store, StoreError,
     StoredOutcome, StoredResponse, TokenOutcome,
 };
+use idempotency_redis::RedisStore;
 use inbox_consumer::{
     BoxFuture, DeadReason, HandlerError, Inbox, InboxConfig, InboxError, InboxMessage, LeaseInbox,
     Outcome,
 };
+use test_support::{Hook, Hooked};
 
 /// The effect: counts runs per test; fails while `fail` > 0.
 #[derive(Clone, Default)]
@@ -342,44 +343,8 @@ async fn redis_crash_mid_handler_runs_again_after_the_lease() {
 
 /// A store whose every call waits for ever: a network partition, a backend
 /// that accepts the connection and never answers.
-struct HangingStore;
-
-impl Store for HangingStore {
-    fn claim<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-        _: Claim<'a>,
-    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        StoreFuture::new(std::future::pending())
-    }
-    fn complete<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-        _: &'a StoredOutcome,
-        _: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        StoreFuture::new(std::future::pending())
-    }
-    fn release<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        StoreFuture::new(std::future::pending())
-    }
-    fn extend<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-        _: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        StoreFuture::new(std::future::pending())
-    }
-    fn backend(&self) -> &'static str {
-        "hanging"
-    }
+fn hanging_store() -> Hooked<MemoryStore> {
+    Hooked::with_hook(MemoryStore::new(), |_| Hook::Hang).named("hanging")
 }
 
 /// A store that never answers makes `process` report `Unavailable` within
@@ -388,7 +353,7 @@ impl Store for HangingStore {
 async fn a_hanging_store_is_unavailable_within_the_store_timeout() {
     let timeout = Duration::from_millis(200);
     let inbox = Inbox::lease(
-        HangingStore,
+        hanging_store(),
         InboxConfig::builder(common::unique("c"))
             .store_timeout(timeout)
             .build()

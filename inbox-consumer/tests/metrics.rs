@@ -6,19 +6,16 @@
 mod common;
 
 use std::future::Future;
-use std::time::Duration;
 
 use idempotency_core::metrics::{
     inbox_outcome, label, INBOX_LEASE_LOST_TOTAL, INBOX_MESSAGES_TOTAL,
 };
-use idempotency_core::store::{Claim, StoreFuture};
-use idempotency_core::{
-    ClaimOutcome, LeaseToken, MemoryStore, RecordId, Store, StoreError, StoredOutcome, TokenOutcome,
-};
+use idempotency_core::MemoryStore;
 use inbox_consumer::{
     BoxFuture, HandlerError, Inbox, InboxConfig, InboxMessage, InboxMetrics, Outcome,
 };
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use test_support::{Hook, Hooked, Op};
 
 /// Runs `f` on a current-thread runtime with `recorder` as the thread's recorder.
 fn recorded<F: Future>(recorder: &DebuggingRecorder, f: F) -> F::Output {
@@ -68,7 +65,7 @@ fn count(seen: &[Series], consumer: &str, outcome: Option<&str>) -> Option<u64> 
         .map(|(_, _, v)| *v)
 }
 
-/// What a [`Scripted`] store does differently from the memory store.
+/// What a scripted store does differently from the memory store.
 #[derive(Clone, Copy)]
 enum Mode {
     /// Every claim fails.
@@ -78,51 +75,13 @@ enum Mode {
 }
 
 /// The memory store, but for its mode.
-#[derive(Clone)]
-struct Scripted(Mode, MemoryStore);
-
-impl Store for Scripted {
-    fn claim<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        claim: Claim<'a>,
-    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        match self.0 {
-            Mode::FailClaims => StoreFuture::ready(Err(StoreError::backend("scripted", "down"))),
-            Mode::FenceCompletions => self.1.claim(id, token, claim),
-        }
-    }
-    fn complete<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        outcome: &'a StoredOutcome,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        match self.0 {
-            Mode::FailClaims => self.1.complete(id, token, outcome, ttl),
-            Mode::FenceCompletions => StoreFuture::ready(Ok(TokenOutcome::Fenced)),
-        }
-    }
-    fn release<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.1.release(id, token)
-    }
-    fn extend<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.1.extend(id, token, lease)
-    }
-    fn backend(&self) -> &'static str {
-        "scripted"
-    }
+fn scripted(mode: Mode) -> Hooked<MemoryStore> {
+    Hooked::with_hook(MemoryStore::new(), move |op| match (mode, op) {
+        (Mode::FailClaims, Op::Claim) => Hook::fail("scripted", "down"),
+        (Mode::FenceCompletions, Op::Complete) => Hook::Fenced,
+        _ => Hook::Forward,
+    })
+    .named("scripted")
 }
 
 fn config(consumer: &str) -> InboxConfig {
@@ -175,15 +134,9 @@ fn every_outcome_counts_through_the_facade() {
             during
         });
         seen.extend([first, during]);
-        let down = Inbox::lease(
-            Scripted(Mode::FailClaims, MemoryStore::new()),
-            config(&name),
-        );
+        let down = Inbox::lease(scripted(Mode::FailClaims), config(&name));
         seen.push(down.process(&msg(Some("m-4")), ok()).await);
-        let fenced = Inbox::lease(
-            Scripted(Mode::FenceCompletions, MemoryStore::new()),
-            config(&name),
-        );
+        let fenced = Inbox::lease(scripted(Mode::FenceCompletions), config(&name));
         seen.push(fenced.process(&msg(Some("m-5")), ok()).await);
         let mut total = InboxMetrics::default();
         for m in [

@@ -11,7 +11,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures_util::StreamExt;
 use inbox_consumer::{
-    nats, BoxFuture, Disposition, HandlerError, Inbox, InboxConfig, InboxMessage, Outcome, PgInbox,
+    nats, BoxFuture, Disposition, HandlerError, Inbox, InboxConfig, InboxMessage, Outcome,
+    PostgresInbox,
 };
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -158,7 +159,7 @@ fn config(consumer: &str, max: u32) -> InboxConfig {
 /// Consumes until `settled` messages were acked or termed.
 async fn work(
     consumer: &PullConsumer,
-    inbox: &PgInbox,
+    inbox: &PostgresInbox,
     table: &str,
     fail: impl Fn(&InboxMessage) -> Arc<AtomicU32>,
     settled: usize,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use inbox_consumer::{
-    rabbitmq, BoxFuture, HandlerError, Inbox, InboxConfig, InboxMessage, Outcome, PgInbox,
+    rabbitmq, BoxFuture, HandlerError, Inbox, InboxConfig, InboxMessage, Outcome, PostgresInbox,
 };
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -160,7 +160,7 @@ fn config(consumer: &str, max: u32) -> InboxConfig {
 async fn work(
     ch: &Channel,
     queue: &str,
-    inbox: &PgInbox,
+    inbox: &PostgresInbox,
     table: &str,
     fail: &Arc<AtomicU32>,
     settled: usize,

@@ -1,45 +1,8 @@
 //! Shared test helpers: service URLs, unique names, bounded waits, and the
 //! transactional-mode cases written once for PostgreSQL and SQLite.
-#![allow(dead_code, unused_macros)]
+#![allow(dead_code, unused_macros, unused_imports)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// The URL in `var`, or `None` after printing why the test is skipped.
-pub fn service_url(var: &str, test: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!("skipping {test}: {var} is not set");
-            None
-        }
-    }
-}
-
-/// A name no other test (in this or a parallel process) uses.
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}_{}_{nanos}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// The upper bound of any wait in a test: a broken test fails, it never hangs.
-pub const LIMIT: Duration = Duration::from_secs(30);
-
-/// Runs `f` under [`LIMIT`].
-pub async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what} did not finish within {LIMIT:?}"),
-    }
-}
+pub use test_support::{bounded, service_url, unique};
 
 /// A ledger message body.
 pub fn payment(account: &str, amount: i64) -> Vec<u8> {
