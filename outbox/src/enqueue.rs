@@ -1,20 +1,8 @@
-//! Writing events inside the caller's transaction, and the embedded migrations.
+//! Writing events inside the caller's transaction.
 
 use crate::error::OutboxError;
 use crate::event::{Event, DEFAULT_MAX_EVENT_SIZE};
 
-/// The PostgreSQL advisory lock class producers of one ordering key take.
-#[cfg(feature = "postgres")]
-pub(crate) const PRODUCER_LOCK_CLASS: i32 = 0x6f75_7401;
-// The producer's SQL spells the class out.
-#[cfg(feature = "postgres")]
-const _: () = assert!(PRODUCER_LOCK_CLASS == 1_869_968_385);
-/// The PostgreSQL advisory lock class a relay holds while publishing a key.
-#[cfg(feature = "postgres")]
-pub(crate) const RELAY_LOCK_CLASS: i32 = 0x6f75_7402;
-/// The lock serialising concurrent runs of [`migrate_postgres`].
-#[cfg(feature = "postgres")]
-const MIGRATION_LOCK: i64 = 0x6f75_7462_6f78_0001;
 /// The channel [`enqueue`] notifies and the relay listens on.
 pub const CHANNEL: &str = "outbox";
 
@@ -26,11 +14,15 @@ mod sealed {
 /// (feature `postgres`) or `sqlx::SqliteConnection` (feature `sqlite`).
 /// Sealed.
 pub trait OutboxConnection: sealed::Sealed + Send {
+    /// The database it connects to.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
     #[doc(hidden)]
-    fn insert_event<'c>(
-        &'c mut self,
-        event: &'c Event,
-    ) -> futures_util::future::BoxFuture<'c, Result<(), OutboxError>>;
+    type Database: crate::OutboxDatabase;
+
+    /// Itself, as a connection of its database.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[doc(hidden)]
+    fn connection(&mut self) -> &mut <Self::Database as sqlx::Database>::Connection;
 }
 
 /// Writes `event` to the outbox through `conn`, normally the transaction that
@@ -69,155 +61,58 @@ where
     C: OutboxConnection + ?Sized,
 {
     event.validate(max_size)?;
-    conn.insert_event(event).await
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    insert::<C::Database>(conn.connection(), event).await?;
+    #[cfg(not(any(feature = "postgres", feature = "sqlite")))]
+    let _ = conn;
+    Ok(())
 }
 
+/// The insert (on PostgreSQL with the key's lock and the notification in
+/// its CTE): one statement, one round trip.
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-fn map_insert_error(event: &Event, e: sqlx::Error) -> OutboxError {
-    match &e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            OutboxError::DuplicateId(event.id())
-        }
-        _ => OutboxError::Database(e),
-    }
-}
-
-#[cfg(feature = "postgres")]
-mod pg {
-    use super::*;
-    use sqlx::{PgConnection, PgPool};
-
-    impl sealed::Sealed for PgConnection {}
-
-    impl OutboxConnection for PgConnection {
-        fn insert_event<'c>(
-            &'c mut self,
-            event: &'c Event,
-        ) -> futures_util::future::BoxFuture<'c, Result<(), OutboxError>> {
-            Box::pin(async move {
-                // The lock (keyed events only) and the notification ride in
-                // the INSERT's CTE; the row is produced from it, so the lock
-                // is held before `seq` is drawn.
-                let sql = if event.ordering_key().is_some() {
-                    // 1869968385 = PRODUCER_LOCK_CLASS (checked by a test).
-                    "WITH gate AS (SELECT pg_advisory_xact_lock(1869968385, hashtext($3)), \
-                     pg_notify('outbox', '')) \
-                     INSERT INTO outbox.events (id, destination, ordering_key, headers, payload) \
-                     SELECT $1::uuid, $2, $3, $4::jsonb, $5 FROM gate"
-                } else {
-                    "WITH gate AS (SELECT pg_notify('outbox', '')) \
-                     INSERT INTO outbox.events (id, destination, ordering_key, headers, payload) \
-                     SELECT $1::uuid, $2, $3, $4::jsonb, $5 FROM gate"
-                };
-                sqlx::query(sql)
-                    .bind(event.id().to_string())
-                    .bind(event.destination())
-                    .bind(event.ordering_key())
-                    .bind(event.headers_json())
-                    .bind(event.payload().as_ref())
-                    .execute(&mut *self)
-                    .await
-                    .map_err(|e| map_insert_error(event, e))?;
-                Ok(())
-            })
-        }
-    }
-
-    /// Creates or updates the outbox table, `outbox.events`, in its own
-    /// schema `outbox`, with its own migration history
-    /// (`outbox._sqlx_migrations`), so it never mixes with the application's
-    /// migrations. Safe to call from several instances at once.
-    ///
-    /// # Errors
-    /// [`OutboxError::Database`] or [`OutboxError::Migrate`].
-    pub async fn migrate_postgres(pool: &PgPool) -> Result<(), OutboxError> {
-        let mut conn = pool.acquire().await?;
-        let result = async {
-            sqlx::query("SELECT pg_advisory_lock($1)")
-                .bind(MIGRATION_LOCK)
-                .execute(&mut *conn)
-                .await?;
-            let migrated = async {
-                sqlx::query("CREATE SCHEMA IF NOT EXISTS outbox")
-                    .execute(&mut *conn)
-                    .await?;
-                // The migrator's bookkeeping table follows the search path.
-                sqlx::query("SET search_path TO outbox")
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::migrate!("./migrations/postgres")
-                    .run_direct(&mut *conn)
-                    .await?;
-                sqlx::query("RESET search_path").execute(&mut *conn).await?;
-                Ok::<_, OutboxError>(())
+async fn insert<DB: crate::OutboxDatabase>(
+    conn: &mut DB::Connection,
+    event: &Event,
+) -> Result<(), OutboxError> {
+    let sql = if event.ordering_key().is_some() {
+        DB::SQL.insert_keyed
+    } else {
+        DB::SQL.insert
+    };
+    sql_foundation::Statement::<DB>::new(sql)
+        .bind(event.id().to_string())
+        .bind(event.destination())
+        .bind(event.ordering_key())
+        .bind(event.headers_json())
+        .bind(event.payload().as_ref())
+        .execute(sql_foundation::On::Conn(conn))
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                OutboxError::DuplicateId(event.id())
             }
-            .await;
-            sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(MIGRATION_LOCK)
-                .execute(&mut *conn)
-                .await?;
-            migrated
-        }
-        .await;
-        if result.is_err() {
-            // Its search path or lock may be left behind: do not pool it.
-            conn.detach();
-        }
-        result
-    }
+            _ => OutboxError::Database(e),
+        })?;
+    Ok(())
 }
 
-#[cfg(feature = "postgres")]
-pub use pg::migrate_postgres;
+/// `$conn` is a connection of `$db` that [`enqueue`] writes to.
+macro_rules! outbox_connection {
+    ($feature:literal, $conn:ty, $db:ty) => {
+        #[cfg(feature = $feature)]
+        impl sealed::Sealed for $conn {}
 
-#[cfg(feature = "sqlite")]
-mod lite {
-    use super::*;
-    use sqlx::{SqliteConnection, SqlitePool};
+        #[cfg(feature = $feature)]
+        impl OutboxConnection for $conn {
+            type Database = $db;
 
-    impl sealed::Sealed for SqliteConnection {}
-
-    impl OutboxConnection for SqliteConnection {
-        fn insert_event<'c>(
-            &'c mut self,
-            event: &'c Event,
-        ) -> futures_util::future::BoxFuture<'c, Result<(), OutboxError>> {
-            Box::pin(async move {
-                let now = crate::unix_millis();
-                sqlx::query(
-                    "INSERT INTO outbox_events \
-                     (id, destination, ordering_key, headers, payload, created_at, available_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(event.id().to_string())
-                .bind(event.destination())
-                .bind(event.ordering_key())
-                .bind(event.headers_json())
-                .bind(event.payload().as_ref())
-                .bind(now)
-                .bind(now)
-                .execute(&mut *self)
-                .await
-                .map_err(|e| map_insert_error(event, e))?;
-                Ok(())
-            })
+            fn connection(&mut self) -> &mut $conn {
+                self
+            }
         }
-    }
-
-    /// Creates or updates the SQLite outbox table `outbox_events`. Its
-    /// migration versions are dated far from a hand-numbered sequence and it
-    /// ignores versions it does not know, so it shares `_sqlx_migrations`
-    /// with the application's own migrator.
-    ///
-    /// # Errors
-    /// [`OutboxError::Database`] or [`OutboxError::Migrate`].
-    pub async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), OutboxError> {
-        let mut migrator = sqlx::migrate!("./migrations/sqlite");
-        migrator.set_ignore_missing(true);
-        migrator.run(pool).await?;
-        Ok(())
-    }
+    };
 }
 
-#[cfg(feature = "sqlite")]
-pub use lite::migrate_sqlite;
+outbox_connection!("postgres", sqlx::PgConnection, sqlx::Postgres);
+outbox_connection!("sqlite", sqlx::SqliteConnection, sqlx::Sqlite);

@@ -35,3 +35,15 @@ impl From<sqlx::Error> for OutboxError {
         Self::Database(e)
     }
 }
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl OutboxError {
+    /// A migration's error: [`OutboxError::Migrate`] for the migrator's own,
+    /// [`OutboxError::Database`] for any other.
+    pub(crate) fn from_migration(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Migrate(m) => Self::Migrate(*m),
+            e => Self::Database(e),
+        }
+    }
+}

@@ -5,16 +5,17 @@
 //! dies between the two, and "publish, then commit" sends a message about a
 //! change that may roll back. [`enqueue`] writes the event as a row in the
 //! caller's own sqlx transaction: it exists exactly when the change commits.
-//! A [`Relay`] claims committed events, publishes them through a
-//! [`Publisher`] (RabbitMQ with publisher confirms, NATS JetStream), and
-//! marks them published once the broker confirmed them.
+//! A relay ([`PostgresRelay`], [`SqliteRelay`]) claims committed events,
+//! publishes them through a [`Publisher`] (RabbitMQ with publisher
+//! confirms, NATS JetStream), and marks them published once the broker
+//! confirmed them.
 //!
 //! # Quick start: PostgreSQL and RabbitMQ
 //!
 //! ```no_run
 //! # #[cfg(all(feature = "postgres", feature = "rabbitmq"))]
 //! # async fn run(shutdown: impl std::future::Future<Output = ()>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-//! use outbox::{rabbitmq::RabbitMqPublisher, Event, Relay, RelayConfig};
+//! use outbox::{rabbitmq::RabbitMqPublisher, Event, PostgresRelay, RelayConfig};
 //!
 //! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
 //! outbox::migrate_postgres(&pool).await?;
@@ -35,7 +36,7 @@
 //! // The relay (any number of them, anywhere): destination `payments` goes to
 //! // the durable queue `payments`, message_id = the event id.
 //! let publisher = RabbitMqPublisher::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
-//! let relay = Relay::new(pool, publisher, RelayConfig::default());
+//! let relay = PostgresRelay::new(pool, publisher, RelayConfig::default());
 //! // Until `shutdown` resolves (SIGTERM, say); then it finishes the batch in hand.
 //! relay.run(shutdown).await?;
 //! # Ok(())
@@ -48,6 +49,13 @@
 //! [`SqliteRelay`] per database file publishes (no advisory locks on SQLite;
 //! the guarantees below are the PostgreSQL relay's, and on SQLite hold for
 //! one relay).
+//!
+//! Both relays are one type, [`Relay<DB, P>`](Relay), written once over the
+//! sealed [`OutboxDatabase`] (`sqlx::Postgres`, `sqlx::Sqlite`): the run
+//! loop, the lag and the retention are the same code; only the claim, the
+//! marking, the wait for work and the SQL differ. [`PostgresRelay<P>`] and
+//! [`SqliteRelay<P>`] name it on each database. Migrations run through
+//! `sql-foundation`, the workspace's shared SQL layer.
 //!
 //! # Guarantees
 //!
@@ -122,17 +130,17 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod config;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod database;
 mod enqueue;
 pub mod error;
 pub mod event;
 pub mod metrics;
 pub mod publisher;
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod relay;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod settle;
-#[cfg(feature = "sqlite")]
-mod sqlite_relay;
 
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -141,28 +149,25 @@ pub mod rabbitmq;
 
 pub use config::{ConfigError, RelayConfig, RelayConfigBuilder};
 #[cfg(feature = "postgres")]
-pub use enqueue::migrate_postgres;
+pub use database::migrate_postgres;
 #[cfg(feature = "sqlite")]
-pub use enqueue::migrate_sqlite;
+pub use database::migrate_sqlite;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use database::OutboxDatabase;
 pub use enqueue::{enqueue, enqueue_with_max_size, OutboxConnection, CHANNEL};
 pub use error::OutboxError;
 pub use event::{Event, EventError, DEFAULT_MAX_EVENT_SIZE};
 pub use metrics::RelayMetrics;
 pub use publisher::{Outgoing, PublishError, Publisher};
 #[cfg(feature = "postgres")]
+pub use relay::PostgresRelay;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use relay::Relay;
+#[cfg(feature = "sqlite")]
+pub use relay::SqliteRelay;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use settle::BatchReport;
-#[cfg(feature = "sqlite")]
-pub use sqlite_relay::SqliteRelay;
 pub use uuid::Uuid;
-
-#[cfg(feature = "sqlite")]
-pub(crate) fn unix_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 /// Entry points for the fuzz targets (`fuzz/`): the decoding of a stored
 /// row, which the relays call with the row's columns. Not part of the API.

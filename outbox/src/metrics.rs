@@ -1,6 +1,6 @@
 //! Counters of a relay, shared by its clones.
-// The counters are the relay's (feature `postgres`); the snapshot type is always there.
-#![cfg_attr(not(feature = "postgres"), allow(dead_code))]
+// The counters are the relay's (feature `postgres` or `sqlite`); the snapshot type is always there.
+#![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

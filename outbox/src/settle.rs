@@ -57,7 +57,9 @@ pub(crate) fn decode_rows<R, T>(
     Ok((decoded, corrupt))
 }
 
-pub(crate) struct Failure {
+/// A failed event (or a row that is not an event), to be counted as an
+/// attempt: retried after `delay`, or dead.
+pub struct Failure {
     pub(crate) seq: i64,
     pub(crate) error: String,
     pub(crate) delay: Duration,

@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use common::PgEnv;
 use futures_util::StreamExt;
 use outbox::nats::NatsPublisher;
-use outbox::{Event, Relay, RelayConfig};
+use outbox::{Event, PostgresRelay, RelayConfig};
 
 struct Nats {
     js: jetstream::Context,
@@ -101,7 +101,7 @@ async fn nats_a_committed_event_is_published_once_with_its_msg_id_payload_and_he
         .with_header("x-trace", "t-1");
     env.enqueue(&kept).await;
 
-    let relay = Relay::new(env.pool.clone(), nats.publisher(), fast().build().unwrap());
+    let relay = PostgresRelay::new(env.pool.clone(), nats.publisher(), fast().build().unwrap());
     let r = relay.run_once().await.unwrap();
     assert_eq!((r.claimed, r.published), (1, 1), "{r:?}");
     assert_eq!(relay.run_once().await.unwrap().claimed, 0);
@@ -144,7 +144,7 @@ async fn nats_two_relays_publish_1000_events_per_key_in_order() {
     let stop = Arc::new(tokio::sync::Notify::new());
     let mut relays = Vec::new();
     for _ in 0..2 {
-        let relay = Relay::new(env.pool.clone(), nats.publisher(), config.clone());
+        let relay = PostgresRelay::new(env.pool.clone(), nats.publisher(), config.clone());
         let (r, stop) = (relay.clone(), stop.clone());
         relays.push((
             relay,
@@ -209,7 +209,7 @@ async fn nats_an_unmapped_destination_dies_and_a_missing_stream_is_retried() {
     };
     let unmapped = Event::new("refunds", &b"x"[..]);
     env.enqueue(&unmapped).await;
-    let relay = Relay::new(env.pool.clone(), nats.publisher(), fast().build().unwrap());
+    let relay = PostgresRelay::new(env.pool.clone(), nats.publisher(), fast().build().unwrap());
     let r = relay.run_once().await.unwrap();
     assert_eq!((r.claimed, r.dead), (1, 1), "{r:?}");
     let (_, dead, error, _) = env.state(unmapped.id()).await;
@@ -247,7 +247,7 @@ async fn nats_a_real_outage_holds_events_and_publishing_resumes_without_a_restar
         .max_attempts(2)
         .build()
         .unwrap();
-    let relay = Relay::new(env.pool.clone(), publisher, config);
+    let relay = PostgresRelay::new(env.pool.clone(), publisher, config);
     let stop = Arc::new(tokio::sync::Notify::new());
     let running = {
         let (relay, stop) = (relay.clone(), stop.clone());

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{MemoryPublisher, PgEnv};
-use outbox::{Event, EventError, OutboxError, PublishError, Relay, RelayConfig};
+use outbox::{Event, EventError, OutboxError, PostgresRelay, PublishError, RelayConfig};
 
 fn fast() -> outbox::RelayConfigBuilder {
     RelayConfig::builder()
@@ -40,7 +40,7 @@ async fn a_rolled_back_event_is_never_published_a_committed_one_once() {
     drop(conn);
 
     let publisher = MemoryPublisher::new();
-    let relay = Relay::new(env.pool.clone(), publisher.clone(), fast().build().unwrap());
+    let relay = PostgresRelay::new(env.pool.clone(), publisher.clone(), fast().build().unwrap());
     let report = relay.run_once().await.unwrap();
     assert_eq!((report.claimed, report.published), (1, 1));
     assert_eq!(relay.run_once().await.unwrap().claimed, 0);
@@ -176,7 +176,7 @@ async fn two_relays_publish_1000_events_over_10_keys_once_and_in_order() {
     let broker = MemoryPublisher::new().with_delay(Duration::from_millis(2));
     let config = fast().batch_size(50).build().unwrap();
     let relays: Vec<_> = (0..2)
-        .map(|_| Relay::new(env.pool.clone(), broker.clone(), config.clone()))
+        .map(|_| PostgresRelay::new(env.pool.clone(), broker.clone(), config.clone()))
         .collect();
     let stop = Arc::new(tokio::sync::Notify::new());
     let started = Instant::now();
@@ -205,7 +205,7 @@ async fn two_relays_publish_1000_events_over_10_keys_once_and_in_order() {
     common::assert_per_key_order(&keyed, N);
     assert_eq!(keyed.len(), N, "no duplicates without failures");
     assert_eq!(seen.len(), N + 200);
-    let m: Vec<_> = relays.iter().map(Relay::metrics).collect();
+    let m: Vec<_> = relays.iter().map(PostgresRelay::metrics).collect();
     assert_eq!(m[0].published + m[1].published, (N + 200) as u64);
     eprintln!(
         "two relays: {} events in {took:?} ({:.0}/s); split {} / {}",
@@ -229,7 +229,7 @@ async fn concurrent_producers_and_relays_keep_each_key_in_order() {
     let stop = Arc::new(tokio::sync::Notify::new());
     let relays: Vec<_> = (0..3)
         .map(|_| {
-            let relay = Relay::new(env.pool.clone(), broker.clone(), config.clone());
+            let relay = PostgresRelay::new(env.pool.clone(), broker.clone(), config.clone());
             let stop = stop.clone();
             tokio::spawn(async move { relay.run(async move { stop.notified().await }).await })
         })
@@ -298,7 +298,7 @@ async fn a_broker_outage_holds_events_and_publishing_resumes_without_a_restart()
                 .then(|| PublishError::unavailable("connection refused"))
         })
     };
-    let relay = Relay::new(
+    let relay = PostgresRelay::new(
         env.pool.clone(),
         broker.clone(),
         fast().max_attempts(2).build().unwrap(),
@@ -368,7 +368,7 @@ async fn failures_retry_with_backoff_then_die_with_the_reason_kept() {
         .retry_delay(Duration::from_millis(200), Duration::from_secs(10))
         .build()
         .unwrap();
-    let relay = Relay::new(env.pool.clone(), broker.clone(), config);
+    let relay = PostgresRelay::new(env.pool.clone(), broker.clone(), config);
 
     let r = relay.run_once().await.unwrap();
     // The other key flows; the poison's key stops at it.
@@ -459,7 +459,7 @@ async fn a_permanent_failure_dies_at_once_and_max_per_key_limits_a_batch() {
     let broker = MemoryPublisher::scripted(|o| {
         (o.event().destination() == "nowhere").then(|| PublishError::permanent("no route"))
     });
-    let relay = Relay::new(
+    let relay = PostgresRelay::new(
         env.pool.clone(),
         broker.clone(),
         fast().max_per_key(1).build().unwrap(),
@@ -484,7 +484,7 @@ async fn a_notification_wakes_an_idle_relay_before_its_poll() {
         .poll_interval(Duration::from_secs(30))
         .build()
         .unwrap();
-    let relay = Relay::new(env.pool.clone(), broker.clone(), config);
+    let relay = PostgresRelay::new(env.pool.clone(), broker.clone(), config);
     let stop = Arc::new(tokio::sync::Notify::new());
     let running = {
         let (relay, stop) = (relay.clone(), stop.clone());
@@ -521,7 +521,7 @@ async fn shutdown_finishes_the_batch_in_hand() {
         env.enqueue(&Event::new("q", vec![i])).await;
     }
     let broker = MemoryPublisher::new().with_delay(Duration::from_millis(500));
-    let relay = Relay::new(env.pool.clone(), broker.clone(), fast().build().unwrap());
+    let relay = PostgresRelay::new(env.pool.clone(), broker.clone(), fast().build().unwrap());
     let batches = broker.batches.clone();
     let shutdown = async move {
         // Resolves while the first batch is at the broker.
@@ -545,7 +545,7 @@ async fn purge_deletes_old_published_events_only_and_lag_is_measured() {
         env.enqueue(&Event::new("q", vec![i])).await;
     }
     let broker = MemoryPublisher::new();
-    let relay = Relay::new(
+    let relay = PostgresRelay::new(
         env.pool.clone(),
         broker,
         fast().purge_batch(2).build().unwrap(),
@@ -602,7 +602,7 @@ async fn with_one_event_per_key_in_flight_the_order_holds_across_failures() {
             .then(|| PublishError::rejected("nacked"))
         })
     };
-    let relay = Relay::new(
+    let relay = PostgresRelay::new(
         env.pool.clone(),
         broker.clone(),
         fast().max_per_key(1).build().unwrap(),
@@ -647,7 +647,7 @@ async fn a_key_beyond_the_scan_window_is_not_starved_by_a_blocked_key() {
         .retry_delay(Duration::from_secs(60), Duration::from_secs(60))
         .build()
         .unwrap();
-    let relay = Relay::new(env.pool.clone(), broker.clone(), config);
+    let relay = PostgresRelay::new(env.pool.clone(), broker.clone(), config);
     assert_eq!(relay.run_once().await.unwrap().retried, 1);
     let r = relay.run_once().await.unwrap();
     assert_eq!((r.claimed, r.published), (1, 1), "{r:?}");
@@ -682,7 +682,7 @@ async fn an_unreadable_row_dies_with_its_reason_and_blocks_nothing() {
         .unwrap();
     }
     let broker = MemoryPublisher::new();
-    let relay = Relay::new(env.pool.clone(), broker.clone(), fast().build().unwrap());
+    let relay = PostgresRelay::new(env.pool.clone(), broker.clone(), fast().build().unwrap());
     for _ in 0..4 {
         relay
             .run_once()

@@ -15,7 +15,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 use outbox::rabbitmq::RabbitMqPublisher;
-use outbox::{Event, Relay, RelayConfig};
+use outbox::{Event, PostgresRelay, RelayConfig};
 
 async fn setup(test: &str) -> Option<(PgEnv, String, Connection, Channel, String)> {
     let amqp = common::service_url("AMQP_URL", test)?;
@@ -73,7 +73,7 @@ async fn rabbitmq_a_committed_event_is_published_once_with_its_id_payload_and_he
     env.enqueue(&kept).await;
 
     let publisher = RabbitMqPublisher::connect(amqp).await.unwrap();
-    let relay = Relay::new(env.pool.clone(), publisher, fast().build().unwrap());
+    let relay = PostgresRelay::new(env.pool.clone(), publisher, fast().build().unwrap());
     let r = relay.run_once().await.unwrap();
     assert_eq!((r.claimed, r.published), (1, 1), "{r:?}");
     assert_eq!(relay.run_once().await.unwrap().claimed, 0);
@@ -122,7 +122,7 @@ async fn rabbitmq_two_relays_publish_1000_events_per_key_in_order() {
     let mut relays = Vec::new();
     for _ in 0..2 {
         let publisher = RabbitMqPublisher::connect(amqp.clone()).await.unwrap();
-        let relay = Relay::new(env.pool.clone(), publisher, config.clone());
+        let relay = PostgresRelay::new(env.pool.clone(), publisher, config.clone());
         let stop = stop.clone();
         let r = relay.clone();
         relays.push((
@@ -202,7 +202,7 @@ async fn rabbitmq_an_unroutable_event_is_retried_until_its_queue_exists() {
     let event = Event::new(queue.as_str(), &b"early"[..]);
     env.enqueue(&event).await;
     let publisher = RabbitMqPublisher::connect(amqp).await.unwrap();
-    let relay = Relay::new(env.pool.clone(), publisher, fast().build().unwrap());
+    let relay = PostgresRelay::new(env.pool.clone(), publisher, fast().build().unwrap());
     let r = relay.run_once().await.unwrap();
     assert_eq!((r.claimed, r.retried), (1, 1), "{r:?}");
     let (attempts, dead, error, published) = env.state(event.id()).await;
@@ -242,7 +242,7 @@ async fn rabbitmq_a_real_outage_holds_events_and_publishing_resumes_without_a_re
         .max_attempts(2)
         .build()
         .unwrap();
-    let relay = Relay::new(env.pool.clone(), publisher, config);
+    let relay = PostgresRelay::new(env.pool.clone(), publisher, config);
     let stop = Arc::new(tokio::sync::Notify::new());
     let running = {
         let (relay, stop) = (relay.clone(), stop.clone());

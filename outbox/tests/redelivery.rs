@@ -19,7 +19,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use outbox::rabbitmq::RabbitMqPublisher;
-use outbox::{Event, Outgoing, PublishError, Publisher, Relay, RelayConfig};
+use outbox::{Event, Outgoing, PostgresRelay, PublishError, Publisher, RelayConfig};
 use tokio::sync::mpsc;
 
 /// The real publisher; while `crash` is set, once the broker has confirmed
@@ -104,7 +104,7 @@ async fn a_relay_killed_after_the_confirm_republishes_and_the_inbox_drops_the_co
         .await
         .unwrap();
     let (tx, mut confirmed) = mpsc::unbounded_channel();
-    let doomed = Relay::new(
+    let doomed = PostgresRelay::new(
         own_pool.clone(),
         CrashAfterConfirm {
             inner: RabbitMqPublisher::connect(amqp.as_str()).await.unwrap(),
@@ -130,7 +130,7 @@ async fn a_relay_killed_after_the_confirm_republishes_and_the_inbox_drops_the_co
     );
 
     // Relay 2 publishes it again.
-    let survivor = Relay::new(
+    let survivor = PostgresRelay::new(
         env.pool.clone(),
         RabbitMqPublisher::connect(amqp.as_str()).await.unwrap(),
         config,
