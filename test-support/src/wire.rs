@@ -1,0 +1,251 @@
+//! Proxies in front of a real server: one that counts round trips on the
+//! wire, one that a test can cut and restore.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What a [`CountingProxy`] saw from clients.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Client-to-server flights: bytes the client sent after the server last
+    /// answered (one per round trip the client starts).
+    pub flights: AtomicU64,
+    /// PostgreSQL frontend messages by type, when the proxy parses them.
+    pub pg_execute: AtomicU64,
+    pub pg_query: AtomicU64,
+    pub pg_parse: AtomicU64,
+    /// PostgreSQL flights that carried at least one Execute or Query message
+    /// (round trips that run statements, as opposed to bare `Sync` pings).
+    pub pg_statement_flights: AtomicU64,
+}
+
+impl Counts {
+    pub fn snapshot(&self) -> [u64; 5] {
+        [
+            self.flights.load(Ordering::SeqCst),
+            self.pg_execute.load(Ordering::SeqCst),
+            self.pg_query.load(Ordering::SeqCst),
+            self.pg_parse.load(Ordering::SeqCst),
+            self.pg_statement_flights.load(Ordering::SeqCst),
+        ]
+    }
+}
+
+/// A TCP proxy in front of a server that counts round trips on the wire.
+pub struct CountingProxy {
+    pub port: u16,
+    pub counts: Arc<Counts>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl CountingProxy {
+    /// Proxies 127.0.0.1:<port> to `upstream`. With `postgres`, it also
+    /// parses the frontend protocol (use `sslmode=disable`).
+    pub async fn start(upstream: String, postgres: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let counts = Arc::new(Counts::default());
+        let c = Arc::clone(&counts);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = match TcpStream::connect(&upstream).await {
+                    Ok(s) => s,
+                    Err(_) => continue,
+                };
+                tokio::spawn(pipe(client, server, Arc::clone(&c), postgres));
+            }
+        });
+        Self { port, counts, task }
+    }
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, counts: Arc<Counts>, postgres: bool) {
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    // true when the server spoke last: the next client bytes start a flight.
+    let server_last = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let s_last = Arc::clone(&server_last);
+    let up = {
+        let counts = Arc::clone(&counts);
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut parser = PgParser::default();
+            let mut flight_has_statement = false;
+            loop {
+                let n = match cr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                // Record before forwarding: the server cannot answer (and so
+                // the client cannot start the next flight) before this.
+                if server_last.swap(false, Ordering::SeqCst) {
+                    counts.flights.fetch_add(1, Ordering::SeqCst);
+                    flight_has_statement = false;
+                }
+                if postgres {
+                    for ty in parser.feed(&buf[..n]) {
+                        match ty {
+                            b'E' => counts.pg_execute.fetch_add(1, Ordering::SeqCst),
+                            b'Q' => counts.pg_query.fetch_add(1, Ordering::SeqCst),
+                            b'P' => counts.pg_parse.fetch_add(1, Ordering::SeqCst),
+                            _ => 0,
+                        };
+                        if (ty == b'E' || ty == b'Q') && !flight_has_statement {
+                            flight_has_statement = true;
+                            counts.pg_statement_flights.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sw.shutdown().await;
+        }
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            s_last.store(true, Ordering::SeqCst);
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = cw.shutdown().await;
+    };
+    tokio::join!(up, down);
+}
+
+/// Splits the PostgreSQL frontend stream into messages: first the untyped
+/// startup message, then `type byte + i32 length` frames.
+#[derive(Default)]
+struct PgParser {
+    started: bool,
+    pending: Vec<u8>,
+}
+
+impl PgParser {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(bytes);
+        let mut types = Vec::new();
+        loop {
+            if !self.started {
+                if self.pending.len() < 4 {
+                    break;
+                }
+                let len = i32::from_be_bytes(self.pending[..4].try_into().unwrap()) as usize;
+                if self.pending.len() < len {
+                    break;
+                }
+                self.pending.drain(..len);
+                self.started = true;
+                continue;
+            }
+            if self.pending.len() < 5 {
+                break;
+            }
+            let len = i32::from_be_bytes(self.pending[1..5].try_into().unwrap()) as usize;
+            if self.pending.len() < 1 + len {
+                break;
+            }
+            types.push(self.pending[0]);
+            self.pending.drain(..1 + len);
+        }
+        types
+    }
+}
+
+/// A TCP proxy to `upstream` that a test can cut (every connection dropped,
+/// new ones refused) and restore: a real broker outage, private to a test.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let generation = Arc::new(generation);
+        let (up2, gen2) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let mut cut = gen2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            up,
+            generation,
+        }
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// `url` with its `host:port` replaced by `addr`.
+pub fn via(url: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let (userinfo, _) = authority
+        .rsplit_once('@')
+        .map_or(("", authority), |(u, h)| (u, h));
+    let at = if userinfo.is_empty() { "" } else { "@" };
+    format!("{scheme}://{userinfo}{at}{addr}/{path}")
+}
+
+/// The `host:port` of `url`.
+pub fn host_port(url: &str, default_port: u16) -> String {
+    let rest = url.split_once("://").unwrap().1;
+    let authority = rest.split('/').next().unwrap();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:{default_port}")
+    }
+}
