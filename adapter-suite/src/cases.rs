@@ -2,10 +2,10 @@
 //! its own engine and backend, so cases are independent.
 
 use crate::{
-    config, Adapter, Backend, FailingStore, HangingStore, SlowClaimStore, SuiteRequest,
+    config, failing_store, hanging_store, slow_claim_store, Adapter, Backend, SuiteRequest,
     SuiteResponse,
 };
-use idempotency_core::store::Claim;
+use idempotency_core::Claim;
 use idempotency_core::{
     FailureMode, FakeClock, Fingerprint, Idempotency, IdempotencyKey, LeaseToken, MemoryStore,
     RecordId, Scope, Store, TokioClock,
@@ -485,10 +485,7 @@ pub async fn client_disconnect_still_completes<A: Adapter>() {
 /// recorded it already): the request still runs to its end, so the retry
 /// replays instead of getting 409 until the lease passes.
 pub async fn client_disconnect_during_the_claim_still_completes<A: Adapter>() {
-    let store = SlowClaimStore {
-        inner: MemoryStore::new(),
-        delay: Duration::from_millis(50),
-    };
+    let store = slow_claim_store(Duration::from_millis(50));
     let (app, backend) = app::<A>(store).await;
     let req = SuiteRequest::post("/payments", "gone-early", PAYMENT);
     {
@@ -624,7 +621,7 @@ pub async fn slow_handler_keeps_its_claim<A: Adapter>() {
 }
 
 pub async fn store_outage_fails_closed<A: Adapter>() {
-    let (app, backend) = app::<A>(FailingStore).await;
+    let (app, backend) = app::<A>(failing_store()).await;
     let res = app
         .send(SuiteRequest::post("/payments", "down", PAYMENT))
         .await;
@@ -645,7 +642,7 @@ pub async fn store_outage_fails_closed<A: Adapter>() {
 pub async fn store_timeout_fails_closed<A: Adapter>() {
     tokio::time::pause();
     let (app, backend) = app_with::<A>(
-        HangingStore,
+        hanging_store(),
         config().store_timeout(Duration::from_millis(500)),
     )
     .await;
@@ -658,7 +655,7 @@ pub async fn store_timeout_fails_closed<A: Adapter>() {
 
 pub async fn store_outage_fail_open_runs_handler<A: Adapter>() {
     let (app, backend) =
-        app_with::<A>(FailingStore, config().failure_mode(FailureMode::Open)).await;
+        app_with::<A>(failing_store(), config().failure_mode(FailureMode::Open)).await;
     let res = app
         .send(SuiteRequest::post("/payments", "open", PAYMENT))
         .await;

@@ -19,10 +19,8 @@ pub mod cases;
 pub mod tower_adapter;
 
 use bytes::Bytes;
-use idempotency_core::store::{Claim, Store, StoreError, StoreFuture};
-use idempotency_core::{
-    ClaimOutcome, Idempotency, IdempotencyConfig, LeaseToken, RecordId, StoredOutcome, TokenOutcome,
-};
+use idempotency_core::conformance::{Hook, Hooked, Op};
+use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -334,162 +332,32 @@ pub fn config() -> idempotency_core::IdempotencyConfigBuilder {
     IdempotencyConfig::builder().scope_header("authorization")
 }
 
-/// A store whose every call fails, for outage cases.
-#[derive(Debug, Default)]
-pub struct FailingStore;
-
-#[derive(Debug)]
-struct Refused;
-
-impl std::error::Error for Refused {}
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("connection refused (simulated outage)")
-    }
-}
-
-fn refused() -> StoreError {
-    StoreError::backend("failing", Refused)
-}
-
-impl Store for FailingStore {
-    fn claim<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-        _: Claim<'a>,
-    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        StoreFuture::ready(Err(refused()))
-    }
-    fn complete<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-        _: &'a StoredOutcome,
-        _: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        StoreFuture::ready(Err(refused()))
-    }
-    fn release<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        StoreFuture::ready(Err(refused()))
-    }
-    fn extend<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-        _: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        StoreFuture::ready(Err(refused()))
-    }
-    fn backend(&self) -> &'static str {
-        "failing"
-    }
+/// A store whose every call fails (as a refused connection), for outage
+/// cases.
+pub fn failing_store() -> Hooked<MemoryStore> {
+    Hooked::with_hook(MemoryStore::new(), |_| {
+        Hook::fail("failing", "connection refused (simulated outage)")
+    })
+    .named("failing")
 }
 
 /// The memory store with every claim answered after `delay`, as a remote
 /// store on a slow network: for a client that goes away while its claim is
 /// on the wire.
-#[derive(Debug)]
-pub struct SlowClaimStore {
-    /// The store that answers.
-    pub inner: idempotency_core::MemoryStore,
-    /// How long each claim waits first.
-    pub delay: Duration,
-}
-
-impl Store for SlowClaimStore {
-    fn claim<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        claim: Claim<'a>,
-    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        StoreFuture::new(async move {
-            tokio::time::sleep(self.delay).await;
-            self.inner.claim(id, token, claim).await
-        })
-    }
-    fn complete<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        outcome: &'a StoredOutcome,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.complete(id, token, outcome, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.release(id, token)
-    }
-    fn extend<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.extend(id, token, lease)
-    }
-    fn backend(&self) -> &'static str {
-        "slow-claim"
-    }
+pub fn slow_claim_store(delay: Duration) -> Hooked<MemoryStore> {
+    Hooked::with_hook(MemoryStore::new(), move |op| match op {
+        Op::Claim => Hook::Delay(delay),
+        _ => Hook::Forward,
+    })
+    .named("slow-claim")
 }
 
 /// A store that never answers, for timeout cases. Its futures claim a
 /// bound of their own far longer than any case's `store_timeout`, so the
 /// engine must still arm its own timer (and the cases that use this store
 /// would hang if it did not).
-#[derive(Debug, Default)]
-pub struct HangingStore;
-
-fn hang<'a, T: Send + 'a>() -> StoreFuture<'a, T> {
-    StoreFuture::bounded(std::future::pending(), Duration::from_secs(3600))
-}
-
-impl Store for HangingStore {
-    fn claim<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-        _: Claim<'a>,
-    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        hang()
-    }
-    fn complete<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-        _: &'a StoredOutcome,
-        _: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        hang()
-    }
-    fn release<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        hang()
-    }
-    fn extend<'a>(
-        &'a self,
-        _: &'a RecordId,
-        _: LeaseToken,
-        _: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        hang()
-    }
-    fn backend(&self) -> &'static str {
-        "hanging"
-    }
+pub fn hanging_store() -> Hooked<MemoryStore> {
+    Hooked::with_hook(MemoryStore::new(), |_| Hook::Hang).named("hanging")
 }
 
 /// Generates one `#[test]` per case for an adapter. `$rt` is the test

@@ -18,7 +18,7 @@
 
 use adapter_suite::actix_adapter::ActixAdapter;
 use adapter_suite::tower_adapter::TowerAdapter;
-use adapter_suite::{config, Adapter, Backend, FailingStore, SuiteRequest, SuiteResponse};
+use adapter_suite::{config, failing_store, Adapter, Backend, SuiteRequest, SuiteResponse};
 use idempotency_core::{FailureMode, Idempotency, IdempotencyConfigBuilder, MemoryStore, Store};
 use std::sync::Arc;
 
@@ -135,13 +135,13 @@ async fn script<A: Adapter>() -> Vec<Step> {
         app.send(SuiteRequest::new("PUT", "/payments").header("idempotency-key", "p-1"))
             .await,
     ));
-    let (down, _) = build::<A>(FailingStore, config()).await;
+    let (down, _) = build::<A>(failing_store(), config()).await;
     steps.push((
         "503 outage",
         down.send(SuiteRequest::post("/payments", "down", PAYMENT))
             .await,
     ));
-    let (open, _) = build::<A>(FailingStore, config().failure_mode(FailureMode::Open)).await;
+    let (open, _) = build::<A>(failing_store(), config().failure_mode(FailureMode::Open)).await;
     steps.push((
         "fail-open",
         open.send(SuiteRequest::post("/payments", "open", PAYMENT))

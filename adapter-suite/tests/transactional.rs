@@ -16,32 +16,17 @@
 use adapter_suite::actix_adapter::ActixAdapter;
 use adapter_suite::tower_adapter::TowerAdapter;
 use adapter_suite::{config, Adapter, Backend, SuiteRequest, SuiteResponse};
-use idempotency_core::store::sqlite::SqliteStore;
-use idempotency_core::{Idempotency, IdempotencyConfigBuilder, LeaseToken};
+use idempotency_core::{Idempotency, IdempotencyConfigBuilder};
+use idempotency_sqlx::sqlite::SqliteStore;
 use std::sync::Arc;
 use std::time::Duration;
+use test_support::{Hooked, Op, TempDb};
 
 const PAYMENT: &str = r#"{"amount":100,"currency":"EUR"}"#;
 
-/// A temporary SQLite file, removed with its WAL files on drop.
-struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = self.0.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-async fn app_with<A: Adapter>(config: IdempotencyConfigBuilder) -> (A, Arc<Backend>, TempFile) {
-    let file = TempFile(std::env::temp_dir().join(format!(
-        "suite_tx_{}.sqlite",
-        &LeaseToken::random().to_hex()[..16]
-    )));
-    let store = SqliteStore::connect(&format!("sqlite://{}", file.0.display()))
+async fn app_with<A: Adapter>(config: IdempotencyConfigBuilder) -> (A, Arc<Backend>, TempDb) {
+    let file = TempDb::new("suite_tx");
+    let store = SqliteStore::connect(&file.url())
         .await
         .expect("open the SQLite file");
     let engine = Idempotency::transactional(store, config.build().expect("valid config"));
@@ -50,7 +35,7 @@ async fn app_with<A: Adapter>(config: IdempotencyConfigBuilder) -> (A, Arc<Backe
     (A::build(engine, Arc::clone(&backend)).await, backend, file)
 }
 
-async fn app<A: Adapter>() -> (A, Arc<Backend>, TempFile) {
+async fn app<A: Adapter>() -> (A, Arc<Backend>, TempDb) {
     app_with::<A>(config()).await
 }
 
@@ -382,84 +367,6 @@ async fn scopes_never_meet<A: Adapter>() {
     assert_eq!(backend.executions(), 2);
 }
 
-/// A transactional SQLite store that counts `begin` calls.
-#[derive(Clone)]
-struct CountingBegins {
-    inner: SqliteStore,
-    begins: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-mod counting {
-    use super::CountingBegins;
-    use idempotency_core::store::transaction::{Begun, TransactionalStore};
-    use idempotency_core::store::{BoxFuture, Claim, Store, StoreError, StoreFuture};
-    use idempotency_core::{
-        ClaimOutcome, Fingerprint, LeaseToken, RecordId, StoredOutcome, TokenOutcome,
-    };
-    use std::sync::atomic::Ordering;
-    use std::time::Duration;
-
-    impl Store for CountingBegins {
-        fn claim<'a>(
-            &'a self,
-            id: &'a RecordId,
-            token: LeaseToken,
-            claim: Claim<'a>,
-        ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-            self.inner.claim(id, token, claim)
-        }
-        fn complete<'a>(
-            &'a self,
-            id: &'a RecordId,
-            token: LeaseToken,
-            outcome: &'a StoredOutcome,
-            ttl: Duration,
-        ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-            self.inner.complete(id, token, outcome, ttl)
-        }
-        fn release<'a>(
-            &'a self,
-            id: &'a RecordId,
-            token: LeaseToken,
-        ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-            self.inner.release(id, token)
-        }
-        fn extend<'a>(
-            &'a self,
-            id: &'a RecordId,
-            token: LeaseToken,
-            lease: Duration,
-        ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-            self.inner.extend(id, token, lease)
-        }
-        fn backend(&self) -> &'static str {
-            "sqlite"
-        }
-    }
-
-    impl TransactionalStore for CountingBegins {
-        fn snapshot<'a>(
-            &'a self,
-            id: &'a RecordId,
-            fingerprint: &'a Fingerprint,
-        ) -> BoxFuture<'a, Result<Option<ClaimOutcome>, StoreError>> {
-            self.inner.snapshot(id, fingerprint)
-        }
-        fn begin<'a>(
-            &'a self,
-            id: &'a RecordId,
-            token: LeaseToken,
-            claim: Claim<'a>,
-        ) -> BoxFuture<'a, Result<Begun, StoreError>> {
-            self.begins.fetch_add(1, Ordering::SeqCst);
-            self.inner.begin(id, token, claim)
-        }
-        fn backend(&self) -> &'static str {
-            "sqlite"
-        }
-    }
-}
-
 /// Duplicates that wait for a transaction of this process are woken when it
 /// commits, not polled: over the 600 ms the first holds its transaction,
 /// each tries to begin about 3 times (at once, once more after it starts
@@ -467,24 +374,19 @@ mod counting {
 /// about 24 times.
 async fn waiting_duplicates_wake_when_the_transaction_of_this_process_ends<A: Adapter>() {
     const DUPLICATES: usize = 8;
-    let file = TempFile(std::env::temp_dir().join(format!(
-        "suite_tx_wake_{}.sqlite",
-        &LeaseToken::random().to_hex()[..16]
-    )));
-    let store = CountingBegins {
-        inner: SqliteStore::connect(&format!("sqlite://{}", file.0.display()))
+    let file = TempDb::new("suite_tx_wake");
+    let store = Arc::new(Hooked::new(
+        SqliteStore::connect(&file.url())
             .await
             .expect("open the SQLite file"),
-        begins: Arc::default(),
-    };
-    let begins = Arc::clone(&store.begins);
+    ));
     let config = config()
         .wait_for_in_flight(Duration::from_secs(10))
         .build()
         .expect("config");
     let backend = Backend::new();
     let app = A::build(
-        Idempotency::transactional(store, config),
+        Idempotency::transactional(Arc::clone(&store), config),
         Arc::clone(&backend),
     )
     .await;
@@ -506,7 +408,7 @@ async fn waiting_duplicates_wake_when_the_transaction_of_this_process_ends<A: Ad
         assert_eq!(dup.body, first.body);
     }
     assert_eq!(backend.executions(), 1);
-    let begins = begins.load(std::sync::atomic::Ordering::SeqCst);
+    let begins = usize::try_from(store.calls(Op::Begin)).expect("a count");
     assert!(
         begins <= 1 + 5 * DUPLICATES,
         "{begins} begins for {DUPLICATES} waiting duplicates: they polled"

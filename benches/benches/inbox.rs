@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::StreamExt;
-use idempotency_core::store::redis::RedisStore;
-use inbox_consumer::{rabbitmq, Inbox, InboxConfig, InboxMessage, PgInbox};
+use idempotency_redis::RedisStore;
+use inbox_consumer::{rabbitmq, Inbox, InboxConfig, InboxMessage, PostgresInbox};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -67,7 +67,7 @@ async fn insert(conn: &mut sqlx::PgConnection, table: &str, id: &str) -> Result<
     .map(drop)
 }
 
-async fn with_inbox(inbox: &PgInbox, table: &Arc<str>, message: &InboxMessage) {
+async fn with_inbox(inbox: &PostgresInbox, table: &Arc<str>, message: &InboxMessage) {
     let table = table.clone();
     let outcome = inbox
         .process(message, move |tx, m| {

@@ -48,7 +48,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation};
 use outbox::nats::NatsPublisher;
 use outbox::rabbitmq::RabbitMqPublisher;
-use outbox::{Event, Outgoing, PublishError, Publisher, Relay, RelayConfig, Uuid};
+use outbox::{Event, Outgoing, PostgresRelay, PublishError, Publisher, RelayConfig, Uuid};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
@@ -659,7 +659,7 @@ async fn drain(db: &Db, broker: &Broker, relays: usize, n: usize, batch: u32) ->
     }
     let started = Instant::now();
     for p in pubs {
-        let relay = Relay::new(db.pool.clone(), p, config(batch));
+        let relay = PostgresRelay::new(db.pool.clone(), p, config(batch));
         all.push(relay.clone());
         let mut stopped = stopped.clone();
         handles.push(tokio::spawn(async move {
@@ -830,7 +830,7 @@ async fn latency_run(
     let mut p = Timed::new(broker.publisher().await);
     p.confirms = Some(confirms.clone());
     let batch = env_num("OUTBOX_BENCH_LAT_BATCH", 100);
-    let relay = Relay::new(db.pool.clone(), p, config(batch));
+    let relay = PostgresRelay::new(db.pool.clone(), p, config(batch));
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let r = relay.clone();
     let handle = tokio::spawn(async move {

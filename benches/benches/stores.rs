@@ -21,11 +21,11 @@ use axum::Router;
 use benches::{handler, json_body, request, send};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
-use idempotency_core::store::redis::RedisConnection;
 use idempotency_core::{
     Claim, ClaimOutcome, Fingerprint, Idempotency, IdempotencyConfig, LeaseToken, RecordId, Store,
     StoredOutcome, StoredResponse,
 };
+use idempotency_redis::RedisConnection;
 use idempotency_tower::IdempotencyLayer;
 
 fn outcome() -> StoredOutcome {
@@ -205,7 +205,7 @@ fn bench_backend<R, F>(
 fn native_vs_script<R, F>(
     rt: &tokio::runtime::Runtime,
     raw: &R,
-    scripted: &idempotency_core::store::redis::RedisStore,
+    scripted: &idempotency_redis::RedisStore,
 ) where
     R: Fn() -> F,
     F: std::future::Future<Output = ()>,
@@ -461,7 +461,7 @@ fn main() {
     match std::env::var("REDIS_URL") {
         Ok(url) => {
             ran.push("redis");
-            use idempotency_core::store::redis::RedisStore;
+            use idempotency_redis::RedisStore;
             let store = rt
                 .block_on(RedisStore::connect(&url))
                 .expect("redis")
@@ -490,7 +490,7 @@ fn main() {
     match std::env::var("REDIS_CLUSTER_URL") {
         Ok(url) => {
             ran.push("redis-cluster");
-            use idempotency_core::store::redis::RedisStore;
+            use idempotency_redis::RedisStore;
             let store = rt
                 .block_on(RedisStore::connect(&url))
                 .expect("redis cluster")
@@ -517,7 +517,7 @@ fn main() {
     match std::env::var("DATABASE_URL") {
         Ok(url) => {
             ran.push("postgres");
-            use idempotency_core::store::postgres::PostgresStore;
+            use idempotency_sqlx::postgres::PostgresStore;
             let store = rt.block_on(PostgresStore::connect(&url)).expect("postgres");
             let pool = store.pool().clone();
             let raw = move || {
@@ -536,7 +536,7 @@ fn main() {
             write_floor(&rt, &floor_pool, &*store, "durable commits");
 
             // The same with asynchronous commit: no WAL flush per commit.
-            use idempotency_core::store::postgres::PostgresOptions;
+            use idempotency_sqlx::postgres::PostgresOptions;
             ran.push("postgres-async-commit");
             let store = rt
                 .block_on(PostgresStore::connect_with(

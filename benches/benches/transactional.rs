@@ -5,7 +5,7 @@
 //! - `bare`: no middleware; the handler runs its own `BEGIN; INSERT; COMMIT`
 //!   on the pool.
 //! - `transactional`: `Idempotency::transactional`; the handler inserts
-//!   through the `Transaction<Postgres>` extractor and the middleware commits
+//!   through the `Transaction<PostgresTransaction>` extractor and the middleware commits
 //!   the row and the record together (fresh key each time).
 //! - `two_commit`: `Idempotency::new`; the handler runs its own transaction
 //!   as `bare` does, between the store's claim and complete (fresh key).
@@ -34,14 +34,15 @@ use benches::{handler, json_body, request};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
 use http_body_util::BodyExt;
-use idempotency_core::store::postgres::{PostgresOptions, PostgresStore};
-use idempotency_core::store::transaction::{self as txn, Begun, TransactionalStore};
+use idempotency_core::{Begun, TransactionalStore, TxGuard};
 use idempotency_core::{
     Claim, ClaimOutcome, Fingerprint, Idempotency, IdempotencyConfig, LeaseToken, RecordId, Store,
     StoredOutcome, StoredResponse,
 };
+use idempotency_sqlx::postgres::{PostgresOptions, PostgresStore};
+use idempotency_sqlx::PostgresTransaction;
 use idempotency_tower::{IdempotencyLayer, Transaction};
-use sqlx::{PgPool, Postgres};
+use sqlx::PgPool;
 use tower::ServiceExt;
 
 const GROUP: &str = "transactional";
@@ -114,7 +115,7 @@ async fn own_transaction(
 /// `transactional`: the handler writes through the request's transaction;
 /// the middleware commits it.
 async fn in_transaction(
-    mut tx: Transaction<Postgres>,
+    mut tx: Transaction<PostgresTransaction>,
     headers: http::HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -293,7 +294,8 @@ fn bench(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
             panic!("not acquired: {begun:?}");
         };
         {
-            let mut tx = txn::acquire::<Postgres>(Some(&open.handle())).expect("transaction");
+            let mut tx =
+                TxGuard::<PostgresTransaction>::acquire(Some(&open.handle())).expect("transaction");
             insert(&mut *tx, next_key(), &body).await;
         }
         open.commit(outcome(), Duration::from_secs(600), Duration::from_secs(5))

@@ -24,11 +24,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idempotency_core::store::postgres::{PostgresOptions, PostgresStore};
 use idempotency_core::{
     Claim, ClaimOutcome, Fingerprint, LeaseToken, RecordId, Store, StoredOutcome, StoredResponse,
     TokenOutcome,
 };
+use idempotency_sqlx::postgres::{PostgresOptions, PostgresStore};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;

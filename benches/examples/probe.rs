@@ -59,7 +59,7 @@ fn main() {
     let n: u64 = n.parse().expect("N is a number");
     let capacity = rest
         .first()
-        .map_or(idempotency_core::store::memory::DEFAULT_CAPACITY, |c| {
+        .map_or(idempotency_core::DEFAULT_CAPACITY, |c| {
             c.parse().expect("capacity is a number")
         });
     // Fresh records live 1 s by default, as in the benches: natively the

@@ -18,7 +18,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idempotency_core::store::{connect, Store};
+use idempotency_connect::connect;
+use idempotency_core::Store;
 use idempotency_core::{Decision, Idempotency, IdempotencyConfig, Inspection, StoredResponse};
 
 const WAITERS: usize = 16;

@@ -153,7 +153,7 @@ pub fn usage_error(what: impl Into<String>) -> StartError {
 /// Whether the chain says the flags or the configuration are wrong (so
 /// retrying the same command cannot help).
 fn is_usage_error(error: &(dyn std::error::Error + 'static)) -> bool {
-    use idempotency_core::store::ConnectError;
+    use idempotency_connect::ConnectError;
     let mut cause = Some(error);
     while let Some(e) = cause {
         if e.is::<idempotency_core::ConfigError>()
@@ -224,7 +224,7 @@ impl PaymentsArgs {
 pub async fn connect_store(
     url: &str,
 ) -> Result<std::sync::Arc<dyn idempotency_core::Store>, StartError> {
-    Ok(idempotency_core::store::connect(url).await?)
+    Ok(idempotency_connect::connect(url).await?)
 }
 
 /// The content type of `GET /metrics`: Prometheus text.
@@ -438,7 +438,8 @@ impl PaymentsTable {
     /// missing. Any other store has no transactions to share: a usage
     /// error.
     async fn open(url: &str, config: IdempotencyConfig) -> Result<(Idempotency, Self), StartError> {
-        use idempotency_core::store::{postgres::PostgresStore, sqlite::SqliteStore, ConnectError};
+        use idempotency_connect::stores::{PostgresStore, SqliteStore};
+        use idempotency_connect::ConnectError;
         let scheme = url.trim().split_once(':').map_or(url.trim(), |(s, _)| s);
         let failed = |backend| move |source| ConnectError::Store { backend, source };
         match scheme {
@@ -521,7 +522,7 @@ impl PaymentsTable {
 
 /// A database whose request transactions hold payments: what the
 /// transactional handler is generic over (`sqlx::Postgres`, `sqlx::Sqlite`).
-pub trait PaymentsDatabase: idempotency_core::store::transaction::TxDatabase {
+pub trait PaymentsDatabase: sqlx::Database {
     /// Inserts `payment` through `conn`, the request's transaction.
     fn insert<'c>(
         conn: &'c mut Self::Connection,
@@ -628,7 +629,7 @@ pub async fn shutdown_signal() {
 pub mod ledger {
     use std::time::Duration;
 
-    use inbox_consumer::{HandlerError, Inbox, InboxConfig, InboxMessage, PgInbox};
+    use inbox_consumer::{HandlerError, Inbox, InboxConfig, InboxMessage, PostgresInbox};
     use serde::Deserialize;
     use sqlx::postgres::PgPoolOptions;
     use sqlx::{Postgres, Transaction};
@@ -647,7 +648,7 @@ pub mod ledger {
     /// Connects PostgreSQL, creates `ledger_entries` (no unique constraint of
     /// its own: the inbox alone prevents doubles) and the inbox of `consumer`,
     /// and purges processed inbox rows past the retention once an hour.
-    pub async fn open(database: &str, consumer: &str) -> Result<PgInbox, StartError> {
+    pub async fn open(database: &str, consumer: &str) -> Result<PostgresInbox, StartError> {
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect(database)
@@ -702,7 +703,7 @@ pub mod ledger {
 
     /// Processes one message through the inbox; settle (ack) only after this.
     pub async fn process(
-        inbox: &PgInbox,
+        inbox: &PostgresInbox,
         message: &InboxMessage,
         delay: Duration,
     ) -> inbox_consumer::Outcome {

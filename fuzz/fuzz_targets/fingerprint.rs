@@ -3,7 +3,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use idempotency_core::fingerprint::FingerprintBuilder;
+use idempotency_core::FingerprintBuilder;
 use idempotency_core::Fingerprint;
 use libfuzzer_sys::fuzz_target;
 

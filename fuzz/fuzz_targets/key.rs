@@ -5,7 +5,7 @@
 //! values (several fields are `Multiple`) and `IdempotencyKey::parse` of each.
 #![no_main]
 
-use idempotency_core::key::{parse_key, MAX_KEY_LEN};
+use idempotency_core::{parse_key, MAX_KEY_LEN};
 use idempotency_core::{IdempotencyKey, KeyError};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,4 +1,4 @@
-//! The Redis store's reply decoders (private to `store::redis`) over
+//! The Redis store's reply decoders (private to `idempotency-redis`'s `reply` module) over
 //! arbitrary `redis::Value`s: the claim script's reply, and the native
 //! claim's (`SET ... NX GET`'s previous value and the `PTTL` after it).
 //!
@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use idempotency_core::__fuzz::{redis_claim_reply, redis_native_reply, RedisValue as Value};
+use idempotency_redis::__fuzz::{claim_reply as redis_claim_reply, native_reply as redis_native_reply, RedisValue as Value};
 use idempotency_core::{ClaimOutcome, Fingerprint, LeaseToken, StoreError, StoredOutcome};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,4 +1,4 @@
-//! The SQL stores' row decoding (`store::sql::existing`, shared by
+//! The SQL stores' row decoding (`idempotency-sqlx`'s `SqlStore::existing`, shared by
 //! PostgreSQL and SQLite) over arbitrary column values, without a database.
 //!
 //! Input: byte 0 bit 0 set = the `outcome` column is not NULL; byte 1 = the
@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use idempotency_core::__fuzz::sql_existing;
+use idempotency_sqlx::__fuzz::sql_existing;
 use idempotency_core::{ClaimOutcome, StoreError, StoredOutcome};
 use libfuzzer_sys::fuzz_target;
 

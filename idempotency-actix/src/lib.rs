@@ -110,16 +110,17 @@
 mod body;
 mod middleware;
 mod service;
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 mod transaction;
 
 pub use body::{Message, ResponseBody};
 pub use middleware::IdempotencyMiddleware;
 pub use service::{IdempotencyService, ResponseFuture};
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use transaction::{NoTransaction, Transaction};
 
-/// The core crate: engine, config, stores. Depend on this adapter alone.
-pub use idempotency_core as core;
+/// Every store whose feature is on (`redis`, `postgres`, `sqlite`), and
+/// [`connect`], which picks one from a URL.
+pub use idempotency_connect::{connect, stores, ConnectError};
+/// The core crate: the engine, its config, the store contract. Depend on
+/// this adapter alone.
+pub use idempotency_core;
 pub use idempotency_core::{FailureMode, Idempotency, IdempotencyConfig, MemoryStore, Scope};

@@ -7,7 +7,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
-use idempotency_core::key::IDEMPOTENCY_KEY;
+use idempotency_core::IDEMPOTENCY_KEY;
 use idempotency_core::{
     Answer, DetachOnDrop, Handoff, Inspection, Reply, RequestFuture, RequestHead, ResponseHead,
 };

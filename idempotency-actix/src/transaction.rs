@@ -2,8 +2,7 @@
 
 use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError};
-use idempotency_core::store::transaction::{TxDatabase, TxUnavailable};
-use idempotency_core::TxHandle;
+use idempotency_core::{TxHandle, TxUnavailable};
 use std::future::{ready, Ready};
 
 idempotency_core::transaction_extractor! {
@@ -12,13 +11,18 @@ idempotency_core::transaction_extractor! {
     /// and never commit it; the middleware commits it with the idempotency
     /// record after the handler returns, or rolls both back.
     ///
+    /// `T` is the store's transaction type: `stores::PostgresTransaction` or
+    /// `stores::SqliteTransaction` (features `postgres`, `sqlite`), or a
+    /// third-party store's. It derefs to what `T` derefs to (a sqlx
+    /// transaction: its connection).
+    ///
     /// On a request without one (a route outside the middleware, a method it
     /// does not cover, an engine that is not transactional) the handler does
     /// not run: the client gets a 500 problem and the cause is logged.
     pub struct Transaction;
 }
 
-impl<DB: TxDatabase> FromRequest for Transaction<DB> {
+impl<T: Send + 'static> FromRequest for Transaction<T> {
     type Error = NoTransaction;
     type Future = Ready<Result<Self, NoTransaction>>;
 

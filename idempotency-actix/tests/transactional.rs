@@ -1,4 +1,4 @@
-//! Transactional mode through the actix extractor (`Transaction<DB>`), on
+//! Transactional mode through the actix extractor (`Transaction<T>`), on
 //! SQLite and PostgreSQL: the handler's effect (a row in a table of its own)
 //! and the idempotency record commit together, or not at all.
 //!
@@ -15,227 +15,32 @@
 //! always run.
 #![cfg(all(feature = "postgres", feature = "sqlite"))]
 
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::body::{to_bytes, MessageBody};
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::{test, web, App, HttpResponse};
 use bytes::Bytes;
 use futures_util::FutureExt;
-use idempotency_actix::core::store::postgres::{PostgresOptions, PostgresStore};
-use idempotency_actix::core::store::sqlite::{SqliteOptions, SqliteStore};
-use idempotency_actix::core::store::transaction::{TransactionalStore, TxDatabase};
-use idempotency_actix::core::{LeaseToken, Store};
 use idempotency_actix::{
     Idempotency, IdempotencyConfig, IdempotencyMiddleware, MemoryStore, Transaction,
 };
-
-// ---------------------------------------------------------------- fixtures
-
-fn database_url(test: &str) -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            eprintln!("skipping {test}: DATABASE_URL is not set (e.g. DATABASE_URL=postgres://postgres@127.0.0.1:5432/test)");
-            None
-        }
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &LeaseToken::random().to_hex()[..16])
-}
-
-/// A temporary SQLite file, removed with its WAL files on drop.
-struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = self.0.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-/// A store in transactional mode and the handler's table next to it.
-struct Fixture<D: Db> {
-    store: D::Store,
-    table: String,
-    _file: Option<TempFile>,
-}
-
-trait Db: TxDatabase + Sized {
-    type Store: Store + TransactionalStore + Clone;
-    /// A store and an empty table `effects (id, note)`; `None` to skip.
-    fn open(test: &str) -> impl Future<Output = Option<Fixture<Self>>>;
-    fn insert<'a>(
-        conn: &'a mut Self::Connection,
-        table: &'a str,
-        note: &'a str,
-    ) -> impl Future<Output = ()> + 'a;
-    fn rows(fixture: &Fixture<Self>) -> impl Future<Output = i64> + '_;
-    fn cleanup(fixture: Fixture<Self>) -> impl Future<Output = ()>;
-}
-
-impl Db for sqlx::Postgres {
-    type Store = PostgresStore;
-
-    async fn open(test: &str) -> Option<Fixture<Self>> {
-        let url = database_url(test)?;
-        let schema = unique("idem_tx_actix");
-        let store = PostgresStore::connect_with(&url, PostgresOptions::new().schema(&schema))
-            .await
-            .expect("connect to DATABASE_URL");
-        let table = format!("\"{schema}\".effects");
-        sqlx::query(&format!(
-            "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, note TEXT NOT NULL)"
-        ))
-        .execute(store.pool())
-        .await
-        .expect("create the handler's table");
-        Some(Fixture {
-            store,
-            table,
-            _file: None,
-        })
-    }
-
-    async fn insert(conn: &mut sqlx::PgConnection, table: &str, note: &str) {
-        sqlx::query(&format!("INSERT INTO {table} (note) VALUES ($1)"))
-            .bind(note)
-            .execute(conn)
-            .await
-            .expect("the handler's insert");
-    }
-
-    async fn rows(fixture: &Fixture<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", fixture.table))
-            .fetch_one(fixture.store.pool())
-            .await
-            .expect("count rows")
-    }
-
-    async fn cleanup(fixture: Fixture<Self>) {
-        let _ = sqlx::query(&format!(
-            "DROP SCHEMA \"{}\" CASCADE",
-            fixture.store.schema()
-        ))
-        .execute(fixture.store.pool())
-        .await;
-    }
-}
-
-impl Db for sqlx::Sqlite {
-    type Store = SqliteStore;
-
-    async fn open(test: &str) -> Option<Fixture<Self>> {
-        let name = test.replace("::", "_");
-        let file = TempFile(std::env::temp_dir().join(format!("{}.sqlite", unique(&name))));
-        let store = SqliteStore::connect_with(
-            &format!("sqlite://{}", file.0.display()),
-            SqliteOptions::new(),
-        )
-        .await
-        .expect("open the SQLite file");
-        sqlx::query(
-            "CREATE TABLE effects (id INTEGER PRIMARY KEY AUTOINCREMENT, note TEXT NOT NULL)",
-        )
-        .execute(store.pool())
-        .await
-        .expect("create the handler's table");
-        Some(Fixture {
-            store,
-            table: "effects".into(),
-            _file: Some(file),
-        })
-    }
-
-    async fn insert(conn: &mut sqlx::SqliteConnection, table: &str, note: &str) {
-        sqlx::query(&format!("INSERT INTO {table} (note) VALUES (?1)"))
-            .bind(note)
-            .execute(conn)
-            .await
-            .expect("the handler's insert");
-    }
-
-    async fn rows(fixture: &Fixture<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", fixture.table))
-            .fetch_one(fixture.store.pool())
-            .await
-            .expect("count rows")
-    }
-
-    async fn cleanup(fixture: Fixture<Self>) {
-        fixture.store.pool().close().await;
-    }
-}
+use test_support::mode::{FAIL, OK, PANIC};
+use test_support::{run_prefix, Answer, Fixture, FixtureDb, Probe};
 
 // ------------------------------------------------------------- the handler
 
-const OK: u8 = 0;
-const FAIL: u8 = 1;
-const PANIC: u8 = 2;
-
-struct Probe {
-    table: String,
-    mode: AtomicU8,
-    delay_ms: AtomicU64,
-    runs: AtomicUsize,
-    started: Mutex<Vec<Instant>>,
-    ended: Mutex<Vec<Instant>>,
-}
-
-impl Probe {
-    fn new(table: &str) -> Arc<Self> {
-        Arc::new(Self {
-            table: table.to_owned(),
-            mode: AtomicU8::new(OK),
-            delay_ms: AtomicU64::new(0),
-            runs: AtomicUsize::new(0),
-            started: Mutex::default(),
-            ended: Mutex::default(),
-        })
-    }
-
-    fn set(&self, mode: u8, delay: Duration) {
-        self.mode.store(mode, Ordering::SeqCst);
-        self.delay_ms
-            .store(delay.as_millis() as u64, Ordering::SeqCst);
-    }
-
-    fn runs(&self) -> usize {
-        self.runs.load(Ordering::SeqCst)
-    }
-}
-
 /// Inserts one row (the body as its note) in the request's transaction,
 /// then answers as the probe says.
-async fn pay<D: Db>(
+async fn pay<D: FixtureDb>(
     probe: web::Data<Arc<Probe>>,
-    mut tx: Transaction<D>,
+    mut tx: Transaction<sqlx::Transaction<'static, D>>,
     body: Bytes,
 ) -> HttpResponse {
-    let run = probe.runs.fetch_add(1, Ordering::SeqCst) + 1;
-    probe.started.lock().unwrap().push(Instant::now());
-    let note = String::from_utf8_lossy(&body).into_owned();
-    D::insert(&mut tx, &probe.table, &note).await;
-    let answer = match probe.mode.load(Ordering::SeqCst) {
-        FAIL => HttpResponse::InternalServerError().body("failed"),
-        PANIC => panic!("the test handler panics after its insert"),
-        _ => {
-            let delay = probe.delay_ms.load(Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-            HttpResponse::Created().body(format!("paid {note} run {run}"))
-        }
-    };
-    probe.ended.lock().unwrap().push(Instant::now());
-    answer
+    let (status, body) = probe.run::<D>(&mut tx, &body).await;
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).expect("a status")).body(body)
 }
 
 fn config() -> IdempotencyConfig {
@@ -246,7 +51,7 @@ fn config() -> IdempotencyConfig {
         .expect("config")
 }
 
-fn transactional<D: Db>(fixture: &Fixture<D>) -> Idempotency {
+fn transactional<D: FixtureDb>(fixture: &Fixture<D>) -> Idempotency {
     Idempotency::transactional(fixture.store.clone(), config())
 }
 
@@ -265,12 +70,9 @@ macro_rules! app {
 
 // -------------------------------------------------------------- the client
 
-/// This run's prefix of every key: PostgreSQL's advisory locks are shared
-/// by the whole database, whatever the schema, so another test binary
-/// running at the same time must not use the same keys.
+/// This run's prefix of every key (see [`run_prefix`]).
 fn run() -> &'static str {
-    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    RUN.get_or_init(|| unique("actix"))
+    run_prefix("actix")
 }
 
 /// A POST to `/p`; `key` is unique to its test (prefixed with [`run`]).
@@ -281,33 +83,6 @@ fn request(key: &str, body: &'static str) -> actix_http::Request {
         .insert_header(("content-type", "text/plain"))
         .set_payload(body)
         .to_request()
-}
-
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    replayed: bool,
-    retry_after: Option<String>,
-    content_type: Option<String>,
-    body: Bytes,
-    at: Instant,
-}
-
-impl Answer {
-    fn assert_problem(&self, status: u16, kind: &str) {
-        assert_eq!(self.status, status, "{self:?}");
-        assert_eq!(
-            self.content_type.as_deref(),
-            Some("application/problem+json"),
-            "{self:?}"
-        );
-        let json: serde_json::Value =
-            serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {self:?}"));
-        assert_eq!(
-            json["type"].as_str(),
-            Some(format!("urn:idempotency:problem:{kind}").as_str())
-        );
-    }
 }
 
 /// One request; `None` when the app panicked (caught where the service's
@@ -322,26 +97,16 @@ where
         .await
         .ok()?
         .expect("the app answers");
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
     let header = |name: &str| {
-        res.headers()
+        headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let (status, replayed) = (
-        res.status().as_u16(),
-        header("idempotent-replayed").as_deref() == Some("true"),
-    );
-    let (retry_after, content_type) = (header("retry-after"), header("content-type"));
     let body = to_bytes(res.into_body()).await.ok().expect("body reads");
-    Some(Answer {
-        status,
-        replayed,
-        retry_after,
-        content_type,
-        body,
-        at: Instant::now(),
-    })
+    Some(Answer::new(status, header, body))
 }
 
 async fn call<S, B>(app: &S, req: actix_http::Request) -> Answer
@@ -377,8 +142,8 @@ on_both!(
 
 // ------------------------------------------------------------------ tests
 
-async fn fresh_replay_and_mismatch<D: Db>(test: &str) {
-    let Some(fx) = D::open(test).await else {
+async fn fresh_replay_and_mismatch<D: FixtureDb>(test: &str) {
+    let Some(fx) = D::open(test, 10).await else {
         return;
     };
     let probe = Probe::new(&fx.table);
@@ -387,26 +152,26 @@ async fn fresh_replay_and_mismatch<D: Db>(test: &str) {
     assert_eq!(first.status, 201, "{first:?}");
     assert!(!first.replayed);
     assert_eq!(first.body, "paid amount=100 run 1");
-    assert_eq!(D::rows(&fx).await, 1);
+    assert_eq!(fx.rows().await, 1);
 
     let retry = call(&app, request("k1", "amount=100")).await;
     assert!(retry.status == 201 && retry.replayed, "{retry:?}");
     assert_eq!(retry.body, first.body);
     assert_eq!(
-        (probe.runs(), D::rows(&fx).await),
+        (probe.runs(), fx.rows().await),
         (1, 1),
         "the retry wrote nothing"
     );
 
     let other = call(&app, request("k1", "amount=999")).await;
     other.assert_problem(422, "key-reused");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
+    fx.cleanup().await;
 }
 
-async fn concurrent_duplicates_write_one_row<D: Db>(test: &str) {
+async fn concurrent_duplicates_write_one_row<D: FixtureDb>(test: &str) {
     const N: usize = 16;
-    let Some(fx) = D::open(test).await else {
+    let Some(fx) = D::open(test, 10).await else {
         return;
     };
     let probe = Probe::new(&fx.table);
@@ -429,7 +194,7 @@ async fn concurrent_duplicates_write_one_row<D: Db>(test: &str) {
         c.assert_problem(409, "in-flight");
         assert!(c.retry_after.is_some(), "409 without Retry-After: {c:?}");
     }
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
     let start = probe.started.lock().unwrap()[0];
     let end = probe.ended.lock().unwrap()[0];
     let latest = conflicts.iter().map(|c| c.at).max().unwrap();
@@ -448,12 +213,12 @@ async fn concurrent_duplicates_write_one_row<D: Db>(test: &str) {
     let retry = call(&app, request("dup", "amount=100")).await;
     assert!(retry.status == 201 && retry.replayed, "{retry:?}");
     assert_eq!(retry.body, created[0].body);
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
+    fx.cleanup().await;
 }
 
-async fn server_error_rolls_back<D: Db>(test: &str) {
-    let Some(fx) = D::open(test).await else {
+async fn server_error_rolls_back<D: FixtureDb>(test: &str) {
+    let Some(fx) = D::open(test, 10).await else {
         return;
     };
     let probe = Probe::new(&fx.table);
@@ -461,19 +226,19 @@ async fn server_error_rolls_back<D: Db>(test: &str) {
     probe.set(FAIL, Duration::ZERO);
     let failed = call(&app, request("e", "amount=100")).await;
     assert_eq!((failed.status, &failed.body[..]), (500, &b"failed"[..]));
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 0), "rolled back");
+    assert_eq!((probe.runs(), fx.rows().await), (1, 0), "rolled back");
     probe.set(OK, Duration::ZERO);
     let retry = call(&app, request("e", "amount=100")).await;
     assert!(retry.status == 201 && !retry.replayed, "{retry:?}");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
+    assert_eq!((probe.runs(), fx.rows().await), (2, 1));
     let again = call(&app, request("e", "amount=100")).await;
     assert!(again.replayed && again.body == retry.body, "{again:?}");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (2, 1));
+    fx.cleanup().await;
 }
 
-async fn panic_rolls_back<D: Db>(test: &str) {
-    let Some(fx) = D::open(test).await else {
+async fn panic_rolls_back<D: FixtureDb>(test: &str) {
+    let Some(fx) = D::open(test, 10).await else {
         return;
     };
     let probe = Probe::new(&fx.table);
@@ -483,15 +248,15 @@ async fn panic_rolls_back<D: Db>(test: &str) {
         try_call(&app, request("p", "amount=100")).await.is_none(),
         "the handler's panic propagates"
     );
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 0), "rolled back");
+    assert_eq!((probe.runs(), fx.rows().await), (1, 0), "rolled back");
     probe.set(OK, Duration::ZERO);
     let retry = call(&app, request("p", "amount=100")).await;
     assert!(retry.status == 201 && !retry.replayed, "{retry:?}");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (2, 1));
+    fx.cleanup().await;
 }
 
-async fn extractor_without_a_transaction_is_500<D: Db>(test: &str) {
+async fn extractor_without_a_transaction_is_500<D: FixtureDb>(test: &str) {
     let probe = Probe::new("never_written");
     let check = |a: Answer, what: &str| {
         a.assert_problem(500, "internal");

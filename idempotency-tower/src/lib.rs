@@ -88,19 +88,20 @@
 mod body;
 mod layer;
 mod service;
-#[cfg(all(feature = "axum", any(feature = "postgres", feature = "sqlite")))]
-#[cfg_attr(
-    docsrs,
-    doc(cfg(all(feature = "axum", any(feature = "postgres", feature = "sqlite"))))
-)]
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 mod transaction;
 
 pub use body::{Frames, RequestBody, ResponseBody};
 pub use layer::IdempotencyLayer;
 pub use service::{IdempotencyService, ResponseFuture};
-#[cfg(all(feature = "axum", any(feature = "postgres", feature = "sqlite")))]
+#[cfg(feature = "axum")]
 pub use transaction::{NoTransaction, Transaction};
 
-/// The core crate: engine, config, stores. Depend on this adapter alone.
-pub use idempotency_core as core;
+/// Every store whose feature is on (`redis`, `postgres`, `sqlite`), and
+/// [`connect`], which picks one from a URL.
+pub use idempotency_connect::{connect, stores, ConnectError};
+/// The core crate: the engine, its config, the store contract. Depend on
+/// this adapter alone.
+pub use idempotency_core;
 pub use idempotency_core::{FailureMode, Idempotency, IdempotencyConfig, MemoryStore, Scope};

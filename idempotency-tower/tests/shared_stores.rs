@@ -21,17 +21,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use idempotency_core::{FailureMode, Idempotency, IdempotencyConfig, LeaseToken, Store};
 use idempotency_tower::IdempotencyLayer;
+use test_support::{service_url, Answer, RedisServer};
 use tower::ServiceExt;
-
-fn service_url(var: &str, test: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            eprintln!("skipping {test}: {var} is not set");
-            None
-        }
-    }
-}
 
 /// A handler that counts its runs and answers 201 with a body unique to the run.
 fn app(
@@ -79,14 +70,6 @@ fn payment(key: &str) -> Request<Body> {
         .expect("request")
 }
 
-struct Answer {
-    status: StatusCode,
-    replayed: bool,
-    retry_after: Option<String>,
-    content_type: Option<String>,
-    body: bytes::Bytes,
-}
-
 async fn send(app: &Router, req: Request<Body>) -> Answer {
     let (head, body) = app
         .clone()
@@ -100,19 +83,8 @@ async fn send(app: &Router, req: Request<Body>) -> Answer {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let (status, replayed) = (
-        head.status,
-        header("idempotent-replayed").as_deref() == Some("true"),
-    );
-    let (retry_after, content_type) = (header("retry-after"), header("content-type"));
     let body = body.collect().await.expect("body").to_bytes();
-    Answer {
-        status,
-        replayed,
-        retry_after,
-        content_type,
-        body,
-    }
+    Answer::new(head.status.as_u16(), header, body)
 }
 
 fn unique_key() -> String {
@@ -143,7 +115,7 @@ async fn two_instances_run_the_handler_once(a: Arc<dyn Store>, b: Arc<dyn Store>
     let mut first = None;
     for t in tasks {
         let a = t.await.expect("task");
-        match a.status {
+        match StatusCode::from_u16(a.status).expect("a status") {
             StatusCode::CREATED if !a.replayed => {
                 assert!(first.is_none(), "two fresh 201s");
                 first = Some(a.body);
@@ -170,7 +142,7 @@ async fn two_instances_run_the_handler_once(a: Arc<dyn Store>, b: Arc<dyn Store>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_on_one_redis_run_the_handler_once() {
-    use idempotency_core::store::redis::RedisStore;
+    use idempotency_redis::RedisStore;
     let Some(url) = service_url("REDIS_URL", "two_instances_on_one_redis") else {
         return;
     };
@@ -188,7 +160,7 @@ async fn two_instances_on_one_redis_run_the_handler_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_on_one_postgres_run_the_handler_once() {
-    use idempotency_core::store::postgres::PostgresStore;
+    use idempotency_sqlx::postgres::PostgresStore;
     let Some(url) = service_url("DATABASE_URL", "two_instances_on_one_postgres") else {
         return;
     };
@@ -200,7 +172,7 @@ async fn two_instances_on_one_postgres_run_the_handler_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_on_one_sqlite_file_run_the_handler_once() {
-    use idempotency_core::store::sqlite::SqliteStore;
+    use idempotency_sqlx::sqlite::SqliteStore;
     let path = std::env::temp_dir().join(format!("{}.sqlite", unique_key()));
     let url = format!("sqlite://{}", path.display());
     let a = SqliteStore::connect(&url).await.expect("sqlite a");
@@ -208,75 +180,6 @@ async fn two_instances_on_one_sqlite_file_run_the_handler_once() {
     two_instances_run_the_handler_once(Arc::new(a), Arc::new(b)).await;
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
-}
-
-/// A private redis-server on a port of its own, killed on drop.
-struct RedisServer {
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl RedisServer {
-    fn start(test: &str) -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut server = Self { port, child: None };
-        match server.restart() {
-            Ok(()) => Some(server),
-            Err(e) => {
-                eprintln!("skipping {test}: cannot start redis-server: {e}");
-                None
-            }
-        }
-    }
-
-    fn restart(&mut self) -> Result<(), String> {
-        let bin = if std::path::Path::new("/usr/bin/redis-server").exists() {
-            "/usr/bin/redis-server"
-        } else {
-            "redis-server"
-        };
-        let child = std::process::Command::new(bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::{Read, Write};
-                let mut buf = [0u8; 7];
-                if s.write_all(b"PING\r\n").is_ok()
-                    && s.read_exact(&mut buf).is_ok()
-                    && &buf == b"+PONG\r\n"
-                {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                return Err("redis-server did not answer within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -299,7 +202,7 @@ async fn until_recovered(app: &Router) -> Answer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fail_closed_answers_503_and_recovers() {
-    use idempotency_core::store::redis::RedisStore;
+    use idempotency_redis::RedisStore;
     let Some(mut server) = RedisServer::start("redis_outage_fail_closed") else {
         return;
     };
@@ -383,7 +286,7 @@ fn redis_outage_fail_open_runs_the_handler_and_logs() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        use idempotency_core::store::redis::RedisStore;
+        use idempotency_redis::RedisStore;
         let Some(mut server) = RedisServer::start("redis_outage_fail_open") else {
             return;
         };

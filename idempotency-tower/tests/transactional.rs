@@ -1,4 +1,4 @@
-//! Transactional mode through the axum extractor (`Transaction<DB>`), on
+//! Transactional mode through the axum extractor (`Transaction<T>`), on
 //! PostgreSQL and SQLite: the handler's effect (a row in a table of its own)
 //! and the idempotency record commit together, or not at all.
 //!
@@ -19,10 +19,8 @@
 //! always run.
 #![cfg(all(feature = "axum", feature = "postgres", feature = "sqlite"))]
 
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -33,248 +31,24 @@ use axum::Router;
 use futures_util::FutureExt;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use idempotency_core::store::postgres::{PostgresOptions, PostgresStore};
-use idempotency_core::store::sqlite::{SqliteOptions, SqliteStore};
-use idempotency_core::store::transaction::{TransactionalStore, TxDatabase};
-use idempotency_core::{Idempotency, IdempotencyConfig, LeaseToken, MemoryStore, Store};
+use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
+use idempotency_sqlx::postgres::{PostgresOptions, PostgresStore};
 use idempotency_tower::{IdempotencyLayer, Transaction};
+use test_support::mode::{BUSY, FAIL, OK, PANIC, SLOW};
+use test_support::{run_prefix, Answer, Fixture, FixtureDb, Probe};
 use tower::ServiceExt;
-
-// ---------------------------------------------------------------- fixtures
-
-fn database_url(test: &str) -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            eprintln!("skipping {test}: DATABASE_URL is not set (e.g. DATABASE_URL=postgres://postgres@127.0.0.1:5432/test)");
-            None
-        }
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &LeaseToken::random().to_hex()[..16])
-}
-
-/// A temporary SQLite file, removed with its WAL files on drop.
-struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = self.0.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-/// A store in transactional mode and the handler's table next to it.
-struct Fixture<D: Db> {
-    store: D::Store,
-    /// The handler's table, qualified as the handler writes it.
-    table: String,
-    _file: Option<TempFile>,
-}
-
-/// What the generic tests need of a database.
-trait Db: TxDatabase + Sized {
-    type Store: Store + TransactionalStore + Clone;
-    /// A store with a pool of `pool` connections and an empty table
-    /// `effects (id, note)`; `None` (after printing why) to skip.
-    fn open(test: &str, pool: u32) -> impl Future<Output = Option<Fixture<Self>>> + Send;
-    /// The handler's effect: one row.
-    fn insert<'a>(
-        conn: &'a mut Self::Connection,
-        table: &'a str,
-        note: &'a str,
-    ) -> impl Future<Output = ()> + Send + 'a;
-    /// Committed rows in the table.
-    fn rows(fixture: &Fixture<Self>) -> impl Future<Output = i64> + Send + '_;
-    /// Drops what `open` created (the files go on drop).
-    fn cleanup(fixture: Fixture<Self>) -> impl Future<Output = ()> + Send;
-}
-
-impl Db for sqlx::Postgres {
-    type Store = PostgresStore;
-
-    async fn open(test: &str, pool: u32) -> Option<Fixture<Self>> {
-        let url = database_url(test)?;
-        let schema = unique("idem_tx");
-        let store = PostgresStore::connect_with(
-            &url,
-            PostgresOptions::new().schema(&schema).max_connections(pool),
-        )
-        .await
-        .expect("connect to DATABASE_URL");
-        let table = format!("\"{schema}\".effects");
-        sqlx::query(&format!(
-            "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, note TEXT NOT NULL)"
-        ))
-        .execute(store.pool())
-        .await
-        .expect("create the handler's table");
-        Some(Fixture {
-            store,
-            table,
-            _file: None,
-        })
-    }
-
-    async fn insert(conn: &mut sqlx::PgConnection, table: &str, note: &str) {
-        sqlx::query(&format!("INSERT INTO {table} (note) VALUES ($1)"))
-            .bind(note)
-            .execute(conn)
-            .await
-            .expect("the handler's insert");
-    }
-
-    async fn rows(fixture: &Fixture<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", fixture.table))
-            .fetch_one(fixture.store.pool())
-            .await
-            .expect("count rows")
-    }
-
-    async fn cleanup(fixture: Fixture<Self>) {
-        let _ = sqlx::query(&format!(
-            "DROP SCHEMA \"{}\" CASCADE",
-            fixture.store.schema()
-        ))
-        .execute(fixture.store.pool())
-        .await;
-    }
-}
-
-impl Db for sqlx::Sqlite {
-    type Store = SqliteStore;
-
-    async fn open(test: &str, pool: u32) -> Option<Fixture<Self>> {
-        let name = test.replace("::", "_");
-        let file = TempFile(std::env::temp_dir().join(format!("{}.sqlite", unique(&name))));
-        let store = SqliteStore::connect_with(
-            &format!("sqlite://{}", file.0.display()),
-            SqliteOptions::new().max_connections(pool),
-        )
-        .await
-        .expect("open the SQLite file");
-        sqlx::query(
-            "CREATE TABLE effects (id INTEGER PRIMARY KEY AUTOINCREMENT, note TEXT NOT NULL)",
-        )
-        .execute(store.pool())
-        .await
-        .expect("create the handler's table");
-        Some(Fixture {
-            store,
-            table: "effects".into(),
-            _file: Some(file),
-        })
-    }
-
-    async fn insert(conn: &mut sqlx::SqliteConnection, table: &str, note: &str) {
-        sqlx::query(&format!("INSERT INTO {table} (note) VALUES (?1)"))
-            .bind(note)
-            .execute(conn)
-            .await
-            .expect("the handler's insert");
-    }
-
-    async fn rows(fixture: &Fixture<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", fixture.table))
-            .fetch_one(fixture.store.pool())
-            .await
-            .expect("count rows")
-    }
-
-    async fn cleanup(fixture: Fixture<Self>) {
-        fixture.store.pool().close().await;
-    }
-}
 
 // ------------------------------------------------------------- the handler
 
-/// What the handler does after its insert.
-const OK: u8 = 0;
-const FAIL: u8 = 1;
-const PANIC: u8 = 2;
-const SLOW: u8 = 3;
-const BUSY: u8 = 4;
-
-/// The handler's shared state: what to do, and what it did when.
-struct Probe {
-    table: String,
-    mode: AtomicU8,
-    /// How long an `OK` run sleeps after its insert.
-    delay_ms: AtomicU64,
-    runs: AtomicUsize,
-    started: Mutex<Vec<Instant>>,
-    ended: Mutex<Vec<Instant>>,
-    started_signal: tokio::sync::Notify,
-}
-
-impl Probe {
-    fn new(table: &str) -> Arc<Self> {
-        Arc::new(Self {
-            table: table.to_owned(),
-            mode: AtomicU8::new(OK),
-            delay_ms: AtomicU64::new(0),
-            runs: AtomicUsize::new(0),
-            started: Mutex::default(),
-            ended: Mutex::default(),
-            started_signal: tokio::sync::Notify::new(),
-        })
-    }
-
-    fn set(&self, mode: u8, delay: Duration) {
-        self.mode.store(mode, Ordering::SeqCst);
-        self.delay_ms
-            .store(delay.as_millis() as u64, Ordering::SeqCst);
-    }
-
-    fn runs(&self) -> usize {
-        self.runs.load(Ordering::SeqCst)
-    }
-
-    /// Waits until `n` runs have started.
-    async fn started(&self, n: usize) {
-        loop {
-            let notified = self.started_signal.notified();
-            if self.started.lock().unwrap().len() >= n {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
 /// Inserts one row (the request body as its note) in the request's
 /// transaction, then answers as the probe says.
-async fn pay<D: Db>(
+async fn pay<D: FixtureDb>(
     State(probe): State<Arc<Probe>>,
-    mut tx: Transaction<D>,
+    mut tx: Transaction<sqlx::Transaction<'static, D>>,
     body: Bytes,
 ) -> Response {
-    let run = probe.runs.fetch_add(1, Ordering::SeqCst) + 1;
-    probe.started.lock().unwrap().push(Instant::now());
-    probe.started_signal.notify_waiters();
-    let note = String::from_utf8_lossy(&body).into_owned();
-    D::insert(&mut tx, &probe.table, &note).await;
-    let answer = match probe.mode.load(Ordering::SeqCst) {
-        FAIL => (StatusCode::INTERNAL_SERVER_ERROR, "failed".to_owned()).into_response(),
-        PANIC => panic!("the test handler panics after its insert"),
-        BUSY => (StatusCode::TOO_MANY_REQUESTS, "busy".to_owned()).into_response(),
-        SLOW => {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            (StatusCode::CREATED, format!("slow run {run}")).into_response()
-        }
-        _ => {
-            let delay = probe.delay_ms.load(Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-            (StatusCode::CREATED, format!("paid {note} run {run}")).into_response()
-        }
-    };
-    probe.ended.lock().unwrap().push(Instant::now());
-    answer
+    let (status, body) = probe.run::<D>(&mut tx, &body).await;
+    (StatusCode::from_u16(status).expect("a status"), body).into_response()
 }
 
 fn config() -> idempotency_core::IdempotencyConfigBuilder {
@@ -283,26 +57,22 @@ fn config() -> idempotency_core::IdempotencyConfigBuilder {
         .ttl(Duration::from_secs(120))
 }
 
-fn app<D: Db>(engine: Idempotency, probe: &Arc<Probe>) -> Router {
+fn app<D: FixtureDb>(engine: Idempotency, probe: &Arc<Probe>) -> Router {
     Router::new()
         .route("/p", post(pay::<D>))
         .layer(IdempotencyLayer::new(engine))
         .with_state(Arc::clone(probe))
 }
 
-fn transactional<D: Db>(fixture: &Fixture<D>, config: IdempotencyConfig) -> Idempotency {
+fn transactional<D: FixtureDb>(fixture: &Fixture<D>, config: IdempotencyConfig) -> Idempotency {
     Idempotency::transactional(fixture.store.clone(), config)
 }
 
 // -------------------------------------------------------------- the client
 
-/// This run's prefix of every key: PostgreSQL's advisory locks are shared
-/// by the whole database, whatever the schema (see
-/// `same_key_in_two_schemas_is_independent`), so another test binary
-/// running at the same time must not use the same keys.
+/// This run's prefix of every key (see [`run_prefix`]).
 fn run() -> &'static str {
-    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    RUN.get_or_init(|| unique("tower"))
+    run_prefix("tower")
 }
 
 /// A POST to `/p`; `key` is unique to its test (prefixed with [`run`]).
@@ -314,38 +84,6 @@ fn request(key: &str, body: &str) -> Request<Body> {
         .header("content-type", "text/plain")
         .body(Body::from(body.to_owned()))
         .expect("request")
-}
-
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    replayed: bool,
-    retry_after: Option<String>,
-    content_type: Option<String>,
-    body: Bytes,
-    /// When the response (head and body) was in.
-    at: Instant,
-}
-
-impl Answer {
-    fn problem_type(&self) -> String {
-        let json: serde_json::Value = serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON: {:?}", self.body));
-        json["type"].as_str().unwrap_or_default().to_owned()
-    }
-
-    fn assert_problem(&self, status: u16, kind: &str) {
-        assert_eq!(self.status.as_u16(), status, "{self:?}");
-        assert_eq!(
-            self.content_type.as_deref(),
-            Some("application/problem+json"),
-            "{self:?}"
-        );
-        assert_eq!(
-            self.problem_type(),
-            format!("urn:idempotency:problem:{kind}")
-        );
-    }
 }
 
 /// Sends one request; `None` when the app panicked (caught where the
@@ -360,14 +98,7 @@ async fn try_send(app: &Router, req: Request<Body>) -> Option<Answer> {
             .map(str::to_owned)
     };
     let body = body.collect().await.expect("body").to_bytes();
-    Some(Answer {
-        status: head.status,
-        replayed: header("idempotent-replayed").as_deref() == Some("true"),
-        retry_after: header("retry-after"),
-        content_type: header("content-type"),
-        body,
-        at: Instant::now(),
-    })
+    Some(Answer::new(head.status.as_u16(), header, body))
 }
 
 async fn send(app: &Router, req: Request<Body>) -> Answer {
@@ -405,7 +136,7 @@ on_both!(
 
 // ----------------------------------------------------------------- 1
 
-async fn fresh_replay_and_mismatch<D: Db>(test: &str) {
+async fn fresh_replay_and_mismatch<D: FixtureDb>(test: &str) {
     let Some(fx) = D::open(test, 4).await else {
         return;
     };
@@ -416,7 +147,7 @@ async fn fresh_replay_and_mismatch<D: Db>(test: &str) {
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
     assert!(!first.replayed);
     assert_eq!(first.body, "paid amount=100 run 1");
-    assert_eq!(D::rows(&fx).await, 1);
+    assert_eq!(fx.rows().await, 1);
 
     let retry = send(&app, request("k1", "amount=100")).await;
     assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
@@ -424,20 +155,20 @@ async fn fresh_replay_and_mismatch<D: Db>(test: &str) {
     assert_eq!(retry.body, first.body);
     assert_eq!(retry.content_type, first.content_type);
     assert_eq!(
-        (probe.runs(), D::rows(&fx).await),
+        (probe.runs(), fx.rows().await),
         (1, 1),
         "the retry wrote nothing"
     );
 
     let other = send(&app, request("k1", "amount=999")).await;
     other.assert_problem(422, "key-reused");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
+    fx.cleanup().await;
 }
 
 // ----------------------------------------------------------------- 2
 
-async fn concurrent_duplicates_write_one_row<D: Db>(test: &str) {
+async fn concurrent_duplicates_write_one_row<D: FixtureDb>(test: &str) {
     const N: usize = 16;
     let Some(fx) = D::open(test, 10).await else {
         return;
@@ -478,7 +209,7 @@ async fn concurrent_duplicates_write_one_row<D: Db>(test: &str) {
         c.assert_problem(409, "in-flight");
         assert!(c.retry_after.is_some(), "409 without Retry-After: {c:?}");
     }
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
 
     // Every 409 came back while the first was still in its handler.
     let start = probe.started.lock().unwrap()[0];
@@ -504,8 +235,8 @@ async fn concurrent_duplicates_write_one_row<D: Db>(test: &str) {
         "{retry:?}"
     );
     assert_eq!(retry.body, created[0].body);
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
+    fx.cleanup().await;
 }
 
 // ----------------------------------------------------------------- 3
@@ -516,10 +247,10 @@ async fn concurrent_duplicates_write_one_row<D: Db>(test: &str) {
 async fn two_instances_write_one_row() {
     const N: usize = 24;
     let test = "two_instances_write_one_row";
-    let Some(fx) = <sqlx::Postgres as Db>::open(test, 10).await else {
+    let Some(fx) = <sqlx::Postgres as FixtureDb>::open(test, 10).await else {
         return;
     };
-    let url = database_url(test).unwrap();
+    let url = test_support::service_url("DATABASE_URL", test).unwrap();
     let second =
         PostgresStore::connect_with(&url, PostgresOptions::new().schema(fx.store.schema()))
             .await
@@ -561,16 +292,13 @@ async fn two_instances_write_one_row() {
         "{:?}",
         answers.iter().map(|a| a.status).collect::<Vec<_>>()
     );
-    assert_eq!(
-        (probe.runs(), <sqlx::Postgres as Db>::rows(&fx).await),
-        (1, 1)
-    );
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
     for app in &apps {
         let retry = send(app, request("two", "amount=100")).await;
         assert!(retry.replayed, "{retry:?}");
     }
     second.pool().close().await;
-    <sqlx::Postgres as Db>::cleanup(fx).await;
+    fx.cleanup().await;
 }
 
 /// Two stores on two schemas of one database are independent: the same
@@ -583,8 +311,8 @@ async fn two_instances_write_one_row() {
 async fn same_key_in_two_schemas_is_independent() {
     let test = "same_key_in_two_schemas_is_independent";
     let (Some(one), Some(two)) = (
-        <sqlx::Postgres as Db>::open(test, 4).await,
-        <sqlx::Postgres as Db>::open(test, 4).await,
+        <sqlx::Postgres as FixtureDb>::open(test, 4).await,
+        <sqlx::Postgres as FixtureDb>::open(test, 4).await,
     ) else {
         return;
     };
@@ -597,12 +325,9 @@ async fn same_key_in_two_schemas_is_independent() {
     let other = send(&app2, request("schemas", "amount=100")).await;
     let first = first.await.expect("task");
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
-    let rows = (
-        <sqlx::Postgres as Db>::rows(&one).await,
-        <sqlx::Postgres as Db>::rows(&two).await,
-    );
-    <sqlx::Postgres as Db>::cleanup(one).await;
-    <sqlx::Postgres as Db>::cleanup(two).await;
+    let rows = (one.rows().await, two.rows().await);
+    one.cleanup().await;
+    two.cleanup().await;
     assert_eq!(
         other.status,
         StatusCode::CREATED,
@@ -615,7 +340,7 @@ async fn same_key_in_two_schemas_is_independent() {
 
 // ----------------------------------------------------------------- 4
 
-async fn server_error_rolls_back<D: Db>(test: &str) {
+async fn server_error_rolls_back<D: FixtureDb>(test: &str) {
     let Some(fx) = D::open(test, 4).await else {
         return;
     };
@@ -626,7 +351,7 @@ async fn server_error_rolls_back<D: Db>(test: &str) {
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(failed.body, "failed");
     assert_eq!(
-        (probe.runs(), D::rows(&fx).await),
+        (probe.runs(), fx.rows().await),
         (1, 0),
         "the insert was rolled back"
     );
@@ -638,14 +363,14 @@ async fn server_error_rolls_back<D: Db>(test: &str) {
         !retry.replayed,
         "the record was rolled back too: the retry runs"
     );
-    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
+    assert_eq!((probe.runs(), fx.rows().await), (2, 1));
     let again = send(&app, request("e", "amount=100")).await;
     assert!(again.replayed && again.body == retry.body, "{again:?}");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (2, 1));
+    fx.cleanup().await;
 }
 
-async fn transient_4xx_rolls_back<D: Db>(test: &str) {
+async fn transient_4xx_rolls_back<D: FixtureDb>(test: &str) {
     let Some(fx) = D::open(test, 4).await else {
         return;
     };
@@ -654,18 +379,18 @@ async fn transient_4xx_rolls_back<D: Db>(test: &str) {
     probe.set(BUSY, Duration::ZERO);
     let busy = send(&app, request("busy", "amount=100")).await;
     assert_eq!(busy.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 0), "rolled back");
+    assert_eq!((probe.runs(), fx.rows().await), (1, 0), "rolled back");
     probe.set(OK, Duration::ZERO);
     let retry = send(&app, request("busy", "amount=100")).await;
     assert!(
         retry.status == StatusCode::CREATED && !retry.replayed,
         "{retry:?}"
     );
-    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (2, 1));
+    fx.cleanup().await;
 }
 
-async fn panic_rolls_back<D: Db>(test: &str) {
+async fn panic_rolls_back<D: FixtureDb>(test: &str) {
     let Some(fx) = D::open(test, 4).await else {
         return;
     };
@@ -677,7 +402,7 @@ async fn panic_rolls_back<D: Db>(test: &str) {
         "the handler's panic propagates"
     );
     assert_eq!(
-        (probe.runs(), D::rows(&fx).await),
+        (probe.runs(), fx.rows().await),
         (1, 0),
         "the insert was rolled back"
     );
@@ -686,13 +411,13 @@ async fn panic_rolls_back<D: Db>(test: &str) {
     let retry = send(&app, request("p", "amount=100")).await;
     assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
     assert!(!retry.replayed);
-    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (2, 1));
+    fx.cleanup().await;
 }
 
 /// A response over the stored-response limit: the effect commits (the
 /// client got its answer) with a record that cannot replay: 410.
-async fn too_large_response_commits_not_replayable<D: Db>(test: &str) {
+async fn too_large_response_commits_not_replayable<D: FixtureDb>(test: &str) {
     let Some(fx) = D::open(test, 4).await else {
         return;
     };
@@ -702,16 +427,16 @@ async fn too_large_response_commits_not_replayable<D: Db>(test: &str) {
     let first = send(&app, request("big", "amount=100")).await;
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
     assert_eq!(first.body, "paid amount=100 run 1", "the full body");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
     let retry = send(&app, request("big", "amount=100")).await;
     retry.assert_problem(410, "not-replayable");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
+    fx.cleanup().await;
 }
 
 /// With `wait_for_in_flight`, duplicates wait for the first and get its
 /// replay instead of a 409.
-async fn waiting_duplicates_get_the_replay<D: Db>(test: &str) {
+async fn waiting_duplicates_get_the_replay<D: FixtureDb>(test: &str) {
     const N: usize = 8;
     let Some(fx) = D::open(test, 10).await else {
         return;
@@ -746,13 +471,13 @@ async fn waiting_duplicates_get_the_replay<D: Db>(test: &str) {
             "{a:?}"
         );
     }
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
-    D::cleanup(fx).await;
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
+    fx.cleanup().await;
 }
 
 // ----------------------------------------------------------------- 5
 
-async fn transaction_timeout_rolls_back<D: Db>(test: &str) {
+async fn transaction_timeout_rolls_back<D: FixtureDb>(test: &str) {
     let Some(fx) = D::open(test, 4).await else {
         return;
     };
@@ -769,7 +494,7 @@ async fn transaction_timeout_rolls_back<D: Db>(test: &str) {
     timed_out.assert_problem(503, "transaction-timeout");
     assert!(timed_out.retry_after.is_some());
     assert!(took < Duration::from_secs(1), "503 after {took:?}");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 0), "rolled back");
+    assert_eq!((probe.runs(), fx.rows().await), (1, 0), "rolled back");
 
     probe.set(OK, Duration::ZERO);
     let retry = send(&app, request("t", "amount=100")).await;
@@ -778,14 +503,14 @@ async fn transaction_timeout_rolls_back<D: Db>(test: &str) {
         !retry.replayed,
         "the record was rolled back: the retry runs"
     );
-    assert_eq!((probe.runs(), D::rows(&fx).await), (2, 1));
+    assert_eq!((probe.runs(), fx.rows().await), (2, 1));
     eprintln!("{test}: 503 transaction-timeout after {took:?}");
-    D::cleanup(fx).await;
+    fx.cleanup().await;
 }
 
 // ----------------------------------------------------------------- 6
 
-async fn pool_exhaustion_is_503_within_the_store_timeout<D: Db>(test: &str) {
+async fn pool_exhaustion_is_503_within_the_store_timeout<D: FixtureDb>(test: &str) {
     let Some(fx) = D::open(test, 1).await else {
         return;
     };
@@ -810,14 +535,14 @@ async fn pool_exhaustion_is_503_within_the_store_timeout<D: Db>(test: &str) {
     assert_eq!(probe.runs(), 1, "b's handler never ran");
     let a = a.await.expect("task");
     assert_eq!(a.status, StatusCode::CREATED, "{a:?}");
-    assert_eq!((probe.runs(), D::rows(&fx).await), (1, 1));
+    assert_eq!((probe.runs(), fx.rows().await), (1, 1));
     eprintln!("{test}: 503 store-unavailable after {took:?}");
-    D::cleanup(fx).await;
+    fx.cleanup().await;
 }
 
 // ----------------------------------------------------------------- 7
 
-async fn extractor_without_a_transaction_is_500<D: Db>(test: &str) {
+async fn extractor_without_a_transaction_is_500<D: FixtureDb>(test: &str) {
     let probe = Probe::new("never_written");
     let check = |a: Answer, what: &str| {
         a.assert_problem(500, "internal");
@@ -849,7 +574,8 @@ async fn extractor_without_a_transaction_is_500<D: Db>(test: &str) {
 /// other's transaction: 500, nothing written, the record not kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extractor_of_another_database_is_500() {
-    let Some(fx) = <sqlx::Sqlite as Db>::open("extractor_of_another_database_is_500", 2).await
+    let Some(fx) =
+        <sqlx::Sqlite as FixtureDb>::open("extractor_of_another_database_is_500", 2).await
     else {
         return;
     };
@@ -859,10 +585,7 @@ async fn extractor_of_another_database_is_500() {
         let a = send(&app, request("x", "amount=1")).await;
         a.assert_problem(500, "internal");
     }
-    assert_eq!(
-        (probe.runs(), <sqlx::Sqlite as Db>::rows(&fx).await),
-        (0, 0)
-    );
+    assert_eq!((probe.runs(), fx.rows().await), (0, 0));
 }
 
 // ----------------------------------------------------------------- 8
@@ -1018,7 +741,7 @@ async fn one_commit_per_fresh_request_none_per_replay() {
     use sqlx::postgres::PgConnectOptions;
     use std::str::FromStr;
     let test = "one_commit_per_fresh_request_none_per_replay";
-    let Some(url) = database_url(test) else {
+    let Some(url) = test_support::service_url("DATABASE_URL", test) else {
         return;
     };
     let options = PgConnectOptions::from_str(&url).expect("DATABASE_URL");
@@ -1030,7 +753,7 @@ async fn one_commit_per_fresh_request_none_per_replay() {
         proxy.port,
         options.get_database().unwrap_or("postgres"),
     );
-    let schema = unique("idem_tx_wire");
+    let schema = test_support::unique("idem_tx_wire");
     // One connection: every statement below goes over it, prepared once.
     let store = PostgresStore::connect_with(
         &proxied,
@@ -1038,18 +761,7 @@ async fn one_commit_per_fresh_request_none_per_replay() {
     )
     .await
     .expect("connect through the proxy");
-    let table = format!("\"{schema}\".effects");
-    sqlx::query(&format!(
-        "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, note TEXT NOT NULL)"
-    ))
-    .execute(store.pool())
-    .await
-    .expect("create table");
-    let fx = Fixture::<sqlx::Postgres> {
-        store: store.clone(),
-        table,
-        _file: None,
-    };
+    let fx = Fixture::on_postgres(store.clone()).await;
     let probe = Probe::new(&fx.table);
     let app = app::<sqlx::Postgres>(transactional(&fx, config().build().unwrap()), &probe);
     let settle = || tokio::time::sleep(Duration::from_millis(100));
@@ -1101,6 +813,6 @@ async fn one_commit_per_fresh_request_none_per_replay() {
         );
     }
     assert_eq!(probe.runs(), 4);
-    assert_eq!(<sqlx::Postgres as Db>::rows(&fx).await, 4);
-    <sqlx::Postgres as Db>::cleanup(fx).await;
+    assert_eq!(fx.rows().await, 4);
+    fx.cleanup().await;
 }

@@ -28,7 +28,7 @@ use clap::{Parser, ValueEnum};
 use examples::{ResultExt, StartError};
 use outbox::nats::NatsPublisher;
 use outbox::rabbitmq::RabbitMqPublisher;
-use outbox::{Event, Outgoing, PublishError, Publisher, Relay, RelayConfig};
+use outbox::{Event, Outgoing, PostgresRelay, PublishError, Publisher, RelayConfig};
 
 const STREAM: &str = "PAYMENTS";
 const SUBJECTS: &str = "payments.>";
@@ -209,7 +209,7 @@ async fn relay<P: Publisher>(
     config: RelayConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let relay = Relay::new(pool, publisher, config);
+    let relay = PostgresRelay::new(pool, publisher, config);
     let started = Instant::now();
     relay
         .run(shutdown)

@@ -40,7 +40,7 @@ async fn create_payment(
 async fn create_payment_in<DB: PaymentsDatabase>(
     payments: web::Data<Payments>,
     delay: web::Data<HandlerDelay>,
-    mut tx: Transaction<DB>,
+    mut tx: Transaction<sqlx::Transaction<'static, DB>>,
     body: web::Bytes,
 ) -> HttpResponse {
     let payment = match examples::new_payment(&body) {
@@ -163,7 +163,7 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
     });
     tracing::info!(
         listen = ?addrs,
-        store = %idempotency_core::store::redact(&args.store),
+        store = %idempotency_core::redact(&args.store),
         idempotency = !args.no_idempotency,
         transactional = args.transactional,
         outbox = args.outbox,

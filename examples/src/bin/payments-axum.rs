@@ -37,7 +37,7 @@ async fn create_payment(State(app): State<App>, body: Bytes) -> Response {
 /// middleware commits with the record after this returns.
 async fn create_payment_in<DB: PaymentsDatabase>(
     State(app): State<App>,
-    mut tx: Transaction<DB>,
+    mut tx: Transaction<sqlx::Transaction<'static, DB>>,
     body: Bytes,
 ) -> Response {
     let payment = match examples::new_payment(&body) {
@@ -119,7 +119,7 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
         .context(format!("could not listen on {} (--listen)", args.listen))?;
     tracing::info!(
         listen = %listener.local_addr()?,
-        store = %idempotency_core::store::redact(&args.store),
+        store = %idempotency_core::redact(&args.store),
         idempotency = !args.no_idempotency,
         transactional = args.transactional,
         outbox = args.outbox,
