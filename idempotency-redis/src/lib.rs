@@ -1,4 +1,5 @@
-//! The Redis store (feature `redis`): many instances share one view of the
+//! The Redis store of idempotent HTTP APIs ([`idempotency_core`]): many
+//! instances share one view of the
 //! records, and they survive a restart of the service (and of Redis, as far as
 //! Redis's own persistence goes). One Redis server, or a Redis Cluster.
 //!

@@ -222,7 +222,7 @@ impl RedisStore {
         key
     }
 
-    /// Loads the four scripts into Redis's script cache (`SCRIPT LOAD`; on a
+    /// Loads the five scripts into Redis's script cache (`SCRIPT LOAD`; on a
     /// cluster into every node), so that the first requests need no
     /// `NOSCRIPT` fallback.
     ///

@@ -13,7 +13,6 @@
 #![forbid(unsafe_code)]
 #![allow(missing_docs)]
 
-mod engine;
 mod env;
 pub mod model;
 pub mod recorder;
@@ -25,8 +24,8 @@ mod transactional;
 pub mod watching;
 mod wire;
 
-pub use engine::decide;
 pub use env::{bounded, eventually, service_url, unique, TempDb, LIMIT};
+pub use idempotency_core::conformance::decide;
 pub use idempotency_core::conformance::{Hook, Hooked, Op};
 pub use redis_server::{wait_for_pong, RedisServer};
 pub use staged::{Staged, StagedStore};

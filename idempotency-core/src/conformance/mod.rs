@@ -49,6 +49,7 @@ mod watch;
 
 pub use hooked::{Hook, Hooked, Op};
 pub use transactional::TransactionalConformance;
+pub use watch::decide;
 
 /// How many claimers race for one record in the concurrency cases.
 pub const CONCURRENT_CLAIMERS: usize = 64;

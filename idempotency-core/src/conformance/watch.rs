@@ -194,8 +194,9 @@ impl Conformance {
     }
 }
 
-/// The engine's decision for a `POST /payments` with `key`.
-async fn decide(engine: &Idempotency, key: &str) -> Decision {
+/// The engine's decision for a `POST /payments` with `key` and the body
+/// `{"amount":1}`, as a test makes it.
+pub async fn decide(engine: &Idempotency, key: &str) -> Decision {
     let (parts, ()) = http::Request::post("/payments")
         .header("idempotency-key", key)
         .body(())
