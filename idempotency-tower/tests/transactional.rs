@@ -590,150 +590,8 @@ async fn extractor_of_another_database_is_500() {
 
 // ----------------------------------------------------------------- 8
 
-/// A TCP proxy that reads the PostgreSQL frontend protocol and counts
-/// flights (client bytes after the server last spoke), statement flights
-/// (those with an Execute or a simple Query), and the simple queries' text.
-mod wire {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    #[derive(Debug, Default, Clone, PartialEq, Eq)]
-    pub struct Counts {
-        pub flights: u64,
-        pub statement_flights: u64,
-        pub executes: u64,
-        pub parses: u64,
-        /// The text of every simple query ('Q'), in order.
-        pub queries: Vec<String>,
-    }
-
-    impl Counts {
-        pub fn since(&self, before: &Counts) -> Counts {
-            Counts {
-                flights: self.flights - before.flights,
-                statement_flights: self.statement_flights - before.statement_flights,
-                executes: self.executes - before.executes,
-                parses: self.parses - before.parses,
-                queries: self.queries[before.queries.len()..].to_vec(),
-            }
-        }
-
-        pub fn simple(&self, word: &str) -> usize {
-            self.queries
-                .iter()
-                .filter(|q| {
-                    q.trim_start()
-                        .get(..word.len())
-                        .is_some_and(|w| w.eq_ignore_ascii_case(word))
-                })
-                .count()
-        }
-    }
-
-    pub struct Proxy {
-        pub port: u16,
-        pub counts: Arc<Mutex<Counts>>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl Drop for Proxy {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
-    }
-
-    impl Proxy {
-        pub async fn start(upstream: String) -> Self {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let port = listener.local_addr().expect("addr").port();
-            let counts = Arc::new(Mutex::new(Counts::default()));
-            let c = Arc::clone(&counts);
-            let task = tokio::spawn(async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    if let Ok(server) = TcpStream::connect(&upstream).await {
-                        tokio::spawn(pipe(client, server, Arc::clone(&c)));
-                    }
-                }
-            });
-            Self { port, counts, task }
-        }
-
-        pub fn counts(&self) -> Counts {
-            self.counts.lock().unwrap().clone()
-        }
-    }
-
-    async fn pipe(client: TcpStream, server: TcpStream, counts: Arc<Mutex<Counts>>) {
-        let _ = (client.set_nodelay(true), server.set_nodelay(true));
-        let (mut cr, mut cw) = client.into_split();
-        let (mut sr, mut sw) = server.into_split();
-        let server_last = Arc::new(AtomicBool::new(true));
-        let s_last = Arc::clone(&server_last);
-        let up = async move {
-            let (mut buf, mut pending) = (vec![0u8; 64 * 1024], Vec::new());
-            let (mut started, mut statement) = (false, false);
-            while let Ok(n @ 1..) = cr.read(&mut buf).await {
-                // Counted before forwarding: no answer (so no next flight) before this.
-                {
-                    let mut c = counts.lock().unwrap();
-                    if server_last.swap(false, Ordering::SeqCst) {
-                        c.flights += 1;
-                        statement = false;
-                    }
-                    pending.extend_from_slice(&buf[..n]);
-                    // The untyped startup message first, then `type + i32 length` frames.
-                    loop {
-                        let (at, typed) = if started { (1, true) } else { (0, false) };
-                        let Some(len) = pending.get(at..at + 4) else {
-                            break;
-                        };
-                        let len = i32::from_be_bytes(len.try_into().unwrap()) as usize;
-                        if pending.len() < at + len {
-                            break;
-                        }
-                        let frame: Vec<u8> = pending.drain(..at + len).collect();
-                        started = true;
-                        if !typed {
-                            continue;
-                        }
-                        match frame[0] {
-                            b'Q' => {
-                                let text = &frame[5..frame.len().saturating_sub(1).max(5)];
-                                c.queries.push(String::from_utf8_lossy(text).into_owned());
-                            }
-                            b'E' => c.executes += 1,
-                            b'P' => c.parses += 1,
-                            _ => continue,
-                        }
-                        if matches!(frame[0], b'Q' | b'E') && !statement {
-                            statement = true;
-                            c.statement_flights += 1;
-                        }
-                    }
-                }
-                if sw.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-            let _ = sw.shutdown().await;
-        };
-        let down = async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n @ 1..) = sr.read(&mut buf).await {
-                s_last.store(true, Ordering::SeqCst);
-                if cw.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-            let _ = cw.shutdown().await;
-        };
-        tokio::join!(up, down);
-    }
-}
-
-/// Through the proxy: a fresh request is ONE commit (the handler's insert
+/// Through a proxy that reads the PostgreSQL frontend protocol
+/// (`test_support::CountingProxy`): a fresh request is ONE commit (the handler's insert
 /// and the record together), a replay none and no transaction at all, one
 /// statement round trip (the snapshot read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,7 +603,11 @@ async fn one_commit_per_fresh_request_none_per_replay() {
         return;
     };
     let options = PgConnectOptions::from_str(&url).expect("DATABASE_URL");
-    let proxy = wire::Proxy::start(format!("{}:{}", options.get_host(), options.get_port())).await;
+    let proxy = test_support::CountingProxy::start(
+        format!("{}:{}", options.get_host(), options.get_port()),
+        true,
+    )
+    .await;
     // Plain text, so that the proxy can read it (the proxy URL carries no password).
     let proxied = format!(
         "postgres://{}@127.0.0.1:{}/{}?sslmode=disable",
@@ -777,15 +639,15 @@ async fn one_commit_per_fresh_request_none_per_replay() {
     let mut printed = false;
     for i in 0..3 {
         let key = format!("wire-{i}");
-        let before = proxy.counts();
+        let before = proxy.counts.wire();
         let fresh = send(&app, request(&key, "amount=100")).await;
         assert_eq!(fresh.status, StatusCode::CREATED, "{fresh:?}");
         settle().await;
-        let mid = proxy.counts();
+        let mid = proxy.counts.wire();
         let replay = send(&app, request(&key, "amount=100")).await;
         assert!(replay.replayed, "{replay:?}");
         settle().await;
-        let after = proxy.counts();
+        let after = proxy.counts.wire();
         let (f, r) = (mid.since(&before), after.since(&mid));
         if !printed {
             eprintln!("{test}: fresh request on the wire: {f:?}");

@@ -20,9 +20,60 @@ pub struct Counts {
     /// PostgreSQL flights that carried at least one Execute or Query message
     /// (round trips that run statements, as opposed to bare `Sync` pings).
     pub pg_statement_flights: AtomicU64,
+    /// The text of every PostgreSQL simple query ('Q'), in order.
+    pub pg_queries: std::sync::Mutex<Vec<String>>,
+}
+
+/// What a [`CountingProxy`] had seen at one moment: subtract two with
+/// [`Wire::since`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Wire {
+    pub flights: u64,
+    pub statement_flights: u64,
+    pub executes: u64,
+    pub parses: u64,
+    /// The text of every simple query ('Q'), in order.
+    pub queries: Vec<String>,
+}
+
+impl Wire {
+    /// What happened between `before` and this.
+    pub fn since(&self, before: &Wire) -> Wire {
+        Wire {
+            flights: self.flights - before.flights,
+            statement_flights: self.statement_flights - before.statement_flights,
+            executes: self.executes - before.executes,
+            parses: self.parses - before.parses,
+            queries: self.queries[before.queries.len()..].to_vec(),
+        }
+    }
+
+    /// How many simple queries start with `word` (case-insensitive):
+    /// `COMMIT`, `BEGIN`, ...
+    pub fn simple(&self, word: &str) -> usize {
+        self.queries
+            .iter()
+            .filter(|q| {
+                q.trim_start()
+                    .get(..word.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(word))
+            })
+            .count()
+    }
 }
 
 impl Counts {
+    /// Everything so far, simple queries included.
+    pub fn wire(&self) -> Wire {
+        Wire {
+            flights: self.flights.load(Ordering::SeqCst),
+            statement_flights: self.pg_statement_flights.load(Ordering::SeqCst),
+            executes: self.pg_execute.load(Ordering::SeqCst),
+            parses: self.pg_parse.load(Ordering::SeqCst),
+            queries: self.pg_queries.lock().unwrap().clone(),
+        }
+    }
+
     pub fn snapshot(&self) -> [u64; 5] {
         [
             self.flights.load(Ordering::SeqCst),
@@ -94,7 +145,10 @@ async fn pipe(client: TcpStream, server: TcpStream, counts: Arc<Counts>, postgre
                     flight_has_statement = false;
                 }
                 if postgres {
-                    for ty in parser.feed(&buf[..n]) {
+                    for (ty, query) in parser.feed(&buf[..n]) {
+                        if let Some(query) = query {
+                            counts.pg_queries.lock().unwrap().push(query);
+                        }
                         match ty {
                             b'E' => counts.pg_execute.fetch_add(1, Ordering::SeqCst),
                             b'Q' => counts.pg_query.fetch_add(1, Ordering::SeqCst),
@@ -132,7 +186,8 @@ async fn pipe(client: TcpStream, server: TcpStream, counts: Arc<Counts>, postgre
 }
 
 /// Splits the PostgreSQL frontend stream into messages: first the untyped
-/// startup message, then `type byte + i32 length` frames.
+/// startup message, then `type byte + i32 length` frames; each comes out as
+/// its type, and a simple query ('Q') with its text.
 #[derive(Default)]
 struct PgParser {
     started: bool,
@@ -140,7 +195,7 @@ struct PgParser {
 }
 
 impl PgParser {
-    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<(u8, Option<String>)> {
         self.pending.extend_from_slice(bytes);
         let mut types = Vec::new();
         loop {
@@ -163,8 +218,12 @@ impl PgParser {
             if self.pending.len() < 1 + len {
                 break;
             }
-            types.push(self.pending[0]);
-            self.pending.drain(..1 + len);
+            let frame: Vec<u8> = self.pending.drain(..1 + len).collect();
+            let query = (frame[0] == b'Q').then(|| {
+                let text = &frame[5..frame.len().saturating_sub(1).max(5)];
+                String::from_utf8_lossy(text).into_owned()
+            });
+            types.push((frame[0], query));
         }
         types
     }
