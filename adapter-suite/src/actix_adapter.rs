@@ -95,7 +95,7 @@ pub async fn read_response<B: MessageBody>(res: ServiceResponse<B>) -> SuiteResp
 }
 
 /// Builds the actix request of a suite request. A body with a declared
-/// `Content-Length` is one chunk; without, it is streamed in [`CHUNK`]s.
+/// `Content-Length` is one chunk; without, it is streamed in chunks of 256 bytes.
 pub fn to_request(req: SuiteRequest) -> Request {
     let method = Method::from_bytes(req.method.as_bytes()).expect("suite method is valid");
     let mut builder = test::TestRequest::default().method(method).uri(&req.uri);

@@ -55,8 +55,8 @@ pub async fn send(router: &Router, req: http::Request<Body>) {
     std::hint::black_box(body);
 }
 
-/// The actix-web counterparts of [`handler`](crate::handler) and
-/// [`request`](crate::request).
+/// The actix-web counterparts of [`handler`] and
+/// [`request`].
 pub mod actix {
     use actix_web::body::MessageBody;
     use actix_web::dev::{Service, ServiceResponse};

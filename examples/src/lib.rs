@@ -43,7 +43,7 @@ pub struct PaymentsArgs {
     #[arg(long, conflicts_with = "no_idempotency")]
     pub transactional: bool,
     /// With --transactional: also enqueue one event per payment (destination
-    /// `payments`, JSON {"account": <payment id>, "amount": <amount>}) to the
+    /// `payments`, JSON `{"account": <payment id>, "amount": <amount>}`) to the
     /// transactional outbox, in the same transaction; run outbox-relay to
     /// publish it.
     #[arg(long)]

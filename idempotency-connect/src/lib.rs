@@ -110,7 +110,7 @@ pub enum ConnectError {
 
 /// Connects the store named by `url`:
 ///
-/// - `memory`: a [`MemoryStore`](idempotency_core::MemoryStore) of the default capacity;
+/// - `memory`: a [`MemoryStore`] of the default capacity;
 /// - `sqlite://PATH` (relative), `sqlite:///PATH` (absolute): a
 ///   [`SqliteStore`](stores::SqliteStore) (feature `sqlite`), the file created
 ///   and migrated when needed;
@@ -119,7 +119,7 @@ pub enum ConnectError {
 /// - `redis+cluster://HOST:PORT[,HOST:PORT...]`: a
 ///   [`RedisStore`](stores::RedisStore) on a Redis Cluster (feature `redis`),
 ///   from its seed nodes; a list without a usable node is refused with a
-///   [`StoreError::Config`](idempotency_core::StoreError::Config) that says what is wrong;
+///   [`StoreError::Config`] that says what is wrong;
 /// - `postgres://...`, `postgresql://...`: a
 ///   [`PostgresStore`](stores::PostgresStore) (feature `postgres`), schema
 ///   `idempotency`, migrated.

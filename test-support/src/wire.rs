@@ -99,7 +99,7 @@ impl Drop for CountingProxy {
 }
 
 impl CountingProxy {
-    /// Proxies 127.0.0.1:<port> to `upstream`. With `postgres`, it also
+    /// Proxies `127.0.0.1:<port>` to `upstream`. With `postgres`, it also
     /// parses the frontend protocol (use `sslmode=disable`).
     pub async fn start(upstream: String, postgres: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

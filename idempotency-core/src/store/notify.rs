@@ -180,7 +180,7 @@ pub const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5)
 /// A shared store's notifications (Redis pub/sub, PostgreSQL `LISTEN`): the
 /// waiters of this process, and the one listener task that wakes them,
 /// started on the first watch, started again (at most every
-/// [`RESTART_AFTER`]) when its first connection failed, and ended when this
+/// second) when its first connection failed, and ended when this
 /// is dropped. One per store, shared by its clones.
 pub struct Listener {
     /// The waiters its task wakes.
