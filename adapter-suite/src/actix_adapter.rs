@@ -12,7 +12,7 @@ use actix_web::{test, web, App, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use futures_util::stream::Stream;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use idempotency_actix::IdempotencyMiddleware;
 use idempotency_core::Idempotency;
 use std::panic::AssertUnwindSafe;
@@ -50,6 +50,7 @@ async fn serve(backend: web::Data<Backend>, req: HttpRequest, body: web::Bytes) 
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect(),
         body,
+        stall: false,
     };
     let res = backend.handle(suite_req).await;
     let mut out = HttpResponse::build(
@@ -107,7 +108,13 @@ pub fn to_request(req: SuiteRequest) -> Request {
         builder = builder.append_header((name, value));
     }
     let request = builder.to_request();
-    let payload = if declared {
+    let payload = if req.stall {
+        // The bytes, then a payload that never ends.
+        let bytes = futures_util::stream::iter([Ok::<_, PayloadError>(req.body)]);
+        let stream: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> =
+            Box::pin(bytes.chain(futures_util::stream::pending()));
+        Payload::from(stream)
+    } else if declared {
         Payload::from(req.body)
     } else {
         let chunks: Vec<Result<Bytes, PayloadError>> = req

@@ -689,6 +689,65 @@ pub async fn full_memory_store_is_503<A: Adapter>() {
     );
 }
 
+/// A client that stops sending its body (a chunked body that never ends,
+/// or fewer bytes than its `Content-Length`) gets 408 within the engine's
+/// bound, and the handler never runs; its connection is to be closed.
+pub async fn a_body_that_never_ends_is_408<A: Adapter>() {
+    tokio::time::pause();
+    let bound = Duration::from_secs(5);
+    let (app, backend) =
+        app_with::<A>(MemoryStore::new(), config().request_body_timeout(bound)).await;
+    let chunked = SuiteRequest::post("/payments", "stalled", r#"{"amount":"#).stalled();
+    let short = SuiteRequest::post("/payments", "short", r#"{"amount":1"#)
+        .header("content-length", "100")
+        .stalled();
+    for req in [chunked, short] {
+        let started = tokio::time::Instant::now();
+        let res = app.send(req.clone()).await;
+        let waited = started.elapsed();
+        assert_problem(&res, 408, "request-timeout");
+        assert_eq!(res.header("connection"), Some("close"), "{:?}", res.headers);
+        assert!(
+            waited >= bound && waited < bound + Duration::from_secs(1),
+            "answered after {waited:?}, the bound is {bound:?}"
+        );
+        // Nothing was claimed: the same key with a whole body runs.
+        let whole = SuiteRequest {
+            stall: false,
+            ..req
+        }
+        .without_header("content-length")
+        .body(PAYMENT);
+        assert_eq!(app.send(whole).await.status, 201);
+    }
+    assert_eq!(backend.executions(), 2, "only the whole requests ran");
+}
+
+/// `Authorization: a` and `Authorization: b` name no one scope: which one
+/// the engine picked would decide whose records the request reads.
+pub async fn a_repeated_scope_header_is_400<A: Adapter>() {
+    let (app, backend) = app::<A>(MemoryStore::new()).await;
+    let twice = SuiteRequest::post("/payments", "scope-twice", PAYMENT)
+        .header("authorization", "Bearer alice")
+        .header("authorization", "Bearer bob");
+    let res = app.send(twice).await;
+    assert_problem(&res, 400, "ambiguous-scope");
+    assert!(
+        res.body_str().contains("authorization"),
+        "{}",
+        res.body_str()
+    );
+    assert_eq!(backend.executions(), 0);
+    let same_twice = SuiteRequest::post("/payments", "scope-twice", PAYMENT)
+        .header("authorization", "Bearer alice")
+        .header("authorization", "Bearer alice");
+    assert_problem(&app.send(same_twice).await, 400, "ambiguous-scope");
+    let once = SuiteRequest::post("/payments", "scope-twice", PAYMENT)
+        .header("authorization", "Bearer alice");
+    assert_eq!(app.send(once).await.status, 201);
+    assert_eq!(backend.executions(), 1);
+}
+
 trait TapMethod {
     fn tap_method(self, method: &str) -> Self;
 }

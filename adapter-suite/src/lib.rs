@@ -35,6 +35,8 @@ pub struct SuiteRequest {
     pub uri: String,
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Bytes,
+    /// After `body`, the body never ends (a client that stops sending).
+    pub stall: bool,
 }
 
 impl SuiteRequest {
@@ -44,6 +46,7 @@ impl SuiteRequest {
             uri: uri.to_owned(),
             headers: Vec::new(),
             body: Bytes::new(),
+            stall: false,
         }
     }
 
@@ -71,6 +74,13 @@ impl SuiteRequest {
     #[must_use]
     pub fn body(mut self, body: impl Into<Bytes>) -> Self {
         self.body = body.into();
+        self
+    }
+
+    /// The body sends its bytes, then nothing more, and never ends.
+    #[must_use]
+    pub fn stalled(mut self) -> Self {
+        self.stall = true;
         self
     }
 }
@@ -393,6 +403,8 @@ macro_rules! adapter_suite {
             store_timeout_fails_closed,
             store_outage_fail_open_runs_handler,
             full_memory_store_is_503,
+            a_body_that_never_ends_is_408,
+            a_repeated_scope_header_is_400,
         );
     };
     (@cases $adapter:ty, #[$rt:meta], $($case:ident),* $(,)?) => {

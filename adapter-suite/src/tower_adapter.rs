@@ -3,7 +3,7 @@
 use crate::{Adapter, Backend, SuiteRequest, SuiteResponse};
 use axum::body::Body;
 use axum::Router;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use http_body_util::BodyExt;
 use idempotency_core::Idempotency;
 use idempotency_tower::IdempotencyLayer;
@@ -33,6 +33,7 @@ async fn serve(backend: Arc<Backend>, req: axum::extract::Request) -> axum::resp
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect(),
         body,
+        stall: false,
     };
     let res = backend.handle(suite_req).await;
     let mut builder = http::Response::builder().status(res.status);
@@ -59,9 +60,14 @@ impl Adapter for TowerAdapter {
         for (n, v) in &req.headers {
             builder = builder.header(n.as_str(), v.as_slice());
         }
-        let request = builder
-            .body(Body::from(req.body))
-            .expect("suite request is valid HTTP");
+        let body = if req.stall {
+            // The bytes, then a body that never ends.
+            let bytes = futures_util::stream::iter([Ok::<_, std::io::Error>(req.body)]);
+            Body::from_stream(bytes.chain(futures_util::stream::pending()))
+        } else {
+            Body::from(req.body)
+        };
+        let request = builder.body(body).expect("suite request is valid HTTP");
         let call = AssertUnwindSafe(self.router.clone().oneshot(request)).catch_unwind();
         let res = call.await.ok()?.expect("infallible");
         let (parts, body) = res.into_parts();

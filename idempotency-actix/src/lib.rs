@@ -59,7 +59,9 @@
 //! | method not covered (default: POST, PATCH covered) | passes through untouched |
 //! | covered, no key (required by default) | 400 problem+json, handler not run |
 //! | key empty, over 255 characters, outside the bare-key alphabet (visible ASCII but `"` `,` `;` `\`), repeated or comma-joined, or a malformed quoted string | 400 |
+//! | the scope header (e.g. `Authorization`) given more than once | 400 problem+json (`ambiguous-scope`), handler not run |
 //! | body over the limit (default 1 MiB), declared or streamed | 413, handler not run |
+//! | body not received within `request_body_timeout` (default 30 s: a chunked body that never ends, a short `Content-Length`) | 408 problem+json, handler not run, nothing claimed; the connection is closed |
 //! | first request | handler runs once; its response is stored and returned |
 //! | retry, same request | stored status, headers and body, `Idempotent-Replayed: true` |
 //! | same key, different method/path/query/content-type/body | 422 |

@@ -196,5 +196,10 @@ pub(crate) fn response<B: MessageBody>(answer: &Answer) -> HttpResponse<Response
             _ => tracing::warn!("stored header is not valid HTTP; left out of the response"),
         }
     }
+    if answer.closes_connection() {
+        // actix writes `Connection` from the head, not from the header map.
+        res.head_mut()
+            .set_connection_type(actix_web::http::ConnectionType::Close);
+    }
     res
 }

@@ -35,6 +35,16 @@ pub const DEFAULT_NEVER_REPLAYED: &[&str] = &[
     "idempotent-replayed",
 ];
 
+/// How long a covered request's body may take to arrive, by default: 30 s.
+///
+/// A covered body is read in full before the claim (it is part of the
+/// fingerprint), so a client that stops sending holds a connection and up
+/// to the body limit (1 MiB) of buffer. 30 s lets a 1 MiB body through at
+/// 35 KB/s, slower than any client that is still sending, and ends a
+/// stalled one before the idle timeouts of common load balancers (60 s), so
+/// the client gets the 408 rather than a reset.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 type StatusPredicate = Arc<dyn Fn(u16) -> bool + Send + Sync>;
 
 /// The middleware's settings, shared by the tower and actix adapters.
@@ -46,6 +56,7 @@ pub struct IdempotencyConfig {
     pub(crate) ttl: Duration,
     pub(crate) lease: Duration,
     pub(crate) max_request_body: usize,
+    pub(crate) request_body_timeout: Duration,
     pub(crate) max_stored_response: usize,
     pub(crate) store_response: StatusPredicate,
     pub(crate) never_replayed: Vec<String>,
@@ -71,6 +82,7 @@ impl fmt::Debug for IdempotencyConfig {
             .field("ttl", &self.ttl)
             .field("lease", &self.lease)
             .field("max_request_body", &self.max_request_body)
+            .field("request_body_timeout", &self.request_body_timeout)
             .field("max_stored_response", &self.max_stored_response)
             .field("never_replayed", &self.never_replayed)
             .field("failure_mode", &self.failure_mode)
@@ -92,6 +104,7 @@ impl Default for IdempotencyConfig {
             ttl: Duration::from_secs(24 * 3600),
             lease: Duration::from_secs(30),
             max_request_body: 1024 * 1024,
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
             max_stored_response: 1024 * 1024,
             store_response: Arc::new(default_store_response),
             never_replayed: DEFAULT_NEVER_REPLAYED
@@ -126,7 +139,7 @@ pub fn default_store_response(status: u16) -> bool {
 impl IdempotencyConfig {
     /// A builder whose defaults match the design: POST and PATCH covered, key
     /// required, 24 h ttl, 30 s lease, 1 MiB request and stored-response
-    /// limits, fail-closed, 2 s store timeout.
+    /// limits, 30 s to read a request body, fail-closed, 2 s store timeout.
     pub fn builder() -> IdempotencyConfigBuilder {
         IdempotencyConfigBuilder {
             config: Self::default(),
@@ -164,6 +177,11 @@ impl IdempotencyConfig {
     /// The largest request body accepted on covered requests.
     pub fn max_request_body(&self) -> usize {
         self.max_request_body
+    }
+
+    /// How long a covered request's body may take to arrive.
+    pub fn request_body_timeout(&self) -> Duration {
+        self.request_body_timeout
     }
 
     /// The largest response body stored for replay.
@@ -239,6 +257,23 @@ impl IdempotencyConfigBuilder {
     /// The largest request body of a covered request (default 1 MiB); larger gets 413.
     pub fn max_request_body(mut self, bytes: usize) -> Self {
         self.config.max_request_body = bytes;
+        self
+    }
+
+    /// How long a covered request's body may take to arrive, from the first
+    /// poll of its body to its end (default [`DEFAULT_REQUEST_BODY_TIMEOUT`],
+    /// 30 s). Past it the request is answered 408 problem+json with
+    /// `Connection: close`, the handler does not run and nothing is claimed:
+    /// a client that stops sending (a chunked body that never ends, a
+    /// `Content-Length` longer than what it sends) no longer holds a
+    /// connection and its buffer for as long as it likes. A body that is
+    /// already in memory is not timed.
+    ///
+    /// The bound is the engine's, so both adapters keep it alike; it covers
+    /// only the requests the engine reads. Give the server its own header
+    /// and body timeouts too (see the README's production settings).
+    pub fn request_body_timeout(mut self, bound: Duration) -> Self {
+        self.config.request_body_timeout = bound;
         self
     }
 
@@ -379,6 +414,9 @@ impl IdempotencyConfigBuilder {
         if c.store_timeout.is_zero() {
             return Err(ConfigError::ZeroDuration("store_timeout"));
         }
+        if c.request_body_timeout.is_zero() {
+            return Err(ConfigError::ZeroDuration("request_body_timeout"));
+        }
         if c.max_request_body == 0 {
             return Err(ConfigError::ZeroLimit("max_request_body"));
         }
@@ -469,6 +507,7 @@ mod tests {
         assert_eq!(c.ttl(), Duration::from_secs(86_400));
         assert_eq!(c.lease(), Duration::from_secs(30));
         assert_eq!(c.max_request_body(), 1 << 20);
+        assert_eq!(c.request_body_timeout(), Duration::from_secs(30));
         assert_eq!(c.max_stored_response(), 1 << 20);
         assert_eq!(c.failure_mode(), FailureMode::Closed);
         assert_eq!(c.store_timeout(), Duration::from_secs(2));

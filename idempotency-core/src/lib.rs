@@ -121,7 +121,8 @@
 //! facade: `idempotency_requests_total{outcome}` (`executed`, `replayed`,
 //! `conflict`, `mismatch`, `rejected`, `unavailable`, `unguarded`), and each
 //! store call in `idempotency_store_errors_total{backend,op}` and
-//! `idempotency_store_duration_seconds{backend,op}`. Install the exporter
+//! `idempotency_store_duration_seconds{backend,op}`; the memory store's
+//! evictions in `idempotency_memory_evictions_total{reason}`. Install the exporter
 //! you use (the examples serve Prometheus text on `GET /metrics`, outside
 //! the layer), then call [`metrics::describe`].
 //! With no recorder installed it costs next to nothing. The names, labels
@@ -148,7 +149,7 @@ pub mod conformance;
 pub use clock::{Clock, FakeClock, SystemClock, TokioClock};
 pub use config::{
     default_store_response, ConfigError, FailureMode, IdempotencyConfig, IdempotencyConfigBuilder,
-    DEFAULT_NEVER_REPLAYED,
+    DEFAULT_NEVER_REPLAYED, DEFAULT_REQUEST_BODY_TIMEOUT,
 };
 pub use engine::{
     Answer, AnswerHeaders, Chunks, Decision, DetachOnDrop, Execution, Handoff, Idempotency,
@@ -164,8 +165,9 @@ pub use record::{
 };
 pub use store::{
     Begun, Bounded, BoxFuture, Claim, Guarded, Held, Hold, Listener, Listening, MemoryStore,
-    OpenTransaction, Store, StoreError, StoreFuture, TransactionalStore, TxGuard, TxHandle, TxSlot,
-    TxUnavailable, Waiters, Watch, DEFAULT_CAPACITY, RECONNECT_MAX,
+    MemoryStoreBuilder, OpenTransaction, Store, StoreError, StoreFuture, TransactionalStore,
+    TxGuard, TxHandle, TxSlot, TxUnavailable, Waiters, Watch, DEFAULT_CAPACITY, DEFAULT_MAX_BYTES,
+    RECONNECT_MAX,
 };
 pub use url::redact;
 

@@ -17,6 +17,7 @@
 //! | [`idempotency_requests_total`](REQUESTS_TOTAL) | counter | `outcome` | every covered request, once, under the answer it got |
 //! | [`idempotency_store_errors_total`](STORE_ERRORS_TOTAL) | counter | `backend`, `op` | store calls that failed or timed out |
 //! | [`idempotency_store_duration_seconds`](STORE_DURATION_SECONDS) | histogram | `backend`, `op` | latency of each store call that waited |
+//! | [`idempotency_memory_evictions_total`](MEMORY_EVICTIONS_TOTAL) | counter | `reason` | [`MemoryStore`](crate::MemoryStore): completed records evicted before their ttl, to make room for a record (`capacity`) or for a response's bytes (`bytes`) |
 //! | [`inbox_messages_total`](INBOX_MESSAGES_TOTAL) | counter | `consumer`, `outcome` | every delivery an inbox handled, under its outcome |
 //! | [`inbox_lease_lost_total`](INBOX_LEASE_LOST_TOTAL) | counter | `consumer` | lease mode: a handler's lease was taken over while it ran |
 //!
@@ -29,8 +30,10 @@
 //! - `conflict`: 409, the same request is still in flight;
 //! - `mismatch`: 422, the key was used for a different request;
 //! - `rejected`: refused for what the request is: a missing or invalid key
-//!   (400), an unreadable body (400), a body over the limit (413), a
-//!   request that completed with a response too large to store (410);
+//!   (400), a scope header given more than once (400), an unreadable body
+//!   (400), a body that did not arrive within its bound (408), a body over
+//!   the limit (413), a request that completed with a response too large to
+//!   store (410);
 //! - `unavailable`: the store failed or timed out and the request was
 //!   refused (fail-closed 503), or its transaction timed out or failed;
 //! - `unguarded`: the store failed and, fail-open, the handler ran without
@@ -51,6 +54,11 @@
 //! same. Transactional mode's calls (snapshot, begin, commit) run on the
 //! handler's database connection, not through `Guarded`: their failures
 //! show as `outcome="unavailable"`.
+//!
+//! `reason` of `idempotency_memory_evictions_total` ([`eviction_reason`]):
+//! `capacity` (the store held its capacity in records, a new claim needed
+//! a slot) or `bytes` (a completion would have passed the store's byte
+//! bound). A memory store registers both at 0 when it is built.
 //!
 //! `outcome` of `inbox_messages_total` ([`inbox_outcome`]): `processed`,
 //! `duplicate`, `in_flight_elsewhere`, `failed`, `unavailable`, `dead`, the
@@ -76,6 +84,10 @@
 //! - **`conflict` spikes**: clients retrying faster than their requests
 //!   complete (a retry policy without backoff, or a slow handler); `mismatch`
 //!   means clients reuse keys for different requests (a client bug).
+//! - **memory store evictions**: any rate of
+//!   `idempotency_memory_evictions_total` means retries of evicted requests
+//!   run their handler again: give the store more room (`capacity`,
+//!   `max_bytes`), a shorter ttl, or a shared store.
 //! - **inbox**: `failed` and `dead` rising (poison messages, a failing
 //!   handler), `unavailable` (the inbox's database), and any
 //!   `inbox_lease_lost_total` (an effect may have run twice: make the lease
@@ -90,6 +102,9 @@ pub const STORE_ERRORS_TOTAL: &str = "idempotency_store_errors_total";
 /// Histogram: the latency in seconds of each store call that waited,
 /// labelled [`label::BACKEND`] and [`label::OP`].
 pub const STORE_DURATION_SECONDS: &str = "idempotency_store_duration_seconds";
+/// Counter: the memory store's completed records evicted before their ttl,
+/// labelled [`label::REASON`] (one of [`eviction_reason`]).
+pub const MEMORY_EVICTIONS_TOTAL: &str = "idempotency_memory_evictions_total";
 /// Counter: every delivery an inbox handled, labelled [`label::CONSUMER`]
 /// and [`label::OUTCOME`] (one of [`inbox_outcome`]).
 pub const INBOX_MESSAGES_TOTAL: &str = "inbox_messages_total";
@@ -107,6 +122,18 @@ pub mod label {
     pub const OP: &str = "op";
     /// The inbox's consumer name.
     pub const CONSUMER: &str = "consumer";
+    /// Why a record was evicted: one of [`eviction_reason`](super::eviction_reason).
+    pub const REASON: &str = "reason";
+}
+
+/// The values of `reason` for [`MEMORY_EVICTIONS_TOTAL`].
+pub mod eviction_reason {
+    /// The store held its capacity in records.
+    pub const CAPACITY: &str = "capacity";
+    /// The store's responses would have passed its byte bound.
+    pub const BYTES: &str = "bytes";
+    /// Every value, in this order.
+    pub const ALL: [&str; 2] = [CAPACITY, BYTES];
 }
 
 /// The values of `outcome` for [`REQUESTS_TOTAL`].
@@ -119,7 +146,7 @@ pub mod outcome {
     pub const CONFLICT: &str = "conflict";
     /// 422: the key was used for a different request.
     pub const MISMATCH: &str = "mismatch";
-    /// Refused for what the request is (400, 410, 413).
+    /// Refused for what the request is (400, 408, 410, 413).
     pub const REJECTED: &str = "rejected";
     /// The store or the transaction failed: 503.
     pub const UNAVAILABLE: &str = "unavailable";
@@ -199,6 +226,10 @@ pub fn describe() {
         "Latency of idempotency store calls that waited, by backend and op"
     );
     ::metrics::describe_counter!(
+        MEMORY_EVICTIONS_TOTAL,
+        "Memory store: completed records evicted before their ttl, by reason (capacity, bytes)"
+    );
+    ::metrics::describe_counter!(
         INBOX_MESSAGES_TOTAL,
         "Deliveries an inbox handled, by consumer and outcome"
     );
@@ -250,6 +281,41 @@ static REQUEST_KEYS: [&Key; 7] = [
 pub(crate) fn request(outcome: Outcome) {
     let key = REQUEST_KEYS[outcome as usize];
     ::metrics::with_recorder(|r| r.register_counter(key, &METADATA)).increment(1);
+}
+
+/// Why the memory store evicted a record: see [`eviction_reason`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Eviction {
+    Capacity,
+    Bytes,
+}
+
+impl Eviction {
+    pub(crate) fn as_str(self) -> &'static str {
+        eviction_reason::ALL[self as usize]
+    }
+}
+
+/// The key of each eviction reason, in the order of [`eviction_reason::ALL`].
+static EVICTION_KEYS: [&Key; 2] = [
+    static_key!(MEMORY_EVICTIONS_TOTAL, label::REASON => eviction_reason::CAPACITY),
+    static_key!(MEMORY_EVICTIONS_TOTAL, label::REASON => eviction_reason::BYTES),
+];
+
+/// Counts one eviction of the memory store.
+pub(crate) fn memory_eviction(reason: Eviction) {
+    let key = EVICTION_KEYS[reason as usize];
+    ::metrics::with_recorder(|r| r.register_counter(key, &METADATA)).increment(1);
+}
+
+/// Registers the memory store's eviction counters at 0 with the recorder
+/// installed now, if any, so that they are series from startup.
+pub(crate) fn register_memory_evictions() {
+    ::metrics::with_recorder(|r| {
+        for key in EVICTION_KEYS {
+            r.register_counter(key, &METADATA).increment(0);
+        }
+    });
 }
 
 /// A store call, for [`StoreMetrics`].
@@ -359,5 +425,14 @@ mod tests {
             Outcome::Unguarded,
         ];
         assert_eq!(outcomes.map(|o| o as usize), [0, 1, 2, 3, 4, 5, 6]);
+        for (i, key) in EVICTION_KEYS.iter().enumerate() {
+            assert_eq!(key.name(), MEMORY_EVICTIONS_TOTAL);
+            let labels: Vec<_> = key.labels().map(|l| (l.key(), l.value())).collect();
+            assert_eq!(labels, [(label::REASON, eviction_reason::ALL[i])]);
+        }
+        assert_eq!(
+            [Eviction::Capacity, Eviction::Bytes].map(Eviction::as_str),
+            eviction_reason::ALL
+        );
     }
 }

@@ -17,6 +17,13 @@ pub enum ProblemKind {
     InvalidKey,
     /// 400: the request body could not be read.
     UnreadableBody,
+    /// 408: the request body did not arrive within the engine's bound
+    /// ([`request_body_timeout`](crate::IdempotencyConfigBuilder::request_body_timeout));
+    /// the connection is closed after the answer.
+    RequestTimeout,
+    /// 400: the request carries its scope header (say `Authorization`)
+    /// more than once, so the scope it belongs to is ambiguous.
+    AmbiguousScope,
     /// 413: the request body is over the limit.
     BodyTooLarge,
     /// 409: a request with this key is still being processed.
@@ -42,6 +49,8 @@ impl ProblemKind {
             ProblemKind::MissingKey => "urn:idempotency:problem:missing-key",
             ProblemKind::InvalidKey => "urn:idempotency:problem:invalid-key",
             ProblemKind::UnreadableBody => "urn:idempotency:problem:unreadable-body",
+            ProblemKind::RequestTimeout => "urn:idempotency:problem:request-timeout",
+            ProblemKind::AmbiguousScope => "urn:idempotency:problem:ambiguous-scope",
             ProblemKind::BodyTooLarge => "urn:idempotency:problem:body-too-large",
             ProblemKind::InFlight => "urn:idempotency:problem:in-flight",
             ProblemKind::KeyReused => "urn:idempotency:problem:key-reused",
@@ -58,6 +67,8 @@ impl ProblemKind {
             ProblemKind::MissingKey => "Idempotency-Key is missing",
             ProblemKind::InvalidKey => "Idempotency-Key is invalid",
             ProblemKind::UnreadableBody => "Request body could not be read",
+            ProblemKind::RequestTimeout => "Request body was not received in time",
+            ProblemKind::AmbiguousScope => "The request's scope is ambiguous",
             ProblemKind::BodyTooLarge => "Request body is too large",
             ProblemKind::InFlight => "A request with this Idempotency-Key is in progress",
             ProblemKind::KeyReused => "Idempotency-Key was used for a different request",
@@ -71,7 +82,11 @@ impl ProblemKind {
     /// The HTTP status.
     pub const fn status(self) -> u16 {
         match self {
-            ProblemKind::MissingKey | ProblemKind::InvalidKey | ProblemKind::UnreadableBody => 400,
+            ProblemKind::MissingKey
+            | ProblemKind::InvalidKey
+            | ProblemKind::UnreadableBody
+            | ProblemKind::AmbiguousScope => 400,
+            ProblemKind::RequestTimeout => 408,
             ProblemKind::BodyTooLarge => 413,
             ProblemKind::InFlight => 409,
             ProblemKind::KeyReused => 422,
@@ -153,20 +168,30 @@ impl Problem {
         s
     }
 
-    /// The response headers: content type, and `Retry-After` when set.
+    /// Whether the connection should be closed after this answer: a 408,
+    /// whose request body was not read to its end (RFC 9110, section 15.5.9).
+    pub fn closes_connection(&self) -> bool {
+        self.kind == ProblemKind::RequestTimeout
+    }
+
+    /// The response headers: content type, `Retry-After` when set, and
+    /// `Connection: close` when [`closes_connection`](Self::closes_connection).
     pub fn headers(&self) -> ProblemHeaders {
         ProblemHeaders {
             content_type: true,
             retry_after: self.retry_after,
+            close: self.closes_connection(),
         }
     }
 }
 
-/// The headers of a [`Problem`]: its content type, then `Retry-After` when set.
+/// The headers of a [`Problem`]: its content type, then `Retry-After` when
+/// set, then `Connection: close` when the connection should not be reused.
 #[derive(Debug, Clone)]
 pub struct ProblemHeaders {
     content_type: bool,
     retry_after: Option<u64>,
+    close: bool,
 }
 
 impl Iterator for ProblemHeaders {
@@ -179,12 +204,16 @@ impl Iterator for ProblemHeaders {
                 bytes::Bytes::from_static(PROBLEM_JSON.as_bytes()),
             ));
         }
-        let secs = self.retry_after.take()?;
-        Some(("retry-after", crate::record::decimal(secs as usize)))
+        if let Some(secs) = self.retry_after.take() {
+            return Some(("retry-after", crate::record::decimal(secs as usize)));
+        }
+        std::mem::take(&mut self.close).then(|| ("connection", bytes::Bytes::from_static(b"close")))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = usize::from(self.content_type) + usize::from(self.retry_after.is_some());
+        let n = usize::from(self.content_type)
+            + usize::from(self.retry_after.is_some())
+            + usize::from(self.close);
         (n, Some(n))
     }
 }
@@ -220,5 +249,15 @@ mod tests {
         assert_eq!(p.retry_after_secs(), Some(2));
         let h: Vec<_> = p.headers().collect();
         assert_eq!(h[1], ("retry-after", bytes::Bytes::from_static(b"2")));
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn a_408_closes_the_connection() {
+        let p = Problem::new(ProblemKind::RequestTimeout, "slow");
+        assert_eq!(p.status(), 408);
+        let h: Vec<_> = p.headers().collect();
+        assert_eq!(p.headers().size_hint(), (2, Some(2)));
+        assert_eq!(h[1], ("connection", bytes::Bytes::from_static(b"close")));
     }
 }

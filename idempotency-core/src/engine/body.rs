@@ -46,6 +46,8 @@ pub trait Chunks {
 #[derive(Debug)]
 pub(super) enum ReadError<E> {
     TooLarge,
+    /// It did not end within the bound.
+    TimedOut,
     Failed(E),
 }
 
@@ -84,26 +86,34 @@ async fn next<S: Chunks>(body: &mut Pin<&mut S>) -> Option<Result<Bytes, S::Erro
     poll_fn(|cx| body.as_mut().poll_chunk(cx)).await
 }
 
-/// Reads a request body, refusing it past `limit` bytes. A body of one chunk
-/// (the usual case) is kept as it is, without copying.
+/// Reads a request body, refusing it past `limit` bytes or when it has not
+/// ended within `bound`. A body of one chunk (the usual case) is kept as it
+/// is, without copying; a body already in memory is not timed.
 pub(super) async fn read_request<S: Chunks>(
     body: S,
     limit: usize,
+    bound: std::time::Duration,
 ) -> Result<Bytes, ReadError<S::Error>> {
     let body = match body.try_into_bytes() {
         Ok(bytes) if bytes.len() > limit => return Err(ReadError::TooLarge),
         Ok(bytes) => return Ok(bytes),
         Err(body) => body,
     };
-    let mut body = std::pin::pin!(body);
-    let mut joined = Joined::default();
-    while let Some(chunk) = next(&mut body).await {
-        joined.push(chunk.map_err(ReadError::Failed)?);
-        if joined.len > limit {
-            return Err(ReadError::TooLarge);
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut joined = Joined::default();
+        while let Some(chunk) = next(&mut body).await {
+            joined.push(chunk.map_err(ReadError::Failed)?);
+            if joined.len > limit {
+                return Err(ReadError::TooLarge);
+            }
         }
-    }
-    Ok(joined.into_bytes())
+        Ok(joined.into_bytes())
+    };
+    // A body that is complete when first polled arms no timer.
+    tokio::time::timeout(bound, read)
+        .await
+        .unwrap_or(Err(ReadError::TimedOut))
 }
 
 /// A handler's response body as read for storing.

@@ -59,6 +59,7 @@ impl Idempotency {
             id,
             fingerprint,
             span,
+            ..
         } = pending;
         let fingerprint = fingerprint.finish(body);
         let token = LeaseToken::random();

@@ -4,7 +4,7 @@
 use crate::config::IdempotencyConfig;
 use crate::fingerprint::{FingerprintBuilder, RecordId, Scope};
 use crate::key::{parse_key_ref, KeyError, IDEMPOTENCY_KEY};
-use crate::problem::Problem;
+use crate::problem::{Problem, ProblemKind};
 
 use super::Idempotency;
 
@@ -62,6 +62,9 @@ pub struct Pending {
     pub(super) id: RecordId,
     pub(super) fingerprint: FingerprintBuilder,
     pub(super) span: tracing::Span,
+    /// Transactional mode: `METHOD /path`, for the log line of a rollback
+    /// (the span, a `debug` one, is often disabled).
+    pub(super) route: Option<Box<str>>,
 }
 
 impl Pending {
@@ -93,16 +96,24 @@ impl Idempotency {
         if declared_length(head).is_some_and(|n| n > config.max_request_body as u64) {
             return Inspection::Reject(self.refuse_body_too_large());
         }
-        let scope = scope()
-            .or_else(|| scope_from_header(config, head))
-            .unwrap_or(Scope::GLOBAL);
+        let scope = match scope() {
+            Some(scope) => scope,
+            None => match scope_from_header(config, head) {
+                Ok(scope) => scope.unwrap_or(Scope::GLOBAL),
+                Err(name) => return reject_ambiguous_scope(name),
+            },
+        };
         let id = RecordId::from_parts(scope.as_bytes(), key.as_bytes());
         let content_type = head.header_values("content-type").next();
         let span = tracing::debug_span!("idempotency", method, path = head.path(), record = ?id);
+        let route = self
+            .is_transactional()
+            .then(|| format!("{method} {}", head.path()).into_boxed_str());
         Inspection::Pending(Pending {
             id,
             fingerprint: FingerprintBuilder::new(method, head.path(), head.query(), content_type),
             span,
+            route,
         })
     }
 }
@@ -113,17 +124,44 @@ fn reject_key(e: &KeyError) -> Inspection {
     Inspection::Reject(Problem::from_key_error(e))
 }
 
+/// The 400 for a scope header given more than once: which value names the
+/// principal is a guess, and a wrong guess reads or blocks another's records.
+fn reject_ambiguous_scope(header: &str) -> Inspection {
+    tracing::debug!(
+        decision = "rejected",
+        reason = "scope header repeated",
+        header,
+        "idempotency"
+    );
+    crate::metrics::request(crate::metrics::Outcome::Rejected);
+    Inspection::Reject(Problem::new(
+        ProblemKind::AmbiguousScope,
+        format!(
+            "The request carries the {header} header more than once, so it is not clear whom it belongs to. Send it once."
+        ),
+    ))
+}
+
 fn declared_length<H: RequestHead + ?Sized>(head: &H) -> Option<u64> {
     let value = head.header_values("content-length").next()?;
     std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
-fn scope_from_header<H: RequestHead + ?Sized>(
-    config: &IdempotencyConfig,
+/// The scope from the configured scope header: `Ok(None)` without one,
+/// `Err(name)` when the header is there more than once.
+fn scope_from_header<'c, H: RequestHead + ?Sized>(
+    config: &'c IdempotencyConfig,
     head: &H,
-) -> Option<Scope> {
-    let name = config.scope_header.as_deref()?;
-    head.header_values(name).next().map(Scope::new)
+) -> Result<Option<Scope>, &'c str> {
+    let Some(name) = config.scope_header.as_deref() else {
+        return Ok(None);
+    };
+    let mut values = head.header_values(name);
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(name);
+    }
+    Ok(first.map(Scope::new))
 }
 
 /// How an adapter derives a request's scope from its framework's request.

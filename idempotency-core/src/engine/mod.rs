@@ -152,10 +152,12 @@ impl Idempotency {
         H: ResponseHead,
         S: Chunks,
     {
-        let limit = self.config().max_request_body;
-        let body = match body::read_request(body, limit).await {
+        let config = self.config();
+        let read = body::read_request(body, config.max_request_body, config.request_body_timeout);
+        let body = match read.await {
             Ok(body) => body,
             Err(ReadError::TooLarge) => return Ok(Reply::problem(self.refuse_body_too_large())),
+            Err(ReadError::TimedOut) => return Ok(Reply::problem(self.refuse_slow_body())),
             Err(ReadError::Failed(e)) => return Ok(Reply::problem(refuse_unreadable(&e))),
         };
         if let Some(store) = &self.inner.transactional {
@@ -212,6 +214,27 @@ impl Idempotency {
     }
 }
 
+impl Idempotency {
+    /// The 408 for a body that did not arrive within the bound.
+    fn refuse_slow_body(&self) -> Problem {
+        let bound = self.config().request_body_timeout;
+        tracing::info!(
+            decision = "rejected",
+            reason = "request body timeout",
+            timeout = ?bound,
+            "idempotency: the request body did not arrive in time; answered 408, handler not run"
+        );
+        crate::metrics::request(crate::metrics::Outcome::Rejected);
+        Problem::new(
+            ProblemKind::RequestTimeout,
+            format!(
+                "The request body did not arrive within {} s. Nothing was done; send the request again with the same Idempotency-Key.",
+                bound.as_secs_f64()
+            ),
+        )
+    }
+}
+
 /// The 400 for a body that could not be read.
 fn refuse_unreadable(cause: &dyn std::fmt::Display) -> Problem {
     tracing::debug!(decision = "rejected", reason = %cause, "idempotency: unreadable body");
@@ -254,6 +277,14 @@ impl Answer {
             Answer::Problem(p) => p.status(),
             Answer::Replay(r) => r.status,
         }
+    }
+
+    /// Whether the connection should be closed after this answer (a 408:
+    /// the request body was not read to its end). Its headers carry
+    /// `Connection: close` then; an adapter whose framework writes that
+    /// header itself sets it its own way.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, Answer::Problem(p) if p.closes_connection())
     }
 
     /// Every header to send, in order (an exact size hint, to reserve room).

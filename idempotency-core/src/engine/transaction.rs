@@ -40,8 +40,12 @@ impl Idempotency {
     {
         let config = self.config();
         let Pending {
-            id, fingerprint, ..
+            id,
+            fingerprint,
+            route,
+            ..
         } = pending;
+        let route = route.as_deref().unwrap_or("");
         let fingerprint = fingerprint.finish(&body);
         let claim = Claim {
             fingerprint: &fingerprint,
@@ -103,6 +107,10 @@ impl Idempotency {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
                 rollback(open, bound).await;
+                tracing::warn!(
+                    route,
+                    "idempotency: the handler failed (the service returned an error); its transaction was rolled back, and a retry runs it again"
+                );
                 crate::metrics::request(crate::metrics::Outcome::Executed);
                 return Err(e);
             }
@@ -124,6 +132,7 @@ impl Idempotency {
             Settlement::Keep(outcome, body) => (outcome, body),
             Settlement::Discard(body) => {
                 rollback(open, bound).await;
+                rolled_back(config, route, head.status());
                 crate::metrics::request(crate::metrics::Outcome::Executed);
                 return Ok(Reply::Handler(head, body));
             }
@@ -186,6 +195,31 @@ impl Idempotency {
         tracing::error!(error = e as &dyn std::error::Error, cause = ?std::error::Error::source(e), decision = "rejected", "idempotency: the transaction failed; nothing was done (fail-closed)");
         crate::metrics::request(crate::metrics::Outcome::Unavailable);
         Reply::problem(unavailable())
+    }
+}
+
+/// Says why a handled request was rolled back: a 5xx is the handler's own
+/// failure (often its database's), which the operator must hear of; a
+/// transient 4xx (408, 409, 425, 429) is the client's to retry.
+fn rolled_back(config: &crate::IdempotencyConfig, route: &str, status: u16) {
+    if !config.stores_status(status) && status >= 500 {
+        tracing::warn!(
+            status,
+            route,
+            "idempotency: the handler answered a server error; its transaction was rolled back (effect and record), and a retry runs it again"
+        );
+    } else if config.stores_status(status) {
+        tracing::warn!(
+            status,
+            route,
+            "idempotency: the handler's response body failed; its transaction was rolled back (effect and record), and a retry runs it again"
+        );
+    } else {
+        tracing::debug!(
+            status,
+            route,
+            "idempotency: the handler's answer is not stored; its transaction was rolled back"
+        );
     }
 }
 

@@ -1,4 +1,5 @@
-//! The in-process store: one instance, bounded in entries, nothing survives a restart.
+//! The in-process store: one instance, bounded in entries and in bytes,
+//! nothing survives a restart.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,10 +9,18 @@ use std::time::Duration;
 use super::{Claim, Store, StoreError, StoreFuture, Waiters, Watch};
 use crate::clock::{Clock, SystemClock};
 use crate::fingerprint::{Fingerprint, RecordId};
+use crate::metrics::Eviction;
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, TokenOutcome};
 
 /// The default capacity: 100 000 records.
 pub const DEFAULT_CAPACITY: usize = 100_000;
+
+/// The default bound of the stored responses' bytes: 64 MiB.
+///
+/// At the default storable limit (1 MiB a response) 100 000 records could
+/// hold about 100 GB; 64 MiB is what a laptop or a small container gives a
+/// cache without noticing, and still holds 16 000 responses of 4 KiB.
+pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// An in-process store for a single instance.
 ///
@@ -23,7 +32,27 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 ///   in-flight record: when only those remain, `claim` fails with
 ///   [`StoreError::Full`], which the middleware turns into 503 (fail-closed)
 ///   or an unguarded run (fail-open).
+/// - Its stored responses hold at most `max_bytes` (default
+///   [`DEFAULT_MAX_BYTES`], 64 MiB), counted as their bodies, header names
+///   and values and the bookkeeping of each (see [`bytes`](Self::bytes)).
+///   A completion that would pass the bound first drops expired records,
+///   then evicts the oldest completed ones until it fits (counted, and
+///   logged, as above). A single response larger than the whole bound is
+///   stored as not replayable, as a body over the storable limit is: the
+///   retry gets 410 and never runs the handler again. In-flight records
+///   hold no response and are never evicted for bytes.
+/// - Every eviction is counted in the metric
+///   [`idempotency_memory_evictions_total`](crate::metrics::MEMORY_EVICTIONS_TOTAL)
+///   (`reason`: `capacity` or `bytes`).
 /// - Clones share the same records.
+///
+/// ```
+/// use idempotency_core::MemoryStore;
+///
+/// // 10 000 records and 16 MiB of responses at most.
+/// let store = MemoryStore::builder().capacity(10_000).max_bytes(16 << 20).build();
+/// assert_eq!(store.max_bytes(), 16 << 20);
+/// ```
 #[derive(Clone)]
 pub struct MemoryStore {
     shared: Arc<Shared>,
@@ -33,6 +62,7 @@ struct Shared {
     inner: Mutex<Inner>,
     clock: Arc<dyn Clock>,
     capacity: usize,
+    max_bytes: usize,
     evictions: AtomicU64,
     /// The duplicates waiting for a record, woken on complete and release.
     waiters: Waiters,
@@ -75,6 +105,36 @@ struct Records {
     slots: Vec<Slot>,
     /// Vacant slots, the most recently vacated last.
     free: Vec<u32>,
+    /// The bytes of the completed records' outcomes ([`outcome_bytes`]).
+    bytes: usize,
+}
+
+/// What a stored outcome counts against the byte bound: a response's body,
+/// header names and values, and the structs that hold them (so that many
+/// small headers count too). A record's own slot and index entry are
+/// bounded by the capacity instead.
+fn outcome_bytes(outcome: &StoredOutcome) -> usize {
+    match outcome {
+        StoredOutcome::Response(r) => {
+            std::mem::size_of::<crate::record::StoredResponse>()
+                + r.body.len()
+                + r.headers
+                    .iter()
+                    .map(|(n, v)| std::mem::size_of_val(&(n, v)) + n.len() + v.len())
+                    .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
+impl State {
+    /// What this state counts against the byte bound.
+    fn bytes(&self) -> usize {
+        match self {
+            State::Completed { outcome, .. } => outcome_bytes(outcome),
+            _ => 0,
+        }
+    }
 }
 
 struct Slot {
@@ -122,15 +182,22 @@ impl Records {
         i
     }
 
+    /// Replaces the state of slot `i`, keeping the byte count.
+    fn set_state(&mut self, i: u32, state: State) {
+        let slot = &mut self.slots[i as usize];
+        self.bytes = self.bytes - slot.state.bytes() + state.bytes();
+        slot.state = state;
+    }
+
     /// Removes the record in slot `i` (its response is dropped here).
     fn remove(&mut self, i: u32) {
-        let slot = &mut self.slots[i as usize];
+        let slot = &self.slots[i as usize];
         if matches!(slot.state, State::Vacant) {
             return;
         }
         self.index.remove(&slot.id);
-        slot.state = State::Vacant;
-        slot.seq = 0;
+        self.set_state(i, State::Vacant);
+        self.slots[i as usize].seq = 0;
         self.free.push(i);
     }
 
@@ -186,6 +253,8 @@ impl std::fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("capacity", &self.shared.capacity)
             .field("len", &self.len())
+            .field("max_bytes", &self.shared.max_bytes)
+            .field("bytes", &self.bytes())
             .field("evictions", &self.evictions())
             .finish()
     }
@@ -201,29 +270,99 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-impl MemoryStore {
-    /// A store of [`DEFAULT_CAPACITY`] records on the system clock.
-    pub fn new() -> Self {
-        Self::with_capacity(DEFAULT_CAPACITY)
+/// Builds a [`MemoryStore`]: [`MemoryStore::builder`].
+#[must_use]
+pub struct MemoryStoreBuilder {
+    capacity: usize,
+    max_bytes: usize,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for MemoryStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStoreBuilder")
+            .field("capacity", &self.capacity)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryStoreBuilder {
+    /// At most `capacity` records (default [`DEFAULT_CAPACITY`]; at least 1,
+    /// at most `u32::MAX`).
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
     }
 
-    /// A store of at most `capacity` records (at least 1, at most
-    /// `u32::MAX`).
-    pub fn with_capacity(capacity: usize) -> Self {
-        Self::with_clock(capacity, SystemClock)
+    /// At most `bytes` of stored responses (default [`DEFAULT_MAX_BYTES`]);
+    /// see [`MemoryStore`] for what is counted and what happens past it.
+    pub fn max_bytes(mut self, bytes: usize) -> Self {
+        self.max_bytes = bytes;
+        self
     }
 
-    /// A store on an injected clock (tests use [`FakeClock`](crate::clock::FakeClock)).
-    pub fn with_clock(capacity: usize, clock: impl Clock) -> Self {
-        Self {
+    /// The clock (default the system's; tests use
+    /// [`FakeClock`](crate::clock::FakeClock)).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The store. Its eviction counters are registered (at 0) with the
+    /// metrics recorder installed now, if any.
+    pub fn build(self) -> MemoryStore {
+        crate::metrics::register_memory_evictions();
+        MemoryStore {
             shared: Arc::new(Shared {
                 inner: Mutex::new(Inner::default()),
-                clock: Arc::new(clock),
-                capacity: capacity.clamp(1, u32::MAX as usize),
+                clock: self.clock,
+                capacity: self.capacity.clamp(1, u32::MAX as usize),
+                max_bytes: self.max_bytes,
                 evictions: AtomicU64::new(0),
                 waiters: Waiters::new(),
             }),
         }
+    }
+}
+
+impl MemoryStore {
+    /// A store of [`DEFAULT_CAPACITY`] records and [`DEFAULT_MAX_BYTES`] on
+    /// the system clock.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder, to set the capacity, the byte bound and the clock.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            capacity: DEFAULT_CAPACITY,
+            max_bytes: DEFAULT_MAX_BYTES,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// A store of at most `capacity` records (at least 1, at most
+    /// `u32::MAX`) and [`DEFAULT_MAX_BYTES`].
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self::builder().capacity(capacity).build()
+    }
+
+    /// A store on an injected clock (tests use [`FakeClock`](crate::clock::FakeClock)).
+    pub fn with_clock(capacity: usize, clock: impl Clock) -> Self {
+        Self::builder().capacity(capacity).clock(clock).build()
+    }
+
+    /// The bytes its completed records' responses hold now, as counted
+    /// against [`max_bytes`](Self::max_bytes): bodies, header names and
+    /// values, and the structs that hold them.
+    pub fn bytes(&self) -> usize {
+        self.lock().records.bytes
+    }
+
+    /// The bound of [`bytes`](Self::bytes).
+    pub fn max_bytes(&self) -> usize {
+        self.shared.max_bytes
     }
 
     /// How many records it holds now (in flight, completed, and expired ones
@@ -237,7 +376,8 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// How many completed records were evicted before their ttl to make room.
+    /// How many completed records were evicted before their ttl to make
+    /// room, for a record (capacity) or for a response (bytes).
     pub fn evictions(&self) -> u64 {
         self.shared.evictions.load(Ordering::Relaxed)
     }
@@ -262,20 +402,87 @@ impl MemoryStore {
         &self,
         id: &RecordId,
         token: LeaseToken,
-        outcome: StoredOutcome,
+        outcome: &StoredOutcome,
         ttl: Duration,
     ) -> TokenOutcome {
         self.with_token(id, token, |inner, i, now| {
+            let outcome = self.make_room_for(inner, outcome, now);
             inner.seq += 1;
             let seq = inner.seq;
-            let slot = inner.records.slot_mut(i);
-            slot.seq = seq;
-            slot.state = State::Completed {
+            inner.records.slot_mut(i).seq = seq;
+            let completed = State::Completed {
                 outcome,
                 expires_at: now.saturating_add(millis(ttl)),
             };
+            inner.records.set_state(i, completed);
             inner.completed.push_back((i, seq));
         })
+    }
+
+    /// Makes room within the byte bound for `outcome`, and returns what to
+    /// store: the outcome, or, when it alone is larger than the bound, the
+    /// same as a body over the storable limit (not replayable).
+    fn make_room_for(&self, inner: &mut Inner, outcome: &StoredOutcome, now: u64) -> StoredOutcome {
+        let size = outcome_bytes(outcome);
+        let max = self.shared.max_bytes;
+        if size > max {
+            let status = match outcome {
+                StoredOutcome::Response(r) => r.status,
+                _ => 0,
+            };
+            tracing::warn!(
+                bytes = size,
+                max_bytes = max,
+                status,
+                "memory store: a response larger than the store's byte bound was stored as not replayable; a retry gets 410"
+            );
+            return StoredOutcome::NotReplayable { status };
+        }
+        inner.sweep_front(now);
+        while inner.records.bytes + size > max {
+            if !self.evict_oldest(inner, now, Eviction::Bytes) {
+                break;
+            }
+        }
+        outcome.clone()
+    }
+
+    /// Removes the oldest completed record, from the front of the
+    /// completion order (O(1) amortized); an expired one is dropped, a live
+    /// one counted as evicted for `reason`. False when none is left.
+    fn evict_oldest(&self, inner: &mut Inner, now: u64, reason: Eviction) -> bool {
+        while let Some((i, seq)) = inner.completed.pop_front() {
+            // Stale queue entries (a newer generation, or vacant) stay.
+            let slot = inner.records.slot(i);
+            if slot.seq != seq || !matches!(slot.state, State::Completed { .. }) {
+                continue;
+            }
+            let expired = slot.state.expires_at() <= now;
+            inner.records.remove(i);
+            if !expired {
+                self.evicted(reason);
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Counts a live record evicted before its ttl.
+    fn evicted(&self, reason: Eviction) {
+        crate::metrics::memory_eviction(reason);
+        let n = self.shared.evictions.fetch_add(1, Ordering::Relaxed) + 1;
+        // Logged on the 1st, 2nd, 4th, 8th, ... eviction: a full store
+        // under load evicts on every fresh request, and one line each would
+        // flood the logs. `evictions()` and the metric count all.
+        if n.is_power_of_two() {
+            tracing::warn!(
+                evictions = n,
+                reason = reason.as_str(),
+                capacity = self.shared.capacity,
+                max_bytes = self.shared.max_bytes,
+                "memory store full: evicted the oldest completed record before its ttl (logged at every power of two evictions)"
+            );
+        }
     }
 
     fn claim_now(
@@ -309,7 +516,7 @@ impl MemoryStore {
             });
             return Ok(ClaimOutcome::Acquired(token));
         };
-        let slot = records.slot_mut(i);
+        let slot = records.slot(i);
         let expired = slot.state.expires_at() <= now;
         match &slot.state {
             _ if expired => {}
@@ -335,9 +542,10 @@ impl MemoryStore {
         }
         // A new generation: queue entries of the old one are now stale.
         *seq += 1;
+        let slot = records.slot_mut(i);
         slot.seq = *seq;
         slot.fingerprint = *req.fingerprint;
-        slot.state = fresh();
+        records.set_state(i, fresh());
         Ok(ClaimOutcome::Acquired(token))
     }
 
@@ -345,28 +553,8 @@ impl MemoryStore {
         // Cheap first: expired and then the oldest completed records, from the
         // front of the completion order (O(1) amortized per claim).
         while inner.records.len() >= self.shared.capacity {
-            let Some((i, seq)) = inner.completed.pop_front() else {
+            if !self.evict_oldest(inner, now, Eviction::Capacity) {
                 break;
-            };
-            // Stale queue entries (a newer generation, or vacant) stay.
-            let slot = inner.records.slot(i);
-            if slot.seq != seq || !matches!(slot.state, State::Completed { .. }) {
-                continue;
-            }
-            let expired = slot.state.expires_at() <= now;
-            inner.records.remove(i);
-            if !expired {
-                let n = self.shared.evictions.fetch_add(1, Ordering::Relaxed) + 1;
-                // Logged on the 1st, 2nd, 4th, 8th, ... eviction: a full
-                // store under load evicts on every fresh request, and one
-                // line each would flood the logs. `evictions()` counts all.
-                if n.is_power_of_two() {
-                    tracing::warn!(
-                        evictions = n,
-                        capacity = self.shared.capacity,
-                        "memory store full: evicted the oldest completed record before its ttl (logged at every power of two evictions)"
-                    );
-                }
             }
         }
         if inner.records.len() < self.shared.capacity {
@@ -453,7 +641,7 @@ impl Store for MemoryStore {
         outcome: &'a StoredOutcome,
         ttl: Duration,
     ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        let result = self.complete_now(id, token, outcome.clone(), ttl);
+        let result = self.complete_now(id, token, outcome, ttl);
         if result == TokenOutcome::Applied {
             self.shared.waiters.wake(id);
         }
@@ -481,6 +669,7 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
         let result = self.with_token(id, token, |inner, i, now| {
+            // In flight: no bytes change.
             if let State::InFlight {
                 lease_until,
                 expires_at,
@@ -643,6 +832,120 @@ mod tests {
             0,
             "expired records made room, nothing live was evicted"
         );
+    }
+
+    fn large(n: usize) -> StoredOutcome {
+        StoredOutcome::response(StoredResponse {
+            status: 400,
+            headers: vec![(
+                "content-type".into(),
+                Bytes::from_static(b"application/json"),
+            )],
+            body: Bytes::from(vec![b'x'; n]),
+        })
+    }
+
+    /// Claims `n` and completes it with `outcome`.
+    async fn complete_with(store: &MemoryStore, n: u8, outcome: &StoredOutcome) {
+        let Ok(ClaimOutcome::Acquired(token)) = claim(store, n) else {
+            panic!("claim {n} not acquired")
+        };
+        let done = store.complete(&id(n), token, outcome, HOUR).await;
+        assert_eq!(done.expect("complete"), TokenOutcome::Applied);
+    }
+
+    #[tokio::test]
+    async fn many_large_responses_stay_within_the_byte_bound() {
+        const BODY: usize = 100 * 1024;
+        let store = MemoryStore::builder()
+            .max_bytes(1 << 20)
+            .clock(FakeClock::new())
+            .build();
+        let each = outcome_bytes(&large(BODY));
+        assert!(each > BODY && each < BODY + 1024, "{each}");
+        for n in 0..=200u8 {
+            complete_with(&store, n, &large(BODY)).await;
+            assert!(
+                store.bytes() <= 1 << 20,
+                "{} bytes after {n}",
+                store.bytes()
+            );
+        }
+        let fit = (1 << 20) / each;
+        assert_eq!(store.len(), fit, "as many responses as fit");
+        assert_eq!(store.bytes(), fit * each);
+        assert_eq!(store.evictions(), 201 - fit as u64);
+        // The newest replay; the oldest were evicted.
+        assert!(matches!(
+            claim(&store, 200),
+            Ok(ClaimOutcome::Completed { .. })
+        ));
+        assert!(matches!(claim(&store, 0), Ok(ClaimOutcome::Acquired(_))));
+    }
+
+    #[tokio::test]
+    async fn expired_responses_make_room_before_live_ones_are_evicted() {
+        let clock = FakeClock::new();
+        let store = MemoryStore::builder()
+            .max_bytes(3 * outcome_bytes(&large(1000)))
+            .clock(clock.clone())
+            .build();
+        for n in 0..3 {
+            complete_with(&store, n, &large(1000)).await;
+        }
+        clock.advance(HOUR + Duration::from_secs(1));
+        for n in 3..6 {
+            complete_with(&store, n, &large(1000)).await;
+        }
+        assert_eq!(store.evictions(), 0, "only expired records made room");
+        assert_eq!(store.len(), 3);
+        complete_with(&store, 6, &large(1000)).await;
+        assert_eq!(store.evictions(), 1, "then the oldest live one");
+        assert!(matches!(claim(&store, 3), Ok(ClaimOutcome::Acquired(_))));
+    }
+
+    #[tokio::test]
+    async fn a_response_larger_than_the_bound_is_stored_as_not_replayable() {
+        let store = MemoryStore::builder()
+            .max_bytes(10_000)
+            .clock(FakeClock::new())
+            .build();
+        complete_with(&store, 1, &large(100)).await;
+        complete_with(&store, 2, &large(20_000)).await;
+        assert!(matches!(
+            claim(&store, 2),
+            Ok(ClaimOutcome::Completed {
+                outcome: StoredOutcome::NotReplayable { status: 400 },
+                ..
+            })
+        ));
+        assert_eq!(store.evictions(), 0, "nothing was evicted for it");
+        assert!(matches!(
+            claim(&store, 1),
+            Ok(ClaimOutcome::Completed { .. })
+        ));
+        assert_eq!(store.bytes(), outcome_bytes(&large(100)));
+    }
+
+    #[tokio::test]
+    async fn bytes_are_given_back_when_records_go() {
+        let clock = FakeClock::new();
+        let store = MemoryStore::with_clock(2, clock.clone());
+        complete_with(&store, 1, &large(5000)).await;
+        complete_with(&store, 2, &large(5000)).await;
+        assert_eq!(store.bytes(), 2 * outcome_bytes(&large(5000)));
+        // A capacity eviction gives its bytes back.
+        complete_with(&store, 3, &large(10)).await;
+        assert_eq!(
+            store.bytes(),
+            outcome_bytes(&large(5000)) + outcome_bytes(&large(10))
+        );
+        // An expired record restarted in its slot, and a sweep, too.
+        clock.advance(HOUR + Duration::from_secs(1));
+        assert!(matches!(claim(&store, 2), Ok(ClaimOutcome::Acquired(_))));
+        assert!(store.bytes() <= outcome_bytes(&large(10)));
+        store.sweep_expired();
+        assert_eq!(store.bytes(), 0);
     }
 
     #[tokio::test]

@@ -45,7 +45,7 @@ pub(crate) mod notify;
 pub(crate) mod transaction;
 
 pub use guarded::{Bounded, Guarded, Held, Hold};
-pub use memory::{MemoryStore, DEFAULT_CAPACITY};
+pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_CAPACITY, DEFAULT_MAX_BYTES};
 pub use notify::{Listener, Listening, Waiters, Watch, RECONNECT_MAX};
 pub use transaction::{
     Begun, OpenTransaction, TransactionalStore, TxGuard, TxHandle, TxSlot, TxUnavailable,
@@ -368,6 +368,17 @@ pub enum StoreError {
         backend: &'static str,
         /// The timeout that passed.
         timeout: Duration,
+    },
+    /// The store's connection pool could not lend a connection in time:
+    /// all `connections` were in use. The database itself may be healthy;
+    /// the pool is too small for the load (or connections are held too
+    /// long, as transactional mode does for a whole handler).
+    #[error("the {backend} store could not get a connection: pool exhausted ({connections} connection{})", if *.connections == 1 { "" } else { "s" })]
+    PoolExhausted {
+        /// Which backend.
+        backend: &'static str,
+        /// The pool's size: every one of them was in use.
+        connections: u32,
     },
     /// The memory store holds `capacity` records, all of them in flight.
     #[error("the memory store is full: all {capacity} records are in flight")]
