@@ -125,6 +125,18 @@
 //!
 //! **Does not promise.** Exactly-once delivery; order across keys; order for
 //! keyless events; anything for events that died.
+//!
+//! # Metrics
+//!
+//! [`Relay::metrics`] is a snapshot of what a relay did; the same counts, and
+//! the lag, go through the [`metrics`](https://docs.rs/metrics) facade to
+//! the exporter the application installs: `outbox_events_total{relay,outcome}`
+//! (`published`, `retried`, `dead`, `unavailable`, `deferred`),
+//! `outbox_lag_seconds{relay}`, `outbox_batches_total{relay}`,
+//! `outbox_database_errors_total{relay}` and `outbox_purged_total{relay}`.
+//! Install the recorder, call [`metrics::describe`], then create the relays
+//! ([`Relay::named`] sets the `relay` label). The module [`metrics`] lists
+//! them, and what to alert on.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

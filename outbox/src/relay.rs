@@ -59,6 +59,7 @@ impl<DB: OutboxDatabase, P> Clone for Relay<DB, P> {
 impl<DB: OutboxDatabase, P> std::fmt::Debug for Relay<DB, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
+            .field("name", &self.inner.name)
             .field("database", &DB::BACKEND)
             .field("config", &self.inner.config)
             .field("metrics", &self.inner.counters.snapshot())
@@ -67,6 +68,7 @@ impl<DB: OutboxDatabase, P> std::fmt::Debug for Relay<DB, P> {
 }
 
 struct Inner<DB: OutboxDatabase, P> {
+    name: String,
     pool: Pool<DB>,
     publisher: P,
     config: RelayConfig,
@@ -77,16 +79,41 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
     /// A relay over the outbox in `pool` (created by
     /// [`migrate_postgres`](crate::migrate_postgres) or
     /// [`migrate_sqlite`](crate::migrate_sqlite)), publishing through
-    /// `publisher`.
+    /// `publisher`. Its metrics are labelled `relay="default"`
+    /// ([`DEFAULT_RELAY`](crate::metrics::DEFAULT_RELAY)); see
+    /// [`named`](Self::named).
     pub fn new(pool: Pool<DB>, publisher: P, config: RelayConfig) -> Self {
+        Self::named(pool, publisher, config, crate::metrics::DEFAULT_RELAY)
+    }
+
+    /// [`new`](Self::new), with a name: the `relay` label of its metrics
+    /// (see [`metrics`](crate::metrics)) and a field of its logs. Relays of
+    /// one process that relay different outboxes need different names;
+    /// relays of one outbox may share one (their counts add up).
+    ///
+    /// The relay's counters are registered, at 0, with the `metrics`
+    /// recorder installed now: install it first.
+    pub fn named(
+        pool: Pool<DB>,
+        publisher: P,
+        config: RelayConfig,
+        name: impl Into<String>,
+    ) -> Self {
+        let name = name.into();
         Self {
             inner: Arc::new(Inner {
+                counters: Counters::new(&name),
+                name,
                 pool,
                 publisher,
                 config,
-                counters: Counters::default(),
             }),
         }
+    }
+
+    /// The name: the `relay` label of its metrics.
+    pub fn name(&self) -> &str {
+        &self.inner.name
     }
 
     /// The config.
@@ -99,7 +126,8 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
         &self.inner.publisher
     }
 
-    /// The counters so far.
+    /// The counts so far, and the last lag measured (the same counts go to
+    /// the [`metrics`](crate::metrics) facade).
     pub fn metrics(&self) -> RelayMetrics {
         self.inner.counters.snapshot()
     }
@@ -115,8 +143,18 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
     /// [`OutboxError::Database`]: nothing is marked (on PostgreSQL the
     /// transaction rolls back) and the claimed events wait for a later
     /// round; some may have reached the broker: they are published again,
-    /// with the same id.
+    /// with the same id. Counted in
+    /// [`RelayMetrics::database_errors`].
     pub async fn run_once(&self) -> Result<BatchReport, OutboxError> {
+        let round = self.round().await;
+        if round.is_err() {
+            self.inner.counters.database_error();
+        }
+        round
+    }
+
+    /// [`run_once`](Self::run_once), but for counting its error.
+    async fn round(&self) -> Result<BatchReport, OutboxError> {
         let inner = &*self.inner;
         let cfg = &inner.config;
         let Claimed {
@@ -127,19 +165,22 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
         if batch.is_empty() {
             // Only the rows that are not events, if any, to mark dead.
             DB::mark(&inner.pool, claim, &[], &corrupt).await?;
+            inner.counters.round(&BatchReport::default(), corrupt.len());
             return Ok(BatchReport::default());
         }
         let span = tracing::debug_span!(
             "outbox.batch",
+            relay = %inner.name,
             database = DB::BACKEND,
             claimed = batch.len(),
             first_seq = batch[0].seq
         );
         async {
             let mut settled = settle::publish(&inner.publisher, &batch, cfg).await;
+            let unreadable = corrupt.len();
             settled.failures.extend(corrupt);
             DB::mark(&inner.pool, claim, &settled.published, &settled.failures).await?;
-            settle::count(&inner.counters, &settled.report);
+            inner.counters.round(&settled.report, unreadable);
             Ok(settled.report)
         }
         .instrument(span)
@@ -154,7 +195,9 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
     /// errors and broker outages are logged and retried after the outage
     /// delay; they do not end the loop. Measures the lag when idle and at
     /// least every poll interval while busy; purges published events past
-    /// the retention every purge interval.
+    /// the retention every purge interval. Everything it does is counted in
+    /// [`metrics`](Self::metrics) and through the
+    /// [`metrics`](crate::metrics) facade.
     ///
     /// # Errors
     /// [`OutboxError::Database`] only when the listener cannot start
@@ -169,6 +212,7 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
         let mut last_purge = Instant::now();
         let mut last_lag: Option<Instant> = None;
         tracing::info!(
+            relay = %self.inner.name,
             database = DB::BACKEND,
             batch_size = cfg.batch_size,
             "outbox relay running"
@@ -181,11 +225,9 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
             let idle = matches!(&round, Ok(r) if r.claimed == 0);
             if idle || last_lag.is_none_or(|t| t.elapsed() >= cfg.poll_interval) {
                 last_lag = Some(Instant::now());
-                match self.lag().await {
-                    Ok(lag) => self.inner.counters.set_lag(lag),
-                    Err(e) => {
-                        tracing::warn!(error = %settle::error_chain(&e), "measuring the lag failed")
-                    }
+                // `lag` records the measure (and counts its failure).
+                if let Err(e) = self.lag().await {
+                    tracing::warn!(error = %settle::error_chain(&e), "measuring the lag failed");
                 }
             }
             if !cfg.purge_interval.is_zero() && last_purge.elapsed() >= cfg.purge_interval {
@@ -215,7 +257,7 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
                 () = waiting => {}
             }
         }
-        tracing::info!(metrics = ?self.metrics(), "outbox relay stopped");
+        tracing::info!(relay = %self.inner.name, metrics = ?self.metrics(), "outbox relay stopped");
         Ok(())
     }
 
@@ -232,40 +274,60 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
     /// [`purge`](Self::purge) with another window than the retention.
     ///
     /// # Errors
-    /// [`OutboxError::Database`].
+    /// [`OutboxError::Database`]; the batches deleted before it stay deleted
+    /// (and counted in [`RelayMetrics::purged`]).
     pub async fn purge_older_than(&self, age: Duration) -> Result<u64, OutboxError> {
         let batch = i64::from(self.inner.config.purge_batch);
+        let counters = &self.inner.counters;
         let mut total = 0;
-        loop {
-            let n = Statement::<DB>::new(DB::SQL.purge)
+        let result = loop {
+            let deleted = Statement::<DB>::new(DB::SQL.purge)
                 .bind(millis(age))
                 .bind(batch)
                 .execute(&self.inner.pool)
-                .await?;
-            total += n;
-            if n < batch.unsigned_abs() {
-                break;
+                .await;
+            match deleted {
+                Ok(n) => {
+                    total += n;
+                    if n < batch.unsigned_abs() {
+                        break Ok(total);
+                    }
+                }
+                Err(e) => {
+                    counters.database_error();
+                    break Err(e.into());
+                }
             }
-        }
+        };
         if total > 0 {
-            Counters::add(&self.inner.counters.purged, total);
-            tracing::info!(purged = total, "purged published events");
+            counters.purged(total);
+            tracing::info!(relay = %self.inner.name, purged = total, "purged published events");
         }
-        Ok(total)
+        result
     }
 
     /// The relay lag now: the age of the oldest event neither published nor
     /// dead (including events waiting for a retry); zero when none waits.
+    /// Recorded as the lag of [`metrics`](Self::metrics) and the
+    /// `outbox_lag_seconds` gauge.
     ///
     /// # Errors
-    /// [`OutboxError::Database`].
+    /// [`OutboxError::Database`], counted in
+    /// [`RelayMetrics::database_errors`]; the recorded lag keeps its value.
     pub async fn lag(&self) -> Result<Option<Duration>, OutboxError> {
+        let measured = self.measure_lag().await;
+        match measured {
+            Ok(lag) => self.inner.counters.set_lag(lag),
+            Err(_) => self.inner.counters.database_error(),
+        }
+        measured.map(Some)
+    }
+
+    async fn measure_lag(&self) -> Result<Duration, OutboxError> {
         let oldest = Statement::<DB>::new(DB::SQL.lag)
             .fetch_optional(&self.inner.pool)
             .await?;
         let age: Option<f64> = oldest.map(|row| DB::get(&row, "age")).transpose()?;
-        Ok(Some(age.map_or(Duration::ZERO, |s| {
-            Duration::from_secs_f64(s.max(0.0))
-        })))
+        Ok(age.map_or(Duration::ZERO, |s| Duration::from_secs_f64(s.max(0.0))))
     }
 }

@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::config::RelayConfig;
-use crate::metrics::Counters;
 use crate::publisher::{Outgoing, PublishError, Publisher};
 
 /// What one `run_once` did.
@@ -183,15 +182,6 @@ pub(crate) async fn publish<P: Publisher>(
         failures,
         report,
     }
-}
-
-/// Adds a committed batch's report to the counters.
-pub(crate) fn count(c: &Counters, r: &BatchReport) {
-    Counters::add(&c.published, r.published as u64);
-    Counters::add(&c.retried, r.retried as u64);
-    Counters::add(&c.dead, r.dead as u64);
-    Counters::add(&c.unavailable, r.unavailable as u64);
-    Counters::add(&c.batches, 1);
 }
 
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
