@@ -16,15 +16,14 @@
 //! ```no_run
 //! # #[cfg(all(feature = "postgres", feature = "sqlite"))]
 //! # async fn demo() -> Result<(), idempotency_core::StoreError> {
-//! use std::time::Duration;
 //! use idempotency_core::{Idempotency, IdempotencyConfig};
 //! use idempotency_sqlx::postgres::PostgresStore;
 //! use idempotency_sqlx::sqlite::SqliteStore;
 //!
-//! // Many instances, one database (migrated on connect, purged in the
-//! // background):
+//! // Many instances, one database (migrated on connect, expired records
+//! // purged in the background every 60 s by a task the store owns):
 //! let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/app").await?;
-//! let _purger = store.spawn_purger(Duration::from_secs(60), 1000);
+//! assert!(store.purges_in_background());
 //! // Transactional mode: the handler's effect and the record commit together.
 //! let engine = Idempotency::transactional(store, IdempotencyConfig::default());
 //! # let _ = engine;
@@ -54,7 +53,17 @@
 //!   the record commits with the handler's effect, or neither does.
 //! - **Outages.** A call to an unreachable database fails with
 //!   [`StoreError::Backend`](idempotency_core::StoreError::Backend), the
-//!   sqlx error as its source; the pool reconnects by itself.
+//!   sqlx error as its source; the pool reconnects by itself. A pool whose
+//!   connections are all in use for the acquire timeout
+//!   ([`DEFAULT_ACQUIRE_TIMEOUT`], 1 s) fails the call with
+//!   [`StoreError::PoolExhausted`](idempotency_core::StoreError::PoolExhausted):
+//!   "pool exhausted (N connections)", not a timeout.
+//! - **Expiry.** A store made by `connect` or `connect_with` purges its
+//!   expired records in the background (every [`DEFAULT_PURGE_EVERY`], in
+//!   batches of [`DEFAULT_PURGE_BATCH`]), in a task it owns, which ends
+//!   when the store and every clone of it are dropped; the options set the
+//!   interval and the batch, or turn it off. A store made from a pool you
+//!   built does not: call `spawn_purger`.
 //!
 //! The details per database: [`postgres`] and [`sqlite`].
 #![forbid(unsafe_code)]
@@ -69,7 +78,9 @@ pub mod postgres;
 pub mod sqlite;
 mod store;
 
-pub use store::{SqlBackend, SqlStore};
+pub use store::{
+    SqlBackend, SqlStore, DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_PURGE_BATCH, DEFAULT_PURGE_EVERY,
+};
 
 /// The transaction a PostgreSQL store hands a handler in transactional mode
 /// (the adapters' `Transaction<PostgresTransaction>` extractor derefs to its

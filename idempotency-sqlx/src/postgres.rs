@@ -6,9 +6,16 @@
 //! use std::time::Duration;
 //! use idempotency_sqlx::postgres::PostgresStore;
 //!
+//! use idempotency_sqlx::postgres::PostgresOptions;
+//!
+//! // Migrated, and purging expired records every 60 s, in the background.
 //! let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/app").await?;
-//! let purger = store.spawn_purger(Duration::from_secs(60), 1000);
-//! # let _ = purger;
+//! // Or: a larger pool, purging every 10 minutes.
+//! let options = PostgresOptions::new()
+//!     .max_connections(32)
+//!     .purge_every(Duration::from_secs(600));
+//! let busy = PostgresStore::connect_with("postgres://postgres@127.0.0.1:5432/app", options).await?;
+//! # let _ = (store, busy);
 //! # Ok(())
 //! # }
 //! ```
@@ -75,10 +82,22 @@
 //!   [`StoreError::Backend`] (the `sqlx` error as its source); the middleware
 //!   answers 503 (fail-closed) or runs unguarded (fail-open). The pool opens
 //!   new connections by itself once the database is back.
+//! - **Pool exhaustion.** A call waits up to
+//!   [`PostgresOptions::acquire_timeout`] (default 1 s, below the engine's
+//!   2 s store timeout) for one of the pool's connections; when every one is
+//!   in use it fails with [`StoreError::PoolExhausted`] ("pool exhausted (N
+//!   connections)"), which says what to fix (the pool's size, or handlers
+//!   that hold transactions long) where a timeout would blame the database.
 //! - **Expiry.** Expired rows are ignored by every operation at once and
-//!   deleted later by [`PostgresStore::purge_expired`] (in batches, with
-//!   `FOR UPDATE SKIP LOCKED`, so several instances may purge at once) or the
-//!   task of [`PostgresStore::spawn_purger`].
+//!   deleted later, in batches (with `FOR UPDATE SKIP LOCKED`, so several
+//!   instances may purge at once): by the store itself when it was made by
+//!   [`PostgresStore::connect`] or [`PostgresStore::connect_with`] (every
+//!   [`DEFAULT_PURGE_EVERY`](crate::DEFAULT_PURGE_EVERY), 60 s, in batches
+//!   of [`DEFAULT_PURGE_BATCH`](crate::DEFAULT_PURGE_BATCH), 1000; a task
+//!   that ends when the store and its clones are dropped; see
+//!   [`PostgresOptions::purge_every`]), or by
+//!   [`PostgresStore::purge_expired`] and [`PostgresStore::spawn_purger`]
+//!   for a store made [`from_pool`](PostgresStore::from_pool).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -93,7 +112,9 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Postgres;
 use tokio::sync::watch;
 
-use crate::store::{Queries, SqlBackend, SqlStore};
+use crate::store::{
+    Purging, Queries, SqlBackend, SqlStore, CONNECT_TIMEOUT, DEFAULT_ACQUIRE_TIMEOUT,
+};
 
 const BACKEND: &str = "postgres";
 
@@ -116,8 +137,10 @@ pub struct InvalidSchema(pub String);
 pub struct PostgresOptions {
     schema: String,
     max_connections: u32,
+    acquire_timeout: Duration,
     migrate: bool,
     synchronous_commit: bool,
+    purging: Purging,
 }
 
 impl Default for PostgresOptions {
@@ -125,16 +148,63 @@ impl Default for PostgresOptions {
         Self {
             schema: DEFAULT_SCHEMA.to_owned(),
             max_connections: 10,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             migrate: true,
             synchronous_commit: true,
+            purging: Purging::default(),
         }
     }
 }
 
 impl PostgresOptions {
-    /// Schema [`DEFAULT_SCHEMA`], at most 10 connections, migrate on connect.
+    /// Schema [`DEFAULT_SCHEMA`], at most 10 connections, each call waiting
+    /// up to 1 s for one, migrate on connect, purge expired records every
+    /// 60 s in batches of 1000.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long a call waits for one of the pool's connections (default
+    /// [`DEFAULT_ACQUIRE_TIMEOUT`], 1 s)
+    /// before it fails with [`StoreError::PoolExhausted`] (every connection
+    /// in use). Keep it below the engine's `store_timeout` (2 s by
+    /// default): past that the engine gives up first and logs a timeout.
+    /// Opening the first connection on connect may take up to 5 s.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// How often the store purges expired records in the background
+    /// (default [`DEFAULT_PURGE_EVERY`](crate::DEFAULT_PURGE_EVERY), 60 s;
+    /// the first round one interval after connecting). The task is the
+    /// store's: it ends when the store and every clone of it are dropped.
+    /// Several instances may purge one schema at once.
+    pub fn purge_every(mut self, every: Duration) -> Self {
+        self.purging.every = Some(every.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// How many expired records one purge statement deletes at most
+    /// (default [`DEFAULT_PURGE_BATCH`](crate::DEFAULT_PURGE_BATCH), 1000);
+    /// a round runs statements until one deletes fewer.
+    pub fn purge_batch(mut self, batch: u32) -> Self {
+        self.purging.batch = batch.max(1);
+        self
+    }
+
+    /// Whether the store purges expired records in the background (default
+    /// `true`). Turn it off only when something else purges them (a
+    /// [`PostgresStore::spawn_purger`] of your own, a cron job calling
+    /// [`PostgresStore::purge_expired`]): expired records are ignored but
+    /// never deleted otherwise, and the table grows without bound.
+    pub fn purge_in_background(mut self, on: bool) -> Self {
+        self.purging.every = if on {
+            self.purging.every.or(Some(crate::DEFAULT_PURGE_EVERY))
+        } else {
+            None
+        };
+        self
     }
 
     /// The schema that holds the records table (created when missing).
@@ -449,7 +519,9 @@ pub type PostgresStore = SqlStore<Postgres>;
 
 impl SqlStore<Postgres> {
     /// Connects to `url` (`postgres://user[:password]@host[:port]/database`)
-    /// with [`PostgresOptions::default`] and runs the migration.
+    /// with [`PostgresOptions::default`], runs the migration, and starts
+    /// purging expired records every 60 s (a task of the store's, ended
+    /// when the store and its clones are dropped).
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the URL is invalid, the database cannot
@@ -473,19 +545,22 @@ impl SqlStore<Postgres> {
             // The pool already checks each connection when it is returned;
             // a second check on acquire would cost a round trip per call.
             .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(connect)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect);
+        crate::store::first_connection(&pool, CONNECT_TIMEOUT)
             .await
             .map_err(backend)?;
         let store = Self::from_pool(pool, &options.schema)?;
         if options.migrate {
             store.migrate().await?;
         }
-        Ok(store)
+        Ok(store.purging(options.purging))
     }
 
     /// A store over a pool you built, its table in `schema`. Nothing is sent
-    /// yet: call [`migrate`](Self::migrate) unless the table exists.
+    /// yet: call [`migrate`](Self::migrate) unless the table exists. It does
+    /// not purge by itself: call [`spawn_purger`](Self::spawn_purger) (or
+    /// [`purge_expired`](Self::purge_expired) on a schedule of yours).
     ///
     /// # Errors
     /// [`StoreError::Config`] with [`InvalidSchema`] as its source.
@@ -613,7 +688,7 @@ impl SqlBackend for Postgres {
         store: &'a PostgresStore,
         id: &'a RecordId,
     ) -> StoreFuture<'a, Result<Option<Watch>, StoreError>> {
-        StoreFuture::new(store.watch_now(id))
+        StoreFuture::new(async move { store.watch_now(id).await.map_err(|e| store.on_pool(e)) })
     }
 }
 

@@ -6,6 +6,7 @@
 //! # async fn demo() -> Result<(), idempotency_core::StoreError> {
 //! use idempotency_sqlx::sqlite::SqliteStore;
 //!
+//! // Migrated, and purging expired records every 60 s, in the background.
 //! let store = SqliteStore::connect("sqlite://idempotency.db").await?;
 //! # let _ = store;
 //! # Ok(())
@@ -38,7 +39,16 @@
 //!   machine. A process that dies mid-request leaves an in-flight row that
 //!   retries of the same request take over once its lease passes.
 //! - **Outages.** There is no server to lose; a full disk or a locked file
-//!   fails the call with [`StoreError::Backend`].
+//!   fails the call with [`StoreError::Backend`]. A pool whose connections
+//!   are all in use for [`SqliteOptions::acquire_timeout`] (default 1 s)
+//!   fails it with [`StoreError::PoolExhausted`].
+//! - **Expiry.** Expired rows are ignored at once and deleted in the
+//!   background by a store made by [`SqliteStore::connect`] or
+//!   [`SqliteStore::connect_with`] (every 60 s, in batches of 1000; see
+//!   [`SqliteOptions::purge_every`]; the task ends when the store and its
+//!   clones are dropped), or through [`SqliteStore::purge_expired`] and
+//!   [`SqliteStore::spawn_purger`] for a store made
+//!   [`from_pool`](SqliteStore::from_pool).
 //! - **Scope.** One machine: do not put the file on a network file system,
 //!   and use Redis or PostgreSQL for instances on several machines.
 
@@ -53,7 +63,7 @@ use sqlx::sqlite::{
 };
 use sqlx::Sqlite;
 
-use crate::store::{Queries, SqlBackend, SqlStore};
+use crate::store::{Purging, Queries, SqlBackend, SqlStore, DEFAULT_ACQUIRE_TIMEOUT};
 
 const BACKEND: &str = "sqlite";
 
@@ -80,24 +90,68 @@ pub struct Contended(pub usize);
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
     max_connections: u32,
+    acquire_timeout: Duration,
     busy_timeout: Duration,
     migrate: bool,
+    purging: Purging,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
         Self {
             max_connections: 4,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             busy_timeout: Duration::from_secs(5),
             migrate: true,
+            purging: Purging::default(),
         }
     }
 }
 
 impl SqliteOptions {
-    /// At most 4 connections, a 5 s busy timeout, migrate on connect.
+    /// At most 4 connections, each call waiting up to 1 s for one, a 5 s
+    /// busy timeout, migrate on connect, purge expired records every 60 s
+    /// in batches of 1000.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long a call waits for one of the pool's connections (default
+    /// [`DEFAULT_ACQUIRE_TIMEOUT`], 1 s)
+    /// before it fails with [`StoreError::PoolExhausted`] (every connection
+    /// in use). Keep it below the engine's `store_timeout` (2 s by
+    /// default).
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// How often the store purges expired records in the background
+    /// (default [`DEFAULT_PURGE_EVERY`](crate::DEFAULT_PURGE_EVERY), 60 s;
+    /// the first round one interval after opening). The task is the
+    /// store's: it ends when the store and every clone of it are dropped.
+    pub fn purge_every(mut self, every: Duration) -> Self {
+        self.purging.every = Some(every.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// How many expired records one purge statement deletes at most
+    /// (default [`DEFAULT_PURGE_BATCH`](crate::DEFAULT_PURGE_BATCH), 1000).
+    pub fn purge_batch(mut self, batch: u32) -> Self {
+        self.purging.batch = batch.max(1);
+        self
+    }
+
+    /// Whether the store purges expired records in the background (default
+    /// `true`). Off, expired records are ignored but never deleted unless
+    /// something else calls [`SqliteStore::purge_expired`].
+    pub fn purge_in_background(mut self, on: bool) -> Self {
+        self.purging.every = if on {
+            self.purging.every.or(Some(crate::DEFAULT_PURGE_EVERY))
+        } else {
+            None
+        };
+        self
     }
 
     /// The pool's size (default 4). Reads run in parallel; writes take
@@ -175,7 +229,9 @@ pub type SqliteStore = SqlStore<Sqlite>;
 impl SqlStore<Sqlite> {
     /// Opens (creating when missing) the file named by `url`:
     /// `sqlite://PATH` (relative), `sqlite:///ABSOLUTE/PATH`, or a bare path,
-    /// with [`SqliteOptions::default`], and runs the migration.
+    /// with [`SqliteOptions::default`], runs the migration, and starts
+    /// purging expired records every 60 s (a task of the store's, ended
+    /// when the store and its clones are dropped).
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the file cannot be opened or migrated.
@@ -204,14 +260,13 @@ impl SqlStore<Sqlite> {
         let deadline = tokio::time::Instant::now() + options.busy_timeout;
         let mut attempt = 0u32;
         let pool = loop {
-            let opened = SqlitePoolOptions::new()
+            let pool = SqlitePoolOptions::new()
                 .max_connections(options.max_connections)
                 .test_before_acquire(false)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_with(connect.clone())
-                .await;
-            match opened {
-                Ok(pool) => break pool,
+                .acquire_timeout(options.acquire_timeout)
+                .connect_lazy_with(connect.clone());
+            match crate::store::first_connection(&pool, crate::store::CONNECT_TIMEOUT).await {
+                Ok(()) => break pool,
                 Err(e)
                     if sql_foundation::is_locked(&e) && tokio::time::Instant::now() < deadline =>
                 {
@@ -225,11 +280,13 @@ impl SqlStore<Sqlite> {
         if options.migrate {
             store.migrate().await?;
         }
-        Ok(store)
+        Ok(store.purging(options.purging))
     }
 
     /// A store over a pool you opened (set WAL and a busy timeout on it).
-    /// Call [`migrate`](Self::migrate) unless the table exists.
+    /// Call [`migrate`](Self::migrate) unless the table exists. It does not
+    /// purge by itself: call [`spawn_purger`](Self::spawn_purger) (or
+    /// [`purge_expired`](Self::purge_expired) on a schedule of yours).
     pub fn from_pool(pool: SqlitePool) -> Self {
         let (queries, state) = statements();
         Self::new(pool, queries, state)

@@ -68,13 +68,87 @@ pub(crate) struct Queries {
     pub(crate) purge: String,
 }
 
+/// How often a store made by `connect` or `connect_with` purges expired
+/// records in the background, by default: every 60 s.
+///
+/// Expired records are ignored by every operation at once; purging only
+/// gives their space back. Once a minute keeps a table at about one
+/// minute's worth of expired rows beyond its ttl, and costs an idle
+/// service one indexed `DELETE` a minute.
+pub const DEFAULT_PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// How many expired records one purge statement deletes at most, by
+/// default: 1000. A round deletes batches until one comes back short, so
+/// each statement holds its row locks briefly however much expired.
+pub const DEFAULT_PURGE_BATCH: u32 = 1000;
+
+/// How long a store call waits for one of the pool's connections, by
+/// default: 1 s.
+///
+/// Below the engine's default store timeout (2 s), so that a pool whose
+/// connections are all in use is reported as exhausted
+/// ([`StoreError::PoolExhausted`]: "pool exhausted (N connections)") rather
+/// than as a store that did not answer. Keep it below your `store_timeout`.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long `connect` keeps trying to open the first connection (a
+/// database that is still starting refuses it for a while).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens the pool's first connection, trying for up to `within`: the
+/// pool's own acquire timeout is kept short for requests (see
+/// [`DEFAULT_ACQUIRE_TIMEOUT`]), which a database that is still starting
+/// may take longer than.
+pub(crate) async fn first_connection<DB: sqlx::Database>(
+    pool: &Pool<DB>,
+    within: Duration,
+) -> Result<(), sqlx::Error> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match pool.acquire().await {
+            Ok(_) => return Ok(()),
+            Err(sqlx::Error::PoolTimedOut) if tokio::time::Instant::now() < deadline => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The background purge of a store made by `connect_with`: how often and
+/// in batches of how many (`None`: no purge).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Purging {
+    pub(crate) every: Option<Duration>,
+    pub(crate) batch: u32,
+}
+
+impl Default for Purging {
+    fn default() -> Self {
+        Self {
+            every: Some(DEFAULT_PURGE_EVERY),
+            batch: DEFAULT_PURGE_BATCH,
+        }
+    }
+}
+
+/// The purge task a store started for itself, aborted when the store and
+/// every clone of it are dropped.
+struct Purger(tokio::task::AbortHandle);
+
+impl Drop for Purger {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// An idempotency store in a SQL database: [`PostgresStore`](crate::postgres::PostgresStore)
 /// or [`SqliteStore`](crate::sqlite::SqliteStore). Cheap to clone: clones share the
-/// pool.
+/// pool, and the purge task of a store made by `connect` or `connect_with`,
+/// which ends when the last clone is dropped.
 pub struct SqlStore<DB: SqlBackend> {
     pub(crate) pool: Pool<DB>,
     pub(crate) queries: Arc<Queries>,
     pub(crate) state: Arc<DB::State>,
+    purger: Option<Arc<Purger>>,
 }
 
 impl<DB: SqlBackend> Clone for SqlStore<DB> {
@@ -83,6 +157,7 @@ impl<DB: SqlBackend> Clone for SqlStore<DB> {
             pool: self.pool.clone(),
             queries: Arc::clone(&self.queries),
             state: Arc::clone(&self.state),
+            purger: self.purger.clone(),
         }
     }
 }
@@ -92,6 +167,7 @@ impl<DB: SqlBackend> std::fmt::Debug for SqlStore<DB> {
         f.debug_struct("SqlStore")
             .field("database", &DB::BACKEND)
             .field("pool_size", &self.pool.size())
+            .field("purging", &self.purger.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -165,7 +241,53 @@ impl<DB: SqlBackend> SqlStore<DB> {
             pool,
             queries: Arc::new(queries),
             state: Arc::new(state),
+            purger: None,
         }
+    }
+
+    /// This store, purging in the background as `purging` says: its first
+    /// round one interval from now, its task owned by the store (and its
+    /// clones), so it ends with them.
+    pub(crate) fn purging(mut self, purging: Purging) -> Self {
+        if let Some(every) = purging.every {
+            let every = every.max(Duration::from_millis(1));
+            let first = tokio::time::Instant::now() + every;
+            let task = tokio::spawn(purge_rounds(
+                self.pool.clone(),
+                Arc::clone(&self.queries),
+                first,
+                every,
+                purging.batch,
+            ));
+            self.purger = Some(Arc::new(Purger(task.abort_handle())));
+        }
+        self
+    }
+
+    /// Whether this store purges expired records in the background (it was
+    /// made by `connect` or `connect_with` with purging on).
+    pub fn purges_in_background(&self) -> bool {
+        self.purger.is_some()
+    }
+
+    /// Says so when `e` is a pool that could not lend a connection because
+    /// every one of them was in use ([`StoreError::PoolExhausted`]); sqlx
+    /// reports it as `PoolTimedOut`, as it does a database that refuses
+    /// new connections, so the pool's state tells the two apart.
+    pub(crate) fn on_pool(&self, e: StoreError) -> StoreError {
+        let timed_out = matches!(
+            &e,
+            StoreError::Backend { source, .. }
+                if matches!(source.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::PoolTimedOut))
+        );
+        let connections = self.pool.options().get_max_connections();
+        if timed_out && self.pool.size() >= connections && self.pool.num_idle() == 0 {
+            return StoreError::PoolExhausted {
+                backend: DB::BACKEND,
+                connections,
+            };
+        }
+        e
     }
 
     /// The pool.
@@ -180,51 +302,41 @@ impl<DB: SqlBackend> SqlStore<DB> {
     /// # Errors
     /// [`StoreError::Backend`] when the database fails.
     pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
-        Statement::<DB>::new(&self.queries.purge)
-            .bind(i64::from(batch.max(1)))
-            .execute(&self.pool)
+        purge_batch(&self.pool, &self.queries, batch)
             .await
-            .map_err(Self::error)
+            .map_err(|e| self.on_pool(e))
     }
 
     /// Purges expired records every `every`, in batches of `batch`, until
     /// the returned handle is aborted (or the runtime stops). Failures are
     /// logged at `warn` and retried on the next tick.
+    ///
+    /// A store made by `connect` or `connect_with` already purges by
+    /// itself (see `PostgresOptions::purge_every`,
+    /// `SqliteOptions::purge_every`); this is for a store made from a pool
+    /// ([`from_pool`](crate::postgres::PostgresStore::from_pool)), or a
+    /// schedule of your own.
     pub fn spawn_purger(&self, every: Duration, batch: u32) -> tokio::task::JoinHandle<()> {
-        let store = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let mut total = 0u64;
-                loop {
-                    match store.purge_expired(batch).await {
-                        Ok(n) => {
-                            total += n;
-                            if n < u64::from(batch.max(1)) {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(backend = DB::BACKEND, error = &e as &dyn std::error::Error, cause = ?std::error::Error::source(&e), "purging expired idempotency records failed; retrying on the next tick");
-                            break;
-                        }
-                    }
-                }
-                if total > 0 {
-                    tracing::debug!(
-                        backend = DB::BACKEND,
-                        purged = total,
-                        "purged expired idempotency records"
-                    );
-                }
-            }
-        })
+        let every = every.max(Duration::from_millis(1));
+        tokio::spawn(purge_rounds(
+            self.pool.clone(),
+            Arc::clone(&self.queries),
+            tokio::time::Instant::now(),
+            every,
+            batch,
+        ))
     }
 
     pub(crate) fn error(e: sqlx::Error) -> StoreError {
         error(DB::BACKEND, e)
+    }
+
+    /// `call`'s error, with an exhausted pool said so ([`on_pool`](Self::on_pool)).
+    async fn on<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        call.await.map_err(|e| self.on_pool(e))
     }
 
     /// The answer of a claim that did not acquire, from its row's
@@ -262,7 +374,10 @@ impl<DB: SqlBackend> SqlStore<DB> {
 
     /// Runs one of the fenced statements: applied when it changed the row.
     async fn fenced(&self, statement: Statement<'_, DB>) -> Result<TokenOutcome, StoreError> {
-        let changed = statement.execute(&self.pool).await.map_err(Self::error)?;
+        let changed = statement
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.on_pool(Self::error(e)))?;
         Ok(if changed == 1 {
             TokenOutcome::Applied
         } else {
@@ -296,7 +411,7 @@ impl<DB: SqlBackend> Store for SqlStore<DB> {
         token: LeaseToken,
         claim: Claim<'a>,
     ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        StoreFuture::new(DB::claim(self, id, token, claim))
+        StoreFuture::new(self.on(DB::claim(self, id, token, claim)))
     }
 
     fn complete<'a>(
@@ -359,7 +474,7 @@ impl<DB: SqlBackend> TransactionalStore for SqlStore<DB> {
         id: &'a RecordId,
         fingerprint: &'a Fingerprint,
     ) -> BoxFuture<'a, Result<Option<ClaimOutcome>, StoreError>> {
-        Box::pin(self.snapshot_on(&self.pool, id, fingerprint))
+        Box::pin(self.on(self.snapshot_on(&self.pool, id, fingerprint)))
     }
 
     fn begin<'a>(
@@ -368,11 +483,63 @@ impl<DB: SqlBackend> TransactionalStore for SqlStore<DB> {
         token: LeaseToken,
         claim: Claim<'a>,
     ) -> BoxFuture<'a, Result<Begun, StoreError>> {
-        Box::pin(DB::begin(self, id, token, claim))
+        Box::pin(self.on(DB::begin(self, id, token, claim)))
     }
 
     fn backend(&self) -> &'static str {
         DB::BACKEND
+    }
+}
+
+/// Deletes up to `batch` expired records on `pool`; how many.
+async fn purge_batch<DB: SqlBackend>(
+    pool: &Pool<DB>,
+    queries: &Queries,
+    batch: u32,
+) -> Result<u64, StoreError> {
+    Statement::<DB>::new(&queries.purge)
+        .bind(i64::from(batch.max(1)))
+        .execute(pool)
+        .await
+        .map_err(|e| error(DB::BACKEND, e))
+}
+
+/// Purges expired records from `first` on, every `every`, each round in
+/// batches of `batch` until one comes back short. It holds the pool and the
+/// statements, never the store, so that dropping the store ends it.
+async fn purge_rounds<DB: SqlBackend>(
+    pool: Pool<DB>,
+    queries: Arc<Queries>,
+    first: tokio::time::Instant,
+    every: Duration,
+    batch: u32,
+) {
+    let mut tick = tokio::time::interval_at(first, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut total = 0u64;
+        loop {
+            match purge_batch(&pool, &queries, batch).await {
+                Ok(n) => {
+                    total += n;
+                    if n < u64::from(batch.max(1)) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(backend = DB::BACKEND, error = &e as &dyn std::error::Error, cause = ?std::error::Error::source(&e), "purging expired idempotency records failed; retrying on the next tick");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::debug!(
+                backend = DB::BACKEND,
+                purged = total,
+                "purged expired idempotency records"
+            );
+        }
     }
 }
 
