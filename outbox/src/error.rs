@@ -27,6 +27,19 @@ pub enum OutboxError {
     /// A stored row could not be read back as an event.
     #[error("a stored event is unreadable: {0}")]
     Corrupt(String),
+    /// A retention hold asked for a history the purge has deleted part of.
+    #[error(
+        "the outbox history from seq {from_seq} is incomplete: events up to seq \
+         {purged_through} may have been purged (hold `{hold}` not placed)"
+    )]
+    HistoryPurged {
+        /// The hold's name.
+        hold: String,
+        /// The first `seq` it asked to keep.
+        from_seq: i64,
+        /// The highest `seq` the purge may have deleted.
+        purged_through: i64,
+    },
 }
 
 #[cfg(any(feature = "postgres", feature = "sqlite"))]

@@ -121,7 +121,18 @@
 //!
 //! **Retention.** [`Relay::purge`] (run every purge interval by
 //! [`Relay::run`]) deletes published events older than the retention
-//! (default 7 days) in batches. Dead events are kept for inspection.
+//! (default 7 days) in batches. Dead events are kept for inspection. On
+//! PostgreSQL a reader of the table that needs its history (a projection
+//! building from the events) places a *retention hold* ([`place_hold`],
+//! table `outbox.holds`): the purge deletes only events below the lowest
+//! hold, and records the highest `seq` it deleted ([`purged_through`]), so
+//! a reader that asks for a history that is gone is told so.
+//!
+//! **Commit order.** On PostgreSQL each event records its transaction's id
+//! (`txid`), taken before its `seq` is drawn: a transaction that holds a
+//! drawn `seq` always has an xid, which is what lets a reader tail the table
+//! in commit order without skipping an event that commits after one with a
+//! higher `seq` (the `projection` crate does).
 //!
 //! **Does not promise.** Exactly-once delivery; order across keys; order for
 //! keyless events; anything for events that died.
@@ -160,12 +171,12 @@ pub mod nats;
 pub mod rabbitmq;
 
 pub use config::{ConfigError, RelayConfig, RelayConfigBuilder};
-#[cfg(feature = "postgres")]
-pub use database::migrate_postgres;
 #[cfg(feature = "sqlite")]
 pub use database::migrate_sqlite;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use database::OutboxDatabase;
+#[cfg(feature = "postgres")]
+pub use database::{holds, migrate_postgres, place_hold, purged_through, raise_hold, release_hold};
 pub use enqueue::{enqueue, enqueue_with_max_size, OutboxConnection, CHANNEL};
 pub use error::OutboxError;
 pub use event::{Event, EventError, DEFAULT_MAX_EVENT_SIZE};

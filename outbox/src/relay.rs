@@ -263,7 +263,9 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
 
     /// Deletes published events older than the retention, in batches of the
     /// purge batch; returns how many. Dead events and events waiting are
-    /// never deleted. On PostgreSQL, safe from several relays at once.
+    /// never deleted. On PostgreSQL, safe from several relays at once, and
+    /// never at or above the lowest retention hold
+    /// ([`place_hold`](crate::place_hold)).
     ///
     /// # Errors
     /// [`OutboxError::Database`].

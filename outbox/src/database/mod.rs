@@ -21,7 +21,7 @@ mod postgres;
 mod sqlite;
 
 #[cfg(feature = "postgres")]
-pub use postgres::migrate_postgres;
+pub use postgres::{holds, migrate_postgres, place_hold, purged_through, raise_hold, release_hold};
 #[cfg(feature = "sqlite")]
 pub use sqlite::migrate_sqlite;
 

@@ -23,6 +23,11 @@ const PRODUCER_LOCK_CLASS: i32 = 0x6f75_7401;
 const _: () = assert!(PRODUCER_LOCK_CLASS == 1_869_968_385);
 /// The PostgreSQL advisory lock class a relay holds while publishing a key.
 const RELAY_LOCK_CLASS: i32 = 0x6f75_7402;
+/// The PostgreSQL advisory lock class (with key 0) of the purge: taken by
+/// `outbox.purge_floor()` in each purge, and by [`place_hold`].
+const PURGE_LOCK_CLASS: i32 = 0x6f75_7403;
+// The migration's `purge_floor()` spells the class out.
+const _: () = assert!(PURGE_LOCK_CLASS == 1_869_968_387);
 
 /// The schema of the outbox's table and of its migration history.
 const SCHEMA: &str = "outbox";
@@ -30,16 +35,20 @@ const SCHEMA: &str = "outbox";
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// An insert whose row comes from the CTE `gate`: what the CTE does (the
-/// notification, and for a keyed event the key's lock) happens before `seq`
-/// is drawn.
+/// notification, for a keyed event the key's lock, and the transaction's
+/// id, `txid`) happens before `seq` is drawn: the CTE holds volatile
+/// functions, so it is never inlined, and `seq`'s default is computed in
+/// the scan above it. A transaction that holds a drawn `seq` therefore
+/// always has an xid, older than any xid assigned after the `seq` was
+/// drawn (what the projection crate's tail of the table relies on).
 macro_rules! insert_through {
     ($gate:literal) => {
         concat!(
             "WITH gate AS (SELECT ",
             $gate,
-            "pg_notify('outbox', '')) \
-             INSERT INTO outbox.events (id, destination, ordering_key, headers, payload) \
-             SELECT $1::uuid, $2, $3, $4::jsonb, $5 FROM gate"
+            "pg_current_xact_id() AS txid, pg_notify('outbox', '')) \
+             INSERT INTO outbox.events (id, destination, ordering_key, headers, payload, txid) \
+             SELECT $1::uuid, $2, $3, $4::jsonb, $5, gate.txid FROM gate"
         )
     };
 }
@@ -51,10 +60,16 @@ impl OutboxDatabase for Postgres {
         insert: insert_through!(""),
         // 1869968385 = PRODUCER_LOCK_CLASS (checked above).
         insert_keyed: insert_through!("pg_advisory_xact_lock(1869968385, hashtext($3)), "),
+        // Only below the lowest hold (read under the purge lock, see
+        // `place_hold`), recording the highest seq deleted in `purged`.
         // SKIP LOCKED: relays purging at once take disjoint batches.
         purge: "WITH doomed AS (SELECT seq FROM outbox.events \
                 WHERE published_at < now() - ($1::int8 * interval '1 millisecond') \
-                ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                  AND seq < (SELECT outbox.purge_floor()) \
+                ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                noted AS (UPDATE outbox.purged \
+                  SET max_seq = GREATEST(max_seq, (SELECT max(seq) FROM doomed)) \
+                  WHERE EXISTS (SELECT 1 FROM doomed)) \
                 DELETE FROM outbox.events e USING doomed d WHERE e.seq = d.seq",
         lag: "SELECT EXTRACT(EPOCH FROM (clock_timestamp() - created_at))::float8 AS age \
               FROM outbox.events WHERE published_at IS NULL AND dead_at IS NULL \
@@ -125,6 +140,108 @@ pub async fn migrate_postgres(pool: &PgPool) -> Result<(), OutboxError> {
     sql_foundation::migrate_postgres(pool, SCHEMA, &MIGRATOR)
         .await
         .map_err(OutboxError::from_migration)
+}
+
+/// Places the retention hold `name` at `from_seq`, through `conn` (a
+/// transaction: the hold exists from its commit): from then on the purge
+/// keeps every event with a `seq` of `from_seq` or more, published or not
+/// (the lowest of all holds counts). A hold of that name is replaced.
+///
+/// It takes the purge lock until the transaction ends, then checks that the
+/// history from `from_seq` is complete: a purge that ran before has
+/// recorded the highest `seq` it deleted, and one that runs after sees the
+/// hold. Meant for readers of the table that need its history, such as a
+/// projection building from the events (the `projection` crate places one
+/// per partition and raises it as it applies them).
+///
+/// # Errors
+/// [`OutboxError::HistoryPurged`] when an event at or above `from_seq` may
+/// have been purged already (nothing is placed); [`OutboxError::Database`].
+pub async fn place_hold(
+    conn: &mut PgConnection,
+    name: &str,
+    from_seq: i64,
+) -> Result<(), OutboxError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
+        .bind(PURGE_LOCK_CLASS)
+        .execute(&mut *conn)
+        .await?;
+    // A new statement after the lock: it sees what any purge committed.
+    let purged = purged_through(conn).await?;
+    if purged >= from_seq {
+        return Err(OutboxError::HistoryPurged {
+            hold: name.to_owned(),
+            from_seq,
+            purged_through: purged,
+        });
+    }
+    sqlx::query(
+        "INSERT INTO outbox.holds (name, seq) VALUES ($1, $2) \
+         ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = now()",
+    )
+    .bind(name)
+    .bind(from_seq)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Raises the hold `name` to `seq` (never lowers it: events below the hold
+/// may be gone); returns whether the hold exists.
+///
+/// # Errors
+/// [`OutboxError::Database`].
+pub async fn raise_hold(
+    conn: &mut PgConnection,
+    name: &str,
+    seq: i64,
+) -> Result<bool, OutboxError> {
+    let found = sqlx::query(
+        "UPDATE outbox.holds SET seq = GREATEST(seq, $2), updated_at = now() WHERE name = $1",
+    )
+    .bind(name)
+    .bind(seq)
+    .execute(&mut *conn)
+    .await?;
+    Ok(found.rows_affected() > 0)
+}
+
+/// Removes the hold `name`; returns whether it existed.
+///
+/// # Errors
+/// [`OutboxError::Database`].
+pub async fn release_hold(conn: &mut PgConnection, name: &str) -> Result<bool, OutboxError> {
+    let gone = sqlx::query("DELETE FROM outbox.holds WHERE name = $1")
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(gone.rows_affected() > 0)
+}
+
+/// The holds, `(name, seq)`, lowest `seq` first.
+///
+/// # Errors
+/// [`OutboxError::Database`].
+pub async fn holds(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, OutboxError> {
+    Ok(
+        sqlx::query_as("SELECT name, seq FROM outbox.holds ORDER BY seq, name")
+            .fetch_all(&mut *conn)
+            .await?,
+    )
+}
+
+/// An upper bound of the `seq`s the purge has deleted so far (0 when
+/// none): every committed event with a higher `seq` is still in the table.
+/// The migration that added it started it from what was missing then below
+/// the highest `seq` drawn (conservatively: a gap left by a rollback counts).
+///
+/// # Errors
+/// [`OutboxError::Database`].
+pub async fn purged_through(conn: &mut PgConnection) -> Result<i64, OutboxError> {
+    Ok(sqlx::query_scalar("SELECT max_seq FROM outbox.purged")
+        .fetch_optional(&mut *conn)
+        .await?
+        .unwrap_or(0))
 }
 
 /// The columns of a claimed row, with whether it is due (`ready`).
