@@ -11,17 +11,18 @@ use pin_project_lite::pin_project;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-/// The request payload as core reads it.
-pub(crate) struct PayloadChunks(pub(crate) Payload);
+/// The request payload as core reads it, borrowed: the service keeps it,
+/// to hold it until an answer that closes the connection is sent.
+pub(crate) struct PayloadChunks<'a>(pub(crate) &'a mut Payload);
 
-impl Chunks for PayloadChunks {
+impl Chunks for PayloadChunks<'_> {
     type Error = PayloadError;
 
     fn poll_chunk(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, PayloadError>>> {
-        Pin::new(&mut self.get_mut().0).poll_next(cx)
+        Pin::new(&mut *self.get_mut().0).poll_next(cx)
     }
 }
 
@@ -66,16 +67,34 @@ impl<B: MessageBody> Chunks for Message<B> {
 pin_project! {
     /// The response body the client gets: see
     /// [`ResponseBody`](idempotency_core::ResponseBody).
-    #[derive(Debug)]
     pub struct ResponseBody<B: MessageBody> {
         #[pin]
         body: idempotency_core::ResponseBody<Message<B>>,
+        // The request payload, unread, held until this is sent: actix then
+        // closes the connection rather than draining a chunked body that
+        // may never end (a 408).
+        held: Option<Payload>,
+    }
+}
+
+impl<B: MessageBody> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("body", &self.body)
+            .field("holds_payload", &self.held.is_some())
+            .finish()
     }
 }
 
 impl<B: MessageBody> ResponseBody<B> {
     pub(crate) fn new(body: idempotency_core::ResponseBody<Message<B>>) -> Self {
-        Self { body }
+        Self { body, held: None }
+    }
+
+    /// Holds the request's unread `payload` until this body is dropped.
+    pub(crate) fn holding(mut self, payload: Payload) -> Self {
+        self.held = Some(payload);
+        self
     }
 }
 
@@ -100,6 +119,10 @@ impl<B: MessageBody> MessageBody for ResponseBody<B> {
     }
 
     fn try_into_bytes(self) -> Result<Bytes, Self> {
+        if self.held.is_some() {
+            // As bytes, the payload would be dropped before the answer is sent.
+            return Err(self);
+        }
         self.body.try_into_bytes().map_err(Self::new)
     }
 }

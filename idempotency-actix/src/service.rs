@@ -123,7 +123,7 @@ where
         let inner = Rc::clone(&self.inner);
         let engine = self.middleware.engine().clone();
         let span = pending.span().clone();
-        let (req, payload) = req.into_parts();
+        let (req, mut payload) = req.into_parts();
         let future: LocalBoxFuture<'static, Output<B>> = Box::pin(async move {
             // The request goes to the handler, or back with an answer; never
             // cloned (routing needs it unshared).
@@ -142,17 +142,22 @@ where
                     Ok::<_, actix_web::Error>((Handled(req, head), Message::new(body)))
                 }
             };
-            Ok(
-                match engine
-                    .respond(pending, PayloadChunks(payload), call)
-                    .await?
-                {
-                    Reply::Answer(a) => answer(request.ok_or_else(gone)?, &a),
-                    Reply::Handler(Handled(req, head), body) => {
-                        ServiceResponse::new(req, head.set_body(ResponseBody::new(body)))
-                    }
-                },
-            )
+            let reply = engine
+                .respond(pending, PayloadChunks(&mut payload), call)
+                .await?;
+            Ok(match reply {
+                Reply::Answer(a) if a.closes_connection() => {
+                    // The body was not read to its end (a 408): actix closes
+                    // the connection after the answer only while the payload
+                    // is alive, and would otherwise drain a chunked body
+                    // that may never end.
+                    answer(request.ok_or_else(gone)?, &a).map_body(|_, body| body.holding(payload))
+                }
+                Reply::Answer(a) => answer(request.ok_or_else(gone)?, &a),
+                Reply::Handler(Handled(req, head), body) => {
+                    ServiceResponse::new(req, head.set_body(ResponseBody::new(body)))
+                }
+            })
         });
         ResponseFuture::covered(DetachOnDrop::new(future, span, |rest| {
             drop(actix_web::rt::spawn(rest));
