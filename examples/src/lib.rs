@@ -14,14 +14,18 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     about = "A payments API whose POST /payments is safe under retries",
-    after_help = "Routes: POST /payments (Idempotency-Key required), GET /payments, GET /healthz, \
-                  and GET /metrics: Prometheus text of idempotency_requests_total{outcome} and \
-                  the store metrics (outside the idempotency layer)."
+    after_help = "Routes: POST /payments (Idempotency-Key required), GET /payments, \
+                  GET /payments/<id>, GET /healthz, and GET /metrics: Prometheus text of \
+                  idempotency_requests_total{outcome} and the store metrics (outside the \
+                  idempotency layer).\n\
+                  Slow clients: request headers must arrive within 5 s (axum closes the \
+                  connection, actix answers 408), a request body within 30 s (408)."
 )]
 pub struct PaymentsArgs {
-    /// Where to serve.
-    #[arg(long, default_value = "127.0.0.1:3000")]
-    pub listen: SocketAddr,
+    /// Where to serve: HOST:PORT, a host name (resolved; every address it
+    /// resolves to is served) or an IP address (`[::1]:3000` for IPv6).
+    #[arg(long, default_value = "127.0.0.1:3000", value_parser = parse_listen)]
+    pub listen: String,
     /// The idempotency store: memory, sqlite://PATH, redis://..., postgres://...
     #[arg(long, default_value = "memory")]
     pub store: String,
@@ -52,6 +56,74 @@ pub struct PaymentsArgs {
     /// response instead of 409 (off by default).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub wait_for_in_flight: Option<Duration>,
+    /// The connection pool's size of a postgres:// or sqlite:// store
+    /// (default: 10 for PostgreSQL, 4 for SQLite). With --transactional
+    /// each covered request in flight holds one connection for its whole
+    /// handler; a pool that cannot lend one within 1 s answers 503 and logs
+    /// "pool exhausted (N connections)". Ignored by the other stores.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pool_size: Option<u32>,
+}
+
+/// `--listen`: `HOST:PORT` with a host name or an IP address (IPv6 in
+/// brackets), resolved when the server starts.
+fn parse_listen(value: &str) -> Result<String, String> {
+    if value.parse::<SocketAddr>().is_ok() {
+        return Ok(value.to_owned());
+    }
+    let usage = || {
+        format!(
+            "expected HOST:PORT (e.g. 127.0.0.1:3000, localhost:3000, [::1]:3000), got {value:?}"
+        )
+    };
+    let (host, port) = value.rsplit_once(':').ok_or_else(usage)?;
+    let name = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
+    if host.is_empty() || !host.chars().all(name) || port.parse::<u16>().is_err() {
+        return Err(usage());
+    }
+    Ok(value.to_owned())
+}
+
+/// The addresses `--listen` names: its IP address, or every address its
+/// host name resolves to.
+pub async fn resolve_listen(listen: &str) -> Result<Vec<SocketAddr>, StartError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(listen)
+        .await
+        .context(format!("could not resolve {listen} (--listen)"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(usage_error(format!(
+            "{listen} (--listen) resolves to no address"
+        )));
+    }
+    Ok(addrs)
+}
+
+/// How long a client may take to send a request's headers: both payments
+/// binaries end the connection past it (actix answers 408 first). The same
+/// as actix's default, and as its keep-alive: a client that holds a
+/// connection without sending a whole request costs a socket and a buffer.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a request body may take to arrive: the engine's bound for
+/// covered requests (`IdempotencyConfig::request_body_timeout`), and the
+/// handler's own for `POST /payments` with `--no-idempotency`.
+pub const BODY_READ_TIMEOUT: Duration = idempotency_core::DEFAULT_REQUEST_BODY_TIMEOUT;
+
+/// The body of the 408 `application/problem+json` response when a request
+/// body did not arrive within [`BODY_READ_TIMEOUT`] (`--no-idempotency`;
+/// covered requests get the engine's 408).
+pub fn body_timeout_problem() -> String {
+    serde_json::json!({
+        "type": "urn:payments:problem:request-timeout",
+        "title": "Request body was not received in time",
+        "status": 408,
+        "detail": format!(
+            "The request body did not arrive within {} s. Nothing was done.",
+            BODY_READ_TIMEOUT.as_secs()
+        ),
+    })
+    .to_string()
 }
 
 /// Why the example could not start (or stopped): any error, its causes
@@ -203,10 +275,10 @@ impl PaymentsArgs {
             .build()
             .context("the idempotency settings are invalid")?;
         if !self.transactional {
-            let store = connect_store(&self.store).await?;
+            let store = connect_store_sized(&self.store, self.pool_size).await?;
             return Ok((Some(Idempotency::from_arc(store, config)), memory()));
         }
-        let (engine, table) = PaymentsTable::open(&self.store, config).await?;
+        let (engine, table) = PaymentsTable::open(&self.store, config, self.pool_size).await?;
         if self.outbox {
             table.migrate_outbox().await?;
         }
@@ -225,6 +297,68 @@ pub async fn connect_store(
     url: &str,
 ) -> Result<std::sync::Arc<dyn idempotency_core::Store>, StartError> {
     Ok(idempotency_connect::connect(url).await?)
+}
+
+/// [`connect_store`], with a pool of `pool_size` connections for a
+/// `postgres://` or `sqlite://` store (`--pool-size`; ignored, with a
+/// warning, by the others).
+pub async fn connect_store_sized(
+    url: &str,
+    pool_size: Option<u32>,
+) -> Result<std::sync::Arc<dyn idempotency_core::Store>, StartError> {
+    use idempotency_connect::stores::{PostgresStore, SqliteStore};
+    use idempotency_connect::ConnectError;
+    let Some(size) = pool_size else {
+        return connect_store(url).await;
+    };
+    let failed = |backend| move |source| ConnectError::Store { backend, source };
+    match store_scheme(url) {
+        "postgres" | "postgresql" => {
+            let options = postgres_options(pool_size);
+            let store = PostgresStore::connect_with(url.trim(), options)
+                .await
+                .map_err(failed("postgres"))?;
+            Ok(std::sync::Arc::new(store))
+        }
+        "sqlite" => {
+            // Refuses a URL without a file, or of an in-memory database.
+            drop(connect_store(url).await?);
+            let store = SqliteStore::connect_with(url.trim(), sqlite_options(pool_size))
+                .await
+                .map_err(failed("sqlite"))?;
+            Ok(std::sync::Arc::new(store))
+        }
+        scheme => {
+            tracing::warn!(
+                pool_size = size,
+                store = scheme,
+                "--pool-size applies to postgres:// and sqlite:// stores only; ignored"
+            );
+            connect_store(url).await
+        }
+    }
+}
+
+/// The scheme of a store URL (`memory` has none).
+fn store_scheme(url: &str) -> &str {
+    let url = url.trim();
+    url.split_once(':').map_or(url, |(s, _)| s)
+}
+
+fn postgres_options(pool_size: Option<u32>) -> idempotency_connect::stores::PostgresOptions {
+    let options = idempotency_connect::stores::PostgresOptions::new();
+    match pool_size {
+        Some(n) => options.max_connections(n),
+        None => options,
+    }
+}
+
+fn sqlite_options(pool_size: Option<u32>) -> idempotency_connect::stores::SqliteOptions {
+    let options = idempotency_connect::stores::SqliteOptions::new();
+    match pool_size {
+        Some(n) => options.max_connections(n),
+        None => options,
+    }
 }
 
 /// The content type of `GET /metrics`: Prometheus text.
@@ -321,6 +455,12 @@ impl Ledger {
         Ok(payment)
     }
 
+    /// The payment `id`, if this process created it.
+    pub fn get(&self, id: &str) -> Option<Payment> {
+        let list = self.payments.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter().find(|p| p.id == id).cloned()
+    }
+
     /// Every payment so far, as JSON.
     pub fn list_json(&self) -> String {
         let list = self.payments.lock().unwrap_or_else(|p| p.into_inner());
@@ -333,7 +473,8 @@ impl Ledger {
 pub fn new_payment(body: &[u8]) -> Result<Payment, String> {
     let new: NewPayment = serde_json::from_slice(body).map_err(|e| {
         invalid(format!(
-            "expected JSON {{\"amount\": <integer>, \"currency\": \"<string>\"}}: {e}"
+            "expected JSON {{\"amount\": <integer>, \"currency\": \"<string>\"}}: {}",
+            bounded(&e.to_string())
         ))
     })?;
     if new.amount <= 0 {
@@ -347,6 +488,49 @@ pub fn new_payment(body: &[u8]) -> Result<Payment, String> {
         amount: new.amount,
         currency: new.currency,
     })
+}
+
+/// The longest piece of the client's input a problem detail quotes.
+const QUOTED_MAX: usize = 64;
+
+/// The longest detail of a 400.
+const DETAIL_MAX: usize = 400;
+
+/// `text` (a parser's message) with every piece of the client's input it
+/// quotes (between backticks or double quotes, as serde_json quotes field
+/// names and values) cut to [`QUOTED_MAX`] characters, and the whole cut to
+/// [`DETAIL_MAX`]: a 400 must not echo a 1 MB field name back (nor store
+/// it for every replay).
+fn bounded(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(DETAIL_MAX + 8));
+    let mut quote: Option<(char, usize)> = None;
+    for c in text.chars() {
+        match quote {
+            Some((q, _)) if c == q => {
+                quote = None;
+                out.push(c);
+            }
+            Some((q, n)) => {
+                if n < QUOTED_MAX {
+                    out.push(c);
+                } else if n == QUOTED_MAX {
+                    out.push('…');
+                }
+                quote = Some((q, n + 1));
+            }
+            None => {
+                if c == '`' || c == '"' {
+                    quote = Some((c, 0));
+                }
+                out.push(c);
+            }
+        }
+    }
+    if out.chars().count() > DETAIL_MAX {
+        out = out.chars().take(DETAIL_MAX).collect();
+        out.push('…');
+    }
+    out
 }
 
 fn invalid(detail: String) -> String {
@@ -363,7 +547,11 @@ fn invalid(detail: String) -> String {
 /// payments table (or the outbox) fails (the cause is logged; a retry with
 /// the same key runs again, since nothing was committed).
 pub fn database_problem(error: &(dyn std::error::Error + 'static)) -> String {
-    tracing::error!(error, "the payments table failed");
+    // The whole chain: the database's own message is often a cause.
+    tracing::error!(
+        error = %error_chain(error),
+        "the payments table failed; the request's transaction rolls back"
+    );
     serde_json::json!({
         "type": "urn:payments:problem:database",
         "title": "The payment could not be recorded",
@@ -392,6 +580,27 @@ impl Payments {
             None => Ok(self.ledger.list_json()),
         }
     }
+
+    /// The payment `id` (`GET /payments/<id>`), as `POST /payments`
+    /// returned it: the ledger's, or the table's row.
+    pub async fn get(&self, id: &str) -> Result<Option<Payment>, sqlx::Error> {
+        match &self.table {
+            Some(table) => table.get(id).await,
+            None => Ok(self.ledger.get(id)),
+        }
+    }
+}
+
+/// The body of the 404 `application/problem+json` response for a payment
+/// id that names no payment (the id is not echoed: it is the client's).
+pub fn payment_not_found() -> String {
+    serde_json::json!({
+        "type": "urn:payments:problem:not-found",
+        "title": "No such payment",
+        "status": 404,
+        "detail": "No payment has this id.",
+    })
+    .to_string()
 }
 
 /// Table `payments` (`--transactional`), on the pool of the store whose
@@ -424,6 +633,9 @@ const INSERT: &str = "INSERT INTO payments (id, amount, currency) VALUES ($1, $2
 /// Every payment, oldest first (both databases).
 const LIST: &str = "SELECT id, amount, currency FROM payments ORDER BY created_at, id";
 
+/// One payment by id (both databases).
+const GET: &str = "SELECT id, amount, currency FROM payments WHERE id = $1";
+
 /// `--transactional` with a store that has no transactions to share.
 fn no_transactions(scheme: &str) -> StartError {
     Box::new(UsageError(format!(
@@ -437,14 +649,18 @@ impl PaymentsTable {
     /// (`postgres://...` or `sqlite://PATH`), and its table, created when
     /// missing. Any other store has no transactions to share: a usage
     /// error.
-    async fn open(url: &str, config: IdempotencyConfig) -> Result<(Idempotency, Self), StartError> {
+    async fn open(
+        url: &str,
+        config: IdempotencyConfig,
+        pool_size: Option<u32>,
+    ) -> Result<(Idempotency, Self), StartError> {
         use idempotency_connect::stores::{PostgresStore, SqliteStore};
         use idempotency_connect::ConnectError;
         let scheme = url.trim().split_once(':').map_or(url.trim(), |(s, _)| s);
         let failed = |backend| move |source| ConnectError::Store { backend, source };
         match scheme {
             "postgres" | "postgresql" => {
-                let store = PostgresStore::connect(url.trim())
+                let store = PostgresStore::connect_with(url.trim(), postgres_options(pool_size))
                     .await
                     .map_err(failed("postgres"))?;
                 let pool = store.pool().clone();
@@ -470,7 +686,7 @@ impl PaymentsTable {
                 // Refuses a URL without a file, or of an in-memory database,
                 // as every other mode does.
                 drop(connect_store(url).await?);
-                let store = SqliteStore::connect(url.trim())
+                let store = SqliteStore::connect_with(url.trim(), sqlite_options(pool_size))
                     .await
                     .map_err(failed("sqlite"))?;
                 let pool = store.pool().clone();
@@ -500,6 +716,19 @@ impl PaymentsTable {
             Self::Sqlite(pool) => outbox::migrate_sqlite(pool).await,
         }
         .context("could not create the outbox table (--outbox)")
+    }
+
+    /// The row of payment `id`.
+    pub async fn get(&self, id: &str) -> Result<Option<Payment>, sqlx::Error> {
+        let row: Option<(String, i64, String)> = match self {
+            Self::Postgres(pool) => sqlx::query_as(GET).bind(id).fetch_optional(pool).await?,
+            Self::Sqlite(pool) => sqlx::query_as(GET).bind(id).fetch_optional(pool).await?,
+        };
+        Ok(row.map(|(id, amount, currency)| Payment {
+            id,
+            amount,
+            currency,
+        }))
     }
 
     /// Every row, as JSON.

@@ -1,7 +1,12 @@
 //! The example binaries as a user meets them: startup errors are sentences
 //! (never `Debug`) with a non-zero exit code, a `sqlite:` URL without a file
 //! fails at startup, logs to a pipe carry no colour codes, and `HEAD` answers
-//! like `GET` on both payments binaries.
+//! like `GET` on both payments binaries. And on both payments binaries: the
+//! `Location` of a payment answers (`GET /payments/<id>`), `--listen` takes a
+//! host name, `--pool-size` is documented and used, a 400 does not echo a
+//! megabyte of the client's input, a client that sends half its headers is
+//! dropped or answered within a bound, and `/metrics` lists the memory
+//! store's evictions.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -188,8 +193,13 @@ struct Server {
 impl Server {
     /// Starts `binary` on a free port and waits for its "serving" line.
     fn start(binary: &'static str, args: &[&str]) -> Self {
+        Self::start_on(binary, "127.0.0.1:0", args)
+    }
+
+    /// Starts `binary` with `--listen listen` and waits for its "serving" line.
+    fn start_on(binary: &'static str, listen: &str, args: &[&str]) -> Self {
         let mut child = command(binary)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .spawn()
             .expect("the binary runs");
@@ -286,15 +296,32 @@ impl Answer {
 
 /// One HTTP/1.1 request (`"METHOD /path"`) on its own connection.
 fn http(addr: SocketAddr, request_line: &str) -> Answer {
+    exchange(
+        addr,
+        format!("{request_line} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+}
+
+/// `POST /payments` of `body` (JSON) with `Idempotency-Key: key`.
+fn post(addr: SocketAddr, key: &str, body: &[u8]) -> Answer {
+    let mut raw = format!(
+        "POST /payments HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Idempotency-Key: {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    exchange(addr, &raw)
+}
+
+/// Sends `raw` on a connection of its own and reads the answer to its end.
+fn exchange(addr: SocketAddr, raw_request: &[u8]) -> Answer {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    write!(
-        stream,
-        "{request_line} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
+    stream.write_all(raw_request).expect("write");
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("read");
     let end = raw
@@ -317,4 +344,234 @@ fn http(addr: SocketAddr, request_line: &str) -> Answer {
         headers,
         body: raw[end + 4..].to_vec(),
     }
+}
+
+impl Answer {
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap_or("<binary>")
+    }
+}
+
+/// Both payments binaries, each in a thread of its own (their waits overlap).
+fn on_both(check: fn(&'static str)) {
+    let threads: Vec<_> = [AXUM, ACTIX]
+        .into_iter()
+        .map(|binary| std::thread::spawn(move || check(binary)))
+        .collect();
+    for thread in threads {
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "examples-{name}-{}-{n}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+
+    fn sqlite(&self, file: &str) -> String {
+        format!("sqlite://{}", self.0.join(file).display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `GET` the `Location` of a new payment: 200 with the JSON `POST` returned;
+/// an unknown id: 404 problem+json.
+fn check_get_payment(server: &Server) {
+    let name = server.binary;
+    let created = post(
+        server.addr,
+        "get-1",
+        br#"{"amount": 42, "currency": "EUR"}"#,
+    );
+    assert_eq!(created.status, 201, "{name}: {}", created.text());
+    let location = created.header("location").expect("Location").to_owned();
+    assert!(location.starts_with("/payments/pay_"), "{name}: {location}");
+    let got = http(server.addr, &format!("GET {location}"));
+    assert_eq!(got.status, 200, "{name} GET {location}: {}", got.text());
+    assert_eq!(
+        got.header("content-type"),
+        Some("application/json"),
+        "{name}"
+    );
+    let as_posted: serde_json::Value = serde_json::from_slice(&created.body).expect("JSON");
+    let as_got: serde_json::Value = serde_json::from_slice(&got.body).expect("JSON");
+    assert_eq!(
+        as_got, as_posted,
+        "{name}: GET returns the payment as POST did"
+    );
+    let missing = http(server.addr, "GET /payments/pay_000000000000000000000000");
+    assert_eq!(missing.status, 404, "{name}: {}", missing.text());
+    assert_eq!(
+        missing.header("content-type"),
+        Some("application/problem+json"),
+        "{name}"
+    );
+    assert!(
+        missing.text().contains("\"status\":404"),
+        "{name}: {}",
+        missing.text()
+    );
+}
+
+#[test]
+fn the_location_of_a_payment_answers_on_both_binaries() {
+    on_both(|binary| check_get_payment(&Server::start(binary, &[])));
+}
+
+#[test]
+fn the_location_of_a_payment_answers_in_transactional_mode() {
+    on_both(|binary| {
+        let dir = TempDir::new("get-tx");
+        let store = dir.sqlite("records.sqlite");
+        let server = Server::start(binary, &["--transactional", "--store", &store]);
+        check_get_payment(&server);
+    });
+}
+
+#[test]
+fn listen_takes_a_host_name() {
+    on_both(|binary| {
+        let server = Server::start_on(binary, "localhost:0", &[]);
+        let res = http(server.addr, "GET /healthz");
+        assert_eq!(res.status, 200, "{binary}");
+        drop(server);
+        // A listen address that is not HOST:PORT is a usage error.
+        let out = run_to_exit(binary, &["--listen", "localhost"]);
+        assert_eq!(out.status.code(), Some(2), "{binary}");
+    });
+}
+
+#[test]
+fn pool_size_is_documented_and_used() {
+    on_both(|binary| {
+        let help = run_to_exit(binary, &["--help"]);
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("--pool-size <N>"), "{binary}: {help}");
+        assert!(help.contains("pool exhausted"), "{binary}: {help}");
+        let dir = TempDir::new("pool");
+        let store = dir.sqlite("records.sqlite");
+        let server = Server::start(
+            binary,
+            &["--transactional", "--store", &store, "--pool-size", "2"],
+        );
+        let res = post(
+            server.addr,
+            "pool-1",
+            br#"{"amount": 1, "currency": "EUR"}"#,
+        );
+        assert_eq!(res.status, 201, "{binary}: {}", res.text());
+        let out = run_to_exit(binary, &["--pool-size", "0"]);
+        assert_eq!(out.status.code(), Some(2), "{binary}: --pool-size 0");
+    });
+}
+
+#[test]
+fn a_400_does_not_echo_a_megabyte_field_name() {
+    on_both(|binary| {
+        let server = Server::start(binary, &[]);
+        let mut body = br#"{"amount": 1, "currency": "EUR", ""#.to_vec();
+        body.extend(std::iter::repeat_n(b'a', 1_000_000));
+        body.extend_from_slice(br#"": 1}"#);
+        let res = post(server.addr, "echo-1", &body);
+        assert_eq!(
+            res.status,
+            400,
+            "{binary}: {}",
+            &res.text()[..200.min(res.body.len())]
+        );
+        assert_eq!(
+            res.header("content-type"),
+            Some("application/problem+json"),
+            "{binary}"
+        );
+        assert!(
+            res.body.len() < 1024,
+            "{binary}: a 400 of {} bytes: {}…",
+            res.body.len(),
+            &res.text()[..200]
+        );
+        assert!(
+            res.text().contains("unknown field"),
+            "{binary}: {}",
+            res.text()
+        );
+        // A value is not echoed whole either.
+        let mut body = br#"{"amount": ""#.to_vec();
+        body.extend(std::iter::repeat_n(b'7', 500_000));
+        body.extend_from_slice(br#"", "currency": "EUR"}"#);
+        let res = post(server.addr, "echo-2", &body);
+        assert_eq!(res.status, 400, "{binary}");
+        assert!(res.body.len() < 1024, "{binary}: {} bytes", res.body.len());
+    });
+}
+
+#[test]
+fn half_headers_are_dropped_or_answered_within_a_bound() {
+    on_both(|binary| {
+        let server = Server::start(binary, &[]);
+        let mut stream = TcpStream::connect(server.addr).expect("connect");
+        // Bounded: a server that holds the connection fails the test.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        stream
+            .write_all(b"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: half\r\nContent-Ty")
+            .expect("write");
+        let sent = Instant::now();
+        let mut raw = Vec::new();
+        let read = stream.read_to_end(&mut raw);
+        let took = sent.elapsed();
+        assert!(
+            read.is_ok(),
+            "{binary}: still holding the connection after {took:?}: {read:?}"
+        );
+        assert!(
+            took < Duration::from_secs(8),
+            "{binary}: the connection ended after {took:?}"
+        );
+        let answer = String::from_utf8_lossy(&raw);
+        assert!(
+            raw.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{binary}: {answer}"
+        );
+        eprintln!(
+            "{binary}: half headers ended after {took:?} with {:?}",
+            answer.lines().next().unwrap_or("(closed)")
+        );
+    });
+}
+
+#[test]
+fn metrics_list_the_memory_store_evictions() {
+    on_both(|binary| {
+        let server = Server::start(binary, &[]);
+        let metrics = http(server.addr, "GET /metrics");
+        assert_eq!(metrics.status, 200);
+        for reason in ["capacity", "bytes"] {
+            let series = format!("idempotency_memory_evictions_total{{reason=\"{reason}\"}} 0");
+            assert!(
+                metrics.text().contains(&series),
+                "{binary}: {}",
+                metrics.text()
+            );
+        }
+    });
 }

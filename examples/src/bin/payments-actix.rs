@@ -8,8 +8,10 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use clap::Parser;
 use examples::{
     init_tracing, shutdown_signal, Payment, Payments, PaymentsArgs, PaymentsDatabase,
-    PaymentsTable, ResultExt, StartError, METRICS_CONTENT_TYPE, PROBLEM_JSON,
+    PaymentsTable, ResultExt, StartError, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT,
+    METRICS_CONTENT_TYPE, PROBLEM_JSON,
 };
+use futures_util::StreamExt;
 use idempotency_actix::{IdempotencyMiddleware, Transaction};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::time::Duration;
@@ -19,11 +21,53 @@ const BODY_LIMIT: usize = 2 * 1024 * 1024;
 
 struct HandlerDelay(Duration);
 
+/// Reads a request body within [`BODY_READ_TIMEOUT`] and [`BODY_LIMIT`]. A
+/// covered request's body was read by the middleware already (bounded by
+/// the engine); this bounds `--no-idempotency`, where nothing else does
+/// (actix bounds the request head only).
+async fn read_body(mut payload: web::Payload) -> Result<web::Bytes, HttpResponse> {
+    let read = async {
+        let payload = &mut payload;
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|_| HttpResponse::BadRequest().finish())?;
+            if body.len() + chunk.len() > BODY_LIMIT {
+                return Err(HttpResponse::PayloadTooLarge().finish());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Ok(read) => read,
+        Err(_) => {
+            // The payload is held until the answer is sent: actix closes the
+            // connection only while it is alive, and drains a dropped
+            // chunked payload, which may never end.
+            let problem = web::Bytes::from(examples::body_timeout_problem());
+            let len = problem.len() as u64;
+            let held = futures_util::stream::poll_fn(move |_| {
+                let _held = &payload;
+                std::task::Poll::Ready(None::<Result<web::Bytes, std::convert::Infallible>>)
+            });
+            let body = futures_util::stream::once(std::future::ready(Ok(problem))).chain(held);
+            Err(HttpResponse::RequestTimeout()
+                .content_type(PROBLEM_JSON)
+                .force_close()
+                .body(actix_web::body::SizedStream::new(len, body)))
+        }
+    }
+}
+
 async fn create_payment(
     payments: web::Data<Payments>,
     delay: web::Data<HandlerDelay>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> HttpResponse {
+    let body = match read_body(payload).await {
+        Ok(body) => body,
+        Err(res) => return res,
+    };
     if !delay.0.is_zero() {
         tokio::time::sleep(delay.0).await;
     }
@@ -76,6 +120,19 @@ fn database_failed(e: &sqlx::Error) -> HttpResponse {
         .body(examples::database_problem(e))
 }
 
+/// `GET /payments/<id>`: the payment as `POST /payments` returned it.
+async fn get_payment(payments: web::Data<Payments>, id: web::Path<String>) -> HttpResponse {
+    match payments.get(&id).await {
+        Ok(Some(p)) => HttpResponse::Ok()
+            .content_type("application/json")
+            .body(serde_json::to_string(&p).unwrap_or_default()),
+        Ok(None) => HttpResponse::NotFound()
+            .content_type(PROBLEM_JSON)
+            .body(examples::payment_not_found()),
+        Err(e) => database_failed(&e),
+    }
+}
+
 async fn list_payments(payments: web::Data<Payments>) -> HttpResponse {
     match payments.list_json().await {
         Ok(list) => HttpResponse::Ok()
@@ -98,6 +155,11 @@ fn payment_routes(cfg: &mut web::ServiceConfig, table: Option<&PaymentsTable>) {
             .route(web::get().to(list_payments))
             .route(web::head().to(list_payments))
             .route(create),
+    );
+    cfg.service(
+        web::resource("/payments/{id}")
+            .route(web::get().to(get_payment))
+            .route(web::head().to(get_payment)),
     );
 }
 
@@ -152,7 +214,13 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
             })
     })
     .disable_signals()
-    .bind(args.listen)
+    // A client must send a request's head within this, or get 408; an
+    // idle keep-alive connection is closed after as long. Bodies are
+    // bounded by the engine (covered requests) and `read_body`.
+    .client_request_timeout(HEADER_READ_TIMEOUT)
+    .keep_alive(HEADER_READ_TIMEOUT)
+    .client_disconnect_timeout(Duration::from_secs(1))
+    .bind(&examples::resolve_listen(&args.listen).await?[..])
     .context(format!("could not listen on {} (--listen)", args.listen))?;
     let addrs = server.addrs();
     let server = server.run();

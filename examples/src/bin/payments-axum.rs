@@ -1,11 +1,20 @@
 //! The payments API on axum, behind `idempotency-tower`.
 //!
 //! `cargo run --release -p examples --bin payments-axum -- --help`
+//!
+//! It serves through hyper's HTTP/1 connection builder rather than
+//! `axum::serve`, which sets no timer and so cannot bound how long a client
+//! takes to send its headers: a client that sends half of them held a
+//! connection for as long as it liked. hyper-util's `TowerToHyperService`
+//! and `GracefulShutdown` are what `axum::serve` itself is built on, kept
+//! by the hyper project.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,9 +22,20 @@ use axum::Router;
 use clap::Parser;
 use examples::{
     init_tracing, shutdown_signal, Payment, Payments, PaymentsArgs, PaymentsDatabase,
-    PaymentsTable, ResultExt, StartError, METRICS_CONTENT_TYPE, PROBLEM_JSON,
+    PaymentsTable, ResultExt, StartError, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT,
+    METRICS_CONTENT_TYPE, PROBLEM_JSON,
 };
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use idempotency_tower::{IdempotencyLayer, Transaction};
+use tokio::net::TcpListener;
+
+/// The largest request body the handlers read (axum's default).
+const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// How long connections may take to finish after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 struct App {
@@ -23,13 +43,64 @@ struct App {
     delay: std::time::Duration,
 }
 
-async fn create_payment(State(app): State<App>, body: Bytes) -> Response {
+/// Reads a request body within [`BODY_READ_TIMEOUT`] and [`BODY_LIMIT`]. A
+/// covered request's body was read by the middleware already (bounded by
+/// the engine); this bounds `--no-idempotency`, where nothing else does.
+async fn read_body(body: Body) -> Result<Bytes, Response> {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, BODY_LIMIT)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let too_large = e
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            Err(if too_large {
+                StatusCode::PAYLOAD_TOO_LARGE.into_response()
+            } else {
+                StatusCode::BAD_REQUEST.into_response()
+            })
+        }
+        Err(_) => {
+            let mut res = problem_response(
+                StatusCode::REQUEST_TIMEOUT,
+                examples::body_timeout_problem(),
+            );
+            res.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            Err(res)
+        }
+    }
+}
+
+async fn create_payment(State(app): State<App>, body: Body) -> Response {
+    let body = match read_body(body).await {
+        Ok(body) => body,
+        Err(res) => return res,
+    };
     if !app.delay.is_zero() {
         tokio::time::sleep(app.delay).await;
     }
     match app.payments.ledger.create(&body) {
         Ok(p) => created(&p),
         Err(problem) => problem_response(StatusCode::BAD_REQUEST, problem),
+    }
+}
+
+/// `GET /payments/<id>`: the payment as `POST /payments` returned it.
+async fn get_payment(State(app): State<App>, Path(id): Path<String>) -> Response {
+    match app.payments.get(&id).await {
+        Ok(Some(p)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&p).unwrap_or_default(),
+        )
+            .into_response(),
+        Ok(None) => problem_response(StatusCode::NOT_FOUND, examples::payment_not_found()),
+        Err(e) => problem_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            examples::database_problem(&e),
+        ),
     }
 }
 
@@ -101,6 +172,7 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
     };
     let mut router = Router::new()
         .route("/payments", create.get(list_payments))
+        .route("/payments/{id}", get(get_payment))
         .with_state(app);
     if let Some(engine) = engine {
         router = router.layer(IdempotencyLayer::new(engine));
@@ -114,20 +186,85 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
             async move { ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .context(format!("could not listen on {} (--listen)", args.listen))?;
+    let listeners = bind(&args.listen).await?;
+    let addrs = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()?;
     tracing::info!(
-        listen = %listener.local_addr()?,
+        listen = %addrs.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(","),
         store = %idempotency_core::redact(&args.store),
         idempotency = !args.no_idempotency,
         transactional = args.transactional,
         outbox = args.outbox,
         "payments-axum serving"
     );
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the server failed")?;
+    serve(listeners, router).await;
     Ok(())
+}
+
+/// Listens on every address `--listen` names (a host name may resolve to
+/// several, as `localhost` to `127.0.0.1` and `::1`), as actix's `bind`
+/// does: an address that cannot be bound is skipped when another can.
+async fn bind(listen: &str) -> Result<Vec<TcpListener>, StartError> {
+    let mut listeners = Vec::new();
+    let mut failed = None;
+    for addr in examples::resolve_listen(listen).await? {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => listeners.push(listener),
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "could not listen on one address of --listen");
+                failed = Some(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) if listeners.is_empty() => {
+            Err(e).context(format!("could not listen on {listen} (--listen)"))
+        }
+        _ => Ok(listeners),
+    }
+}
+
+/// Serves `router` on `listeners` over HTTP/1 until a shutdown signal, then
+/// lets open connections finish for up to [`DRAIN`]. A client must send a
+/// request's headers within [`HEADER_READ_TIMEOUT`] (hyper closes the
+/// connection otherwise; the same bound holds an idle keep-alive
+/// connection); a covered request's body is bounded by the engine.
+async fn serve(listeners: Vec<TcpListener>, router: Router) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        let accept =
+            futures_util::future::select_all(listeners.iter().map(|l| Box::pin(l.accept())));
+        let stream = tokio::select! {
+            (accepted, _, _) = accept => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: let some close.
+                    tracing::warn!(error = %e, "could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listeners);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(drain = ?DRAIN, "connections still open after the drain; closing them");
+    }
 }
