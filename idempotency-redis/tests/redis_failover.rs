@@ -18,61 +18,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use idempotency_core::{
-    Claim, ClaimOutcome, Decision, Idempotency, IdempotencyConfig, LeaseToken, RecordId, Scope,
-    Store, StoreError, StoreFuture, StoredOutcome, TokenOutcome,
+    Decision, Idempotency, IdempotencyConfig, LeaseToken, RecordId, Scope, Store,
 };
 use idempotency_redis::RedisStore;
-
-/// A store that counts the claims it acquired: what the claims answered,
-/// which `test_support::Hooked` (it counts calls) does not see.
-struct Counting {
-    inner: RedisStore,
-    acquired: AtomicUsize,
-}
-
-impl Store for Counting {
-    fn claim<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        claim: Claim<'a>,
-    ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        StoreFuture::new(async move {
-            let outcome = self.inner.claim(id, token, claim).await;
-            if matches!(outcome, Ok(ClaimOutcome::Acquired(_))) {
-                self.acquired.fetch_add(1, Ordering::SeqCst);
-            }
-            outcome
-        })
-    }
-    fn complete<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        outcome: &'a StoredOutcome,
-        ttl: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.complete(id, token, outcome, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.release(id, token)
-    }
-    fn extend<'a>(
-        &'a self,
-        id: &'a RecordId,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> StoreFuture<'a, Result<TokenOutcome, StoreError>> {
-        self.inner.extend(id, token, lease)
-    }
-    fn backend(&self) -> &'static str {
-        "redis"
-    }
-}
+use test_support::Hooked;
 
 /// What one request got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,10 +115,7 @@ async fn a_master_dies_503_until_its_replica_is_promoted_then_recovery_without_r
         .await
         .expect("connect the private cluster")
         .with_prefix("failover:");
-    let store = Arc::new(Counting {
-        inner: redis.clone(),
-        acquired: AtomicUsize::new(0),
-    });
+    let store = Arc::new(Hooked::new(redis.clone()));
     let config = IdempotencyConfig::builder()
         .lease(Duration::from_secs(10))
         .ttl(Duration::from_secs(300))
@@ -319,7 +265,7 @@ async fn a_master_dies_503_until_its_replica_is_promoted_then_recovery_without_r
         "handler runs vs executed requests"
     );
     assert_eq!(
-        store.acquired.load(Ordering::SeqCst),
+        usize::try_from(store.acquired()).expect("a count"),
         executed,
         "acquired claims vs handler runs"
     );

@@ -86,8 +86,8 @@ impl std::fmt::Debug for Hook {
 
 type HookFn = dyn Fn(Op) -> Hook + Send + Sync;
 
-/// A store that forwards to `S`, counting every call by [`Op`], and the
-/// watches that resolved (were woken, rather than dropped when the
+/// A store that forwards to `S`, counting every call by [`Op`], the claims
+/// that acquired, and the watches that resolved (were woken, rather than dropped when the
 /// waiter's fallback poll came first). A hook decides what becomes of each
 /// call ([`Hooked::with_hook`]). It is transactional when `S` is.
 pub struct Hooked<S> {
@@ -96,6 +96,7 @@ pub struct Hooked<S> {
     hook: Box<HookFn>,
     calls: [AtomicU64; OPS],
     woken: Arc<AtomicU64>,
+    acquired: Arc<AtomicU64>,
 }
 
 impl<S> std::fmt::Debug for Hooked<S> {
@@ -121,6 +122,7 @@ impl<S> Hooked<S> {
             hook: Box::new(hook),
             calls: Default::default(),
             woken: Arc::default(),
+            acquired: Arc::default(),
         }
     }
 
@@ -153,6 +155,12 @@ impl<S> Hooked<S> {
     /// How many claims were made.
     pub fn claims(&self) -> u64 {
         self.calls(Op::Claim)
+    }
+
+    /// How many claims answered `Acquired` (what the store decided, where
+    /// [`calls`](Self::calls) counts what was asked).
+    pub fn acquired(&self) -> u64 {
+        self.acquired.load(Ordering::SeqCst)
     }
 
     /// How many watches resolved.
@@ -202,9 +210,35 @@ impl<S: Store> Store for Hooked<S> {
         token: LeaseToken,
         claim: Claim<'a>,
     ) -> StoreFuture<'a, Result<ClaimOutcome, StoreError>> {
-        hooked(self.hook(Op::Claim), move || {
+        let acquired = Arc::clone(&self.acquired);
+        let count = move |outcome: &Result<ClaimOutcome, StoreError>| {
+            if matches!(outcome, Ok(ClaimOutcome::Acquired(_))) {
+                acquired.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        let call = hooked(self.hook(Op::Claim), move || {
             self.inner.claim(id, token, claim)
-        })
+        });
+        // An answer that is ready stays ready (no box), and a store's own
+        // bound stays declared, so a wrapped store keeps its timing.
+        let bound = call.bound();
+        match call.into_ready() {
+            Ok(outcome) => {
+                count(&outcome);
+                StoreFuture::ready(outcome)
+            }
+            Err(call) => {
+                let counted = async move {
+                    let outcome = call.await;
+                    count(&outcome);
+                    outcome
+                };
+                match bound {
+                    Some(bound) => StoreFuture::bounded(counted, bound),
+                    None => StoreFuture::new(counted),
+                }
+            }
+        }
     }
 
     fn complete<'a>(
