@@ -30,4 +30,7 @@ pub use idempotency_core::conformance::{Hook, Hooked, Op};
 pub use redis_server::{wait_for_pong, RedisServer};
 pub use staged::{Staged, StagedStore};
 pub use transactional::{mode, run_prefix, Answer, Fixture, FixtureDb, Probe};
-pub use wire::{host_port, via, CountingProxy, Counts, Proxy, Wire};
+pub use wire::{
+    closed_port, host_port, is_tls_client_hello, via, CountingProxy, Counts, Proxy, SilentServer,
+    Wire,
+};

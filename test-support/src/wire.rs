@@ -308,3 +308,86 @@ pub fn host_port(url: &str, default_port: u16) -> String {
         format!("{host}:{default_port}")
     }
 }
+
+/// A server that accepts connections and never answers (or only sends a
+/// `greeting` first): a broker or database that hangs. It keeps the first
+/// bytes each client sent, so a test can tell a TLS ClientHello (first byte
+/// `0x16`) from a plaintext protocol header.
+pub struct SilentServer {
+    pub addr: std::net::SocketAddr,
+    first_bytes: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SilentServer {
+    /// Accepts on a free local port, says nothing.
+    pub async fn start() -> Self {
+        Self::with_greeting(Vec::new()).await
+    }
+
+    /// Accepts on a free local port, sends `greeting` to each client (a
+    /// NATS server's `INFO {...}\r\n`, say), then says nothing more.
+    pub async fn with_greeting(greeting: impl Into<Vec<u8>>) -> Self {
+        let greeting = greeting.into();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, first_bytes) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let (tx, greeting) = (tx.clone(), greeting.clone());
+                tokio::spawn(async move {
+                    if !greeting.is_empty() && socket.write_all(&greeting).await.is_err() {
+                        return;
+                    }
+                    let mut buf = vec![0u8; 512];
+                    let mut got = Vec::new();
+                    // Up to 8 bytes, or what came before the client closed.
+                    while got.len() < 8 {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = tx.send(got);
+                    // Hold the connection open, silent, until the client goes.
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            first_bytes,
+            task,
+        }
+    }
+
+    /// The first bytes (up to 8) the next client sent, within `within`.
+    pub async fn first_bytes(&mut self, within: std::time::Duration) -> Option<Vec<u8>> {
+        tokio::time::timeout(within, self.first_bytes.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Whether `bytes` open a TLS handshake record (`0x16`, then version 3.x).
+pub fn is_tls_client_hello(bytes: &[u8]) -> bool {
+    bytes.len() >= 2 && bytes[0] == 0x16 && bytes[1] == 0x03
+}
+
+/// A local port nothing listens on (bound, then released): connecting to it
+/// is refused.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
