@@ -32,3 +32,19 @@ impl InboxError {
         }
     }
 }
+
+/// The error and its causes, joined by `: ` (for one log field).
+#[cfg(any(feature = "rabbitmq", feature = "nats"))]
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = e.source();
+    }
+    out
+}

@@ -12,35 +12,35 @@
 //! # #[cfg(all(feature = "postgres", feature = "rabbitmq"))]
 //! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! use inbox_consumer::{rabbitmq, HandlerError, Inbox, InboxConfig};
-//! use lapin::{options::BasicConsumeOptions, types::FieldTable, Connection, ConnectionProperties};
 //!
 //! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
 //! let inbox = Inbox::postgres(pool, InboxConfig::builder("ledger").build()?).await?;
 //!
-//! let amqp = Connection::connect("amqp://127.0.0.1:5672/%2f", ConnectionProperties::default()).await?;
-//! let channel = amqp.create_channel().await?;
-//! let consumer = channel
-//!     .basic_consume("payments".into(), "ledger".into(), BasicConsumeOptions::default(), FieldTable::default())
-//!     .await?;
-//!
 //! let inbox = &inbox;
-//! rabbitmq::consume(consumer, |message| async move {
-//!     inbox
-//!         .process(&message, |tx, message| {
-//!             Box::pin(async move {
-//!                 // The effect commits in the inbox's transaction, or not at all.
-//!                 sqlx::query("INSERT INTO ledger_entries (account, amount, message_id) VALUES ($1, $2, $3)")
-//!                     .bind("acct-1")
-//!                     .bind(100_i64)
-//!                     .bind(message.id())
-//!                     .execute(&mut **tx)
-//!                     .await?;
-//!                 Ok::<_, HandlerError>(())
-//!             })
-//!         })
-//!         .await
-//! })
-//! .await?;
+//! // Owns its connection: reconnects and subscribes again after a loss.
+//! rabbitmq::Subscription::new("amqp://guest:guest@127.0.0.1:5672/%2f", "payments")
+//!     .consumer_tag("ledger")
+//!     .run(
+//!         |message| async move {
+//!             inbox
+//!                 .process(&message, |tx, message| {
+//!                     Box::pin(async move {
+//!                         // The effect commits in the inbox's transaction, or not at all.
+//!                         sqlx::query("INSERT INTO ledger_entries (account, amount, message_id) VALUES ($1, $2, $3)")
+//!                             .bind("acct-1")
+//!                             .bind(100_i64)
+//!                             .bind(message.id())
+//!                             .execute(&mut **tx)
+//!                             .await?;
+//!                         Ok::<_, HandlerError>(())
+//!                     })
+//!                 })
+//!                 .await
+//!         },
+//!         // Until Ctrl-C; the delivery in hand is finished first.
+//!         async { let _ = tokio::signal::ctrl_c().await; },
+//!     )
+//!     .await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -79,6 +79,40 @@
 //! counted and dead at once. A message without an id is dead with
 //! [`DeadReason::MissingId`] unless a key extractor is configured. A handler
 //! that panics is counted as a failed attempt.
+//!
+//! # In production
+//!
+//! - **TLS.** `amqps://` and `tls://` URLs connect over TLS (rustls on ring,
+//!   with the platform's root certificates), never in plaintext.
+//! - **Reconnection.** [`rabbitmq::Subscription`] owns its connection and,
+//!   after losing it (a broker restart, a network cut, a channel error), logs
+//!   the cause at WARN and connects and subscribes again, backing off from
+//!   100 ms to 5 s; the broker redelivers what was not acked and the inbox
+//!   acks the copies it already processed. Each connect and subscription
+//!   step is bounded (5 s by default), so a broker that accepts TCP and never
+//!   answers is an error, not a hang. [`nats::Subscription`] relies on
+//!   async-nats's own reconnection, logs the consumer's errors and goes on,
+//!   and opens the consumer (and the stream, if asked) again when it was
+//!   deleted. The lower-level [`rabbitmq::consume`] does not reconnect.
+//! - **JetStream messages without `Nats-Msg-Id`** are keyed
+//!   `<stream>/<sequence>@<stored>`, the instant the stream stored the
+//!   message in nanoseconds: redeliveries dedupe, and a stream deleted and
+//!   created again (whose sequence restarts at 1) does not make its new
+//!   messages look like the old ones. RabbitMQ messages without a
+//!   `message_id` are dead-lettered unless a key extractor finds a key (AMQP
+//!   has no stored sequence to key by).
+//!   Prefer ids set by the publisher: only they dedupe a message published
+//!   twice.
+//! - **A new durable JetStream consumer replays the stream.** Created with
+//!   the default deliver policy (`All`), it is handed every message the
+//!   stream still holds; the inbox runs those its consumer name has not
+//!   processed (all of them for a new name, or after their rows were
+//!   purged). Choose `DeliverPolicy::New` or `ByStartTime` when the history
+//!   must not run.
+//! - **The consumer name is the dedup scope, not the broker.** Two
+//!   consumers with the same name share their processed ids, whatever broker
+//!   or queue they read: the same id arriving through RabbitMQ and through
+//!   JetStream runs once. Give each independent effect its own name.
 //!
 //! # Guarantees
 //!
@@ -168,6 +202,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+#[cfg(any(feature = "rabbitmq", feature = "nats"))]
+mod backoff;
 pub mod config;
 pub mod error;
 mod inbox;

@@ -1,28 +1,75 @@
-//! The NATS JetStream adapter (async-nats): turn a JetStream message into an
-//! [`InboxMessage`] and settle it by its [`Outcome`].
+//! The NATS JetStream adapter (async-nats): a consume loop that outlives
+//! connection losses and a deleted consumer ([`Subscription`]), and the two
+//! steps it is made of: turn a JetStream message into an [`InboxMessage`]
+//! ([`message`]) and settle it by its [`Outcome`] ([`settle`]).
 //!
-//! - The id is the `Nats-Msg-Id` header, else `<stream>/<stream sequence>`
-//!   (unique in the stream, so redeliveries of one stored message dedupe even
-//!   when the publisher set no id).
+//! - The id is the `Nats-Msg-Id` header. A message without one is keyed by
+//!   where and when JetStream stored it: `<stream>/<stream sequence>@<stored>`,
+//!   `<stored>` being the time the stream stored it, in nanoseconds since the
+//!   Unix epoch (from the message's ack subject, the same in every
+//!   redelivery). Redeliveries of one stored message dedupe; a stream
+//!   deleted and created again restarts its sequence at 1, but the new
+//!   message 1 was stored at another instant, so it is a new key and runs.
+//!   (The sequence alone, `<stream>/<seq>`, would have made it a duplicate of
+//!   the old message 1 and acked it without running it.)
 //! - [`Outcome::Processed`] and [`Outcome::Duplicate`]: `ack`, sent only after
 //!   the inbox committed.
 //! - Failed, unavailable or in flight elsewhere: `nak` with the outcome's delay.
 //! - Dead: `term`, so JetStream never redelivers it.
+//!
+//! # Connections and consumer errors
+//!
+//! async-nats reconnects by itself, and a pull consumer's message stream asks
+//! for messages again after a reconnection. [`Subscription::run`] and
+//! [`consume`] log the stream's errors (a missed heartbeat, a failed pull)
+//! and an ack that could not be sent at WARN and go on (an unacked message is
+//! redelivered after the consumer's `ack_wait`, and the inbox dedupes it).
+//! When the stream of messages ends (the consumer or its stream was
+//! deleted), [`Subscription::run`] opens the stream and the consumer again
+//! (creating them if configured to), with backoff; [`consume`], which was
+//! handed its consumer, returns.
+//!
+//! # A new durable consumer replays the stream
+//!
+//! A durable consumer created on an existing stream starts, by default
+//! (`DeliverPolicy::All`), at the stream's first message: it delivers every
+//! message the stream still holds. The inbox runs the handler only for the
+//! ones its consumer name has not processed, so a new consumer name, or an
+//! inbox whose rows were purged, runs them all again. Choose the deliver
+//! policy (`New`, `ByStartTime`) when the history must not run.
+//!
+//! # TLS
+//!
+//! `tls://` URLs, and servers that require TLS, connect over TLS (rustls on
+//! ring, with the platform's root certificates): this crate enables
+//! async-nats's `ring` feature, so rustls finds its crypto provider by itself.
+//! If your build enables a second rustls provider (aws-lc-rs, through another
+//! crate), rustls cannot choose: install one at startup with
+//! `rustls::crypto::ring::default_provider().install_default()`.
 
 use std::future::Future;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::consumer::{pull, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
+use crate::backoff::Backoff;
 use crate::message::InboxMessage;
 use crate::outcome::{Disposition, Outcome};
 
 /// The header JetStream dedupes publishes by, and this adapter keys by.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// The default first pause before opening the consumer again; it doubles
+/// after each failure.
+pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// The default longest pause between attempts to open the consumer again.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// The message as the inbox sees it.
+/// The message as the inbox sees it (see the [module](self) for the id of a
+/// message without `Nats-Msg-Id`).
 pub fn message(msg: &jetstream::Message) -> InboxMessage {
     let info = msg.info().ok();
     let header_id = msg
@@ -33,7 +80,7 @@ pub fn message(msg: &jetstream::Message) -> InboxMessage {
         .filter(|v| !v.is_empty());
     let id = header_id.or_else(|| {
         info.as_ref()
-            .map(|i| format!("{}/{}", i.stream, i.stream_sequence))
+            .map(|i| stored_key(i.stream, i.stream_sequence, i.published.into()))
     });
     let mut message = InboxMessage::new(id, msg.payload.clone())
         .redelivered(info.as_ref().is_some_and(|i| i.delivered > 1));
@@ -45,6 +92,14 @@ pub fn message(msg: &jetstream::Message) -> InboxMessage {
         }
     }
     message
+}
+
+/// `<stream>/<sequence>@<stored, nanoseconds since the epoch>`.
+fn stored_key(stream: &str, sequence: u64, stored: SystemTime) -> String {
+    let nanos = stored
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{stream}/{sequence}@{nanos}")
 }
 
 /// Tells JetStream what became of `msg`; returns what it told.
@@ -63,23 +118,299 @@ pub async fn settle(msg: &jetstream::Message, outcome: &Outcome) -> Result<Dispo
 }
 
 /// Processes the pull consumer's messages one at a time with `process` (which
-/// calls an inbox) and settles each, until the stream of messages ends.
+/// calls an inbox) and settles each, until the stream of messages ends (the
+/// consumer was deleted). Errors of the stream (a missed heartbeat, a failed
+/// pull while the connection is down) and acks that could not be sent are
+/// logged at WARN and do not end it. [`Subscription::run`] also survives a
+/// deleted consumer, and stops on a shutdown signal.
 ///
 /// # Errors
-/// The client's error.
-pub async fn consume<F, Fut>(
-    consumer: &jetstream::consumer::PullConsumer,
-    mut process: F,
-) -> Result<(), BoxError>
+/// Only when the consumer cannot start pulling.
+pub async fn consume<F, Fut>(consumer: &PullConsumer, mut process: F) -> Result<(), BoxError>
 where
     F: FnMut(InboxMessage) -> Fut,
     Fut: Future<Output = Outcome>,
 {
     let mut messages = consumer.messages().await?;
-    while let Some(msg) = messages.next().await {
-        let msg = msg?;
-        let outcome = process(message(&msg)).await;
-        settle(&msg, &outcome).await?;
-    }
+    serve(
+        &mut messages,
+        &mut process,
+        &mut std::pin::pin!(std::future::pending::<()>().fuse()),
+    )
+    .await;
     Ok(())
+}
+
+/// How serving a stream of messages ended.
+enum Served {
+    Shutdown,
+    Ended,
+}
+
+async fn serve<F, Fut, S>(
+    messages: &mut pull::Stream,
+    process: &mut F,
+    shutdown: &mut std::pin::Pin<&mut futures_util::future::Fuse<S>>,
+) -> Served
+where
+    F: FnMut(InboxMessage) -> Fut,
+    Fut: Future<Output = Outcome>,
+    S: Future<Output = ()>,
+{
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = &mut *shutdown => return Served::Shutdown,
+            next = messages.next() => next,
+        };
+        let msg = match next {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                tracing::warn!(error = %crate::error::chain(&e), "receiving from JetStream failed; going on");
+                continue;
+            }
+            None => return Served::Ended,
+        };
+        let outcome = process(message(&msg)).await;
+        // Ack only now, after the inbox committed. A lost ack means a
+        // redelivery after the ack wait, which the inbox dedupes.
+        if let Err(e) = settle(&msg, &outcome).await {
+            tracing::warn!(error = %crate::error::chain(&*e), "could not settle a JetStream message; it will be redelivered");
+        }
+    }
+}
+
+/// Why a [`Subscription`] could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumeError {
+    /// The stream could not be opened (or created).
+    #[error("could not open the stream {stream}")]
+    Stream {
+        /// The stream.
+        stream: String,
+        /// async-nats's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The durable consumer could not be opened or created.
+    #[error("could not open or create the consumer {consumer} on the stream {stream}")]
+    Consumer {
+        /// The stream.
+        stream: String,
+        /// The consumer.
+        consumer: String,
+        /// async-nats's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The consumer could not start pulling messages.
+    #[error("could not start pulling messages from the consumer {consumer}")]
+    Pull {
+        /// The consumer.
+        consumer: String,
+        /// async-nats's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// A durable pull consumer to consume for as long as the process runs; it
+/// is opened again after it (or its stream) is deleted (see the
+/// [module](self)).
+///
+/// ```no_run
+/// # #[cfg(feature = "postgres")]
+/// # async fn run(inbox: inbox_consumer::PostgresInbox) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// use async_nats::jetstream;
+/// use inbox_consumer::nats::Subscription;
+///
+/// let js = jetstream::new(async_nats::connect("nats://127.0.0.1:4222").await?);
+/// let inbox = &inbox;
+/// Subscription::new(js, "PAYMENTS", "ledger")
+///     .create_stream_when_missing(jetstream::stream::Config {
+///         name: "PAYMENTS".into(),
+///         subjects: vec!["payments.>".into()],
+///         ..Default::default()
+///     })
+///     .run(
+///         |message| async move {
+///             inbox
+///                 .process(&message, |_tx, _message| Box::pin(async { Ok(()) }))
+///                 .await
+///         },
+///         async { let _ = tokio::signal::ctrl_c().await; },
+///     )
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Subscription {
+    js: jetstream::Context,
+    stream: String,
+    create_stream: Option<jetstream::stream::Config>,
+    consumer: pull::Config,
+    backoff: Backoff,
+}
+
+impl Subscription {
+    /// Consumes the stream `stream` through the durable pull consumer
+    /// `consumer` (created with the default settings when missing), the
+    /// stream not created, reopened from [`DEFAULT_MIN_BACKOFF`] doubling to
+    /// [`DEFAULT_MAX_BACKOFF`].
+    pub fn new(js: jetstream::Context, stream: impl Into<String>, consumer: &str) -> Self {
+        Self {
+            js,
+            stream: stream.into(),
+            create_stream: None,
+            consumer: pull::Config {
+                durable_name: Some(consumer.to_owned()),
+                ..Default::default()
+            },
+            backoff: Backoff::new(DEFAULT_MIN_BACKOFF, DEFAULT_MAX_BACKOFF),
+        }
+    }
+
+    /// The settings the durable consumer is created with when missing (its
+    /// `durable_name` names it; an existing consumer is used as it is).
+    pub fn consumer_config(mut self, config: pull::Config) -> Self {
+        self.consumer = config;
+        self
+    }
+
+    /// Creates the stream with `config` when it is missing (an existing
+    /// stream is used as it is).
+    pub fn create_stream_when_missing(mut self, config: jetstream::stream::Config) -> Self {
+        self.create_stream = Some(config);
+        self
+    }
+
+    /// The first pause before opening the consumer again, doubled after
+    /// each failed attempt up to `max`.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = Backoff::new(min, max);
+        self
+    }
+
+    fn consumer_name(&self) -> String {
+        self.consumer
+            .durable_name
+            .clone()
+            .or_else(|| self.consumer.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Processes the consumer's messages one at a time with `process`
+    /// (which calls an inbox) and settles each, until `shutdown` resolves
+    /// (the message in hand is processed and settled first). Errors of the
+    /// stream of messages are logged at WARN; when it ends, the stream and
+    /// the consumer are opened again with backoff.
+    ///
+    /// # Errors
+    /// Only when the *first* opening fails (a missing stream, say).
+    pub async fn run<F, Fut, S>(&self, mut process: F, shutdown: S) -> Result<(), ConsumeError>
+    where
+        F: FnMut(InboxMessage) -> Fut,
+        Fut: Future<Output = Outcome>,
+        S: Future<Output = ()>,
+    {
+        let mut shutdown = std::pin::pin!(shutdown.fuse());
+        let consumer = self.consumer_name();
+        let mut messages = tokio::select! {
+            biased;
+            () = &mut shutdown => return Ok(()),
+            messages = self.subscribe() => messages?,
+        };
+        tracing::info!(stream = %self.stream, %consumer, "consuming");
+        let mut backoff = self.backoff.clone();
+        loop {
+            let since = Instant::now();
+            if let Served::Shutdown = serve(&mut messages, &mut process, &mut shutdown).await {
+                tracing::info!(stream = %self.stream, %consumer, "stopped consuming");
+                return Ok(());
+            }
+            backoff.lasted(since);
+            tracing::warn!(
+                stream = %self.stream,
+                %consumer,
+                "the JetStream consumer ended (deleted, or its stream was); opening it again"
+            );
+            messages = loop {
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+                let attempt = tokio::select! {
+                    biased;
+                    () = &mut shutdown => return Ok(()),
+                    messages = self.subscribe() => messages,
+                };
+                match attempt {
+                    Ok(messages) => break messages,
+                    Err(e) => tracing::warn!(
+                        stream = %self.stream,
+                        %consumer,
+                        error = %crate::error::chain(&e),
+                        "could not open the consumer again; retrying"
+                    ),
+                }
+            };
+            tracing::info!(stream = %self.stream, %consumer, "consuming again");
+        }
+    }
+
+    async fn subscribe(&self) -> Result<pull::Stream, ConsumeError> {
+        let stream = match &self.create_stream {
+            Some(config) => self
+                .js
+                .get_or_create_stream(config.clone())
+                .await
+                .map_err(BoxError::from),
+            None => self
+                .js
+                .get_stream(&self.stream)
+                .await
+                .map_err(BoxError::from),
+        }
+        .map_err(|source| ConsumeError::Stream {
+            stream: self.stream.clone(),
+            source,
+        })?;
+        let name = self.consumer_name();
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(&name, self.consumer.clone())
+            .await
+            .map_err(|e| ConsumeError::Consumer {
+                stream: self.stream.clone(),
+                consumer: name.clone(),
+                source: Box::new(e),
+            })?;
+        consumer.messages().await.map_err(|e| ConsumeError::Pull {
+            consumer: name,
+            source: Box::new(e),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_less_key_names_the_stream_the_sequence_and_the_instant() {
+        let at = UNIX_EPOCH + Duration::from_nanos(1_733_580_000_123_456_789);
+        assert_eq!(
+            stored_key("PAYMENTS", 1, at),
+            "PAYMENTS/1@1733580000123456789"
+        );
+        let later = at + Duration::from_secs(60);
+        assert_ne!(
+            stored_key("PAYMENTS", 1, at),
+            stored_key("PAYMENTS", 1, later)
+        );
+    }
 }

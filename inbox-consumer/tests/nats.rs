@@ -42,22 +42,16 @@ async fn setup(test: &str) -> Option<Env> {
         .expect("NATS does not answer");
     let js = jetstream::new(client);
     let stream = common::unique("S").to_uppercase();
-    js.create_stream(jetstream::stream::Config {
-        name: stream.clone(),
-        subjects: vec![format!("{stream}.>")],
-        // A short window of its own, so the consumer's dedup is what counts.
-        duplicate_window: Duration::from_millis(100),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    Some(Env {
+    let env = Env {
         url,
         pool,
         table,
         stream,
         js,
-    })
+    };
+    // A short duplicate window of its own, so the consumer's dedup is what counts.
+    env.js.create_stream(env.stream_config()).await.unwrap();
+    Some(env)
 }
 
 impl Env {
@@ -111,6 +105,27 @@ impl Env {
         .fetch_one(&self.pool)
         .await
         .unwrap()
+    }
+
+    /// Every effect's message id, in insertion order.
+    async fn ids(&self) -> Vec<String> {
+        sqlx::query_scalar(&format!(
+            "SELECT message_id FROM {} ORDER BY ctid",
+            self.table
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The stream's settings: those of `setup`.
+    fn stream_config(&self) -> jetstream::stream::Config {
+        jetstream::stream::Config {
+            name: self.stream.clone(),
+            subjects: vec![format!("{}.>", self.stream)],
+            duplicate_window: Duration::from_millis(100),
+            ..Default::default()
+        }
     }
 
     async fn cleanup(&self) {
@@ -208,10 +223,11 @@ async fn the_same_id_published_five_times_gives_one_effect() {
 }
 
 #[tokio::test]
-async fn without_nats_msg_id_the_stream_sequence_is_the_id() {
+async fn without_nats_msg_id_the_key_is_the_stream_sequence_and_when_it_was_stored() {
     let Some(env) = setup("nats_without_nats_msg_id").await else {
         return;
     };
+    let before = std::time::SystemTime::now();
     env.publish(None, common::payment("a", 5)).await;
     let name = common::unique("ledger");
     let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
@@ -219,7 +235,21 @@ async fn without_nats_msg_id_the_stream_sequence_is_the_id() {
         .unwrap();
     let consumer = env.consumer(&env.js, &name).await;
     work(&consumer, &inbox, &env.table, |_| Arc::default(), 1).await;
-    assert_eq!(env.effects(&format!("{}/1", env.stream)).await, 1);
+    let ids = env.ids().await;
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let stored = ids[0]
+        .strip_prefix(&format!("{}/1@", env.stream))
+        .unwrap_or_else(|| panic!("not <stream>/1@<stored>: {}", ids[0]));
+    let stored: u128 = stored.parse().expect("nanoseconds");
+    let before = before
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    // The server's clock is this machine's: stored within a minute of the publish.
+    assert!(
+        stored.abs_diff(before) < 60_000_000_000,
+        "{stored} vs {before}"
+    );
     env.cleanup().await;
 }
 
@@ -376,5 +406,127 @@ async fn a_poison_message_is_termed_and_the_messages_behind_it_process() {
     assert_eq!(env.effects("poison").await, 0);
     assert_eq!(inbox.metrics().dead, 2);
     assert_eq!(inbox.attempts("poison").await.unwrap(), Some(3));
+    env.cleanup().await;
+}
+
+/// A [`Subscription`] of `name` on the env's stream (created when missing),
+/// running in a task until `stop` is notified; quick to reopen.
+fn subscribe(
+    env: &Env,
+    js: jetstream::Context,
+    name: &str,
+    inbox: &PostgresInbox,
+    stop: &Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<Result<(), nats::ConsumeError>> {
+    let subscription = nats::Subscription::new(js, &env.stream, name)
+        .consumer_config(jetstream::consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            ack_wait: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .create_stream_when_missing(env.stream_config())
+        .backoff(Duration::from_millis(50), Duration::from_millis(500));
+    let (inbox, table, stop) = (inbox.clone(), env.table.clone(), stop.clone());
+    tokio::spawn(async move {
+        subscription
+            .run(
+                |message| {
+                    let (inbox, table) = (inbox.clone(), table.clone());
+                    async move { inbox.process(&message, ledger(table, Arc::default())).await }
+                },
+                async move { stop.notified().await },
+            )
+            .await
+    })
+}
+
+async fn rows(env: &Env) -> i64 {
+    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", env.table))
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_less_message_of_a_recreated_stream_runs_though_its_sequence_repeats() {
+    let Some(env) = setup("nats_an_id_less_message_of_a_recreated_stream").await else {
+        return;
+    };
+    let name = common::unique("ledger");
+    let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
+        .await
+        .unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let running = subscribe(&env, env.js.clone(), &name, &inbox, &stop);
+    env.publish(None, common::payment("a", 1)).await;
+    test_support::eventually("the first message ran", || async { rows(&env).await == 1 }).await;
+
+    // Deleted and created again: its sequence starts at 1 again, and the
+    // running subscription has to open a new consumer on it.
+    env.js.delete_stream(&env.stream).await.unwrap();
+    env.js
+        .get_or_create_stream(env.stream_config())
+        .await
+        .unwrap();
+    env.publish(None, common::payment("b", 2)).await;
+    test_support::eventually("the second message ran", || async { rows(&env).await == 2 }).await;
+    let ids = env.ids().await;
+    let prefix = format!("{}/1@", env.stream);
+    assert!(ids.iter().all(|id| id.starts_with(&prefix)), "{ids:?}");
+    assert_ne!(ids[0], ids[1], "one key for two messages");
+    assert_eq!(inbox.metrics().duplicate, 0);
+
+    stop.notify_one();
+    common::bounded("the subscription stops", running)
+        .await
+        .unwrap()
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_outlives_a_cut_connection_and_every_message_runs_once() {
+    let Some(env) = setup("nats_the_subscription_outlives_a_cut").await else {
+        return;
+    };
+    let proxy = test_support::Proxy::start(test_support::host_port(&env.url, 4222)).await;
+    let client = async_nats::ConnectOptions::new()
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .connect(test_support::via(&env.url, proxy.addr))
+        .await
+        .unwrap();
+    let name = common::unique("ledger");
+    let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
+        .await
+        .unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let running = subscribe(&env, jetstream::new(client), &name, &inbox, &stop);
+    for i in 0..20 {
+        env.publish(Some(&format!("m{i}")), common::payment("a", i))
+            .await;
+    }
+    test_support::eventually("some ran before the cut", || async {
+        rows(&env).await >= 5
+    })
+    .await;
+    proxy.cut();
+    for i in 20..30 {
+        env.publish(Some(&format!("m{i}")), common::payment("a", i))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    test_support::eventually("all ran after the cut", || async { rows(&env).await >= 30 }).await;
+    // Redeliveries of the ones whose ack was lost come after the ack wait.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ids = env.ids().await;
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!((ids.len(), distinct.len()), (30, 30), "{ids:?}");
+
+    stop.notify_one();
+    common::bounded("the subscription stops", running)
+        .await
+        .unwrap()
+        .unwrap();
     env.cleanup().await;
 }

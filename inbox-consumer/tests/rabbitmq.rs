@@ -468,3 +468,99 @@ async fn a_poison_message_goes_dead_and_the_messages_behind_it_process() {
     );
     cleanup(&ch, &env.queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_reconnects_after_a_cut_and_every_message_runs_once() {
+    let Some(env) = setup("rabbitmq_the_subscription_reconnects").await else {
+        return;
+    };
+    let (_conn, ch) = channel(&env.amqp).await;
+    declare(&ch, &env.queue).await;
+    for i in 0..30 {
+        publish(
+            &ch,
+            &env.queue,
+            Some(&format!("m{i}")),
+            &common::payment("a", i),
+        )
+        .await;
+    }
+    let proxy = test_support::Proxy::start(test_support::host_port(&env.amqp, 5672)).await;
+    let name = common::unique("ledger");
+    let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
+        .await
+        .unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let running = {
+        let subscription = rabbitmq::Subscription::new(
+            test_support::via(&env.amqp, proxy.addr),
+            env.queue.as_str(),
+        )
+        .consumer_tag(name.as_str())
+        .prefetch(4)
+        .backoff(Duration::from_millis(50), Duration::from_millis(400));
+        let (inbox, table, stop) = (inbox.clone(), env.table.clone(), stop.clone());
+        tokio::spawn(async move {
+            subscription
+                .run(
+                    |message| {
+                        let (inbox, table) = (inbox.clone(), table.clone());
+                        async move {
+                            // Slow enough for the cut to land mid-stream.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            inbox.process(&message, ledger(table, Arc::default())).await
+                        }
+                    },
+                    async move { stop.notified().await },
+                )
+                .await
+        })
+    };
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM {}", env.table))
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    };
+    test_support::eventually("some ran before the cut", || async { rows().await >= 5 }).await;
+    proxy.cut();
+    for i in 30..40 {
+        publish(
+            &ch,
+            &env.queue,
+            Some(&format!("m{i}")),
+            &common::payment("a", i),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    test_support::eventually("all ran after the cut", || async { rows().await >= 40 }).await;
+    // The queue is empty once the redeliveries were acked as duplicates.
+    test_support::eventually("the queue drained", || async {
+        ch.queue_declare(
+            env.queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+            == 0
+    })
+    .await;
+    for i in 0..40 {
+        assert_eq!(effects(&env, &format!("m{i}")).await, 1, "m{i}");
+    }
+    assert_eq!(rows().await, 40);
+
+    stop.notify_one();
+    common::bounded("the subscription stops", running)
+        .await
+        .unwrap()
+        .unwrap();
+    cleanup(&ch, &env.queue).await;
+}
