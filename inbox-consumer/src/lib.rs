@@ -10,7 +10,7 @@
 //!
 //! ```no_run
 //! # #[cfg(all(feature = "postgres", feature = "rabbitmq"))]
-//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! # async fn run(shutdown: impl std::future::Future<Output = ()>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! use inbox_consumer::{rabbitmq, HandlerError, Inbox, InboxConfig};
 //!
 //! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
@@ -37,8 +37,8 @@
 //!                 })
 //!                 .await
 //!         },
-//!         // Until Ctrl-C; the delivery in hand is finished first.
-//!         async { let _ = tokio::signal::ctrl_c().await; },
+//!         // Until it resolves (Ctrl-C, SIGTERM); the delivery in hand is finished first.
+//!         shutdown,
 //!     )
 //!     .await?;
 //! # Ok(())

@@ -221,7 +221,7 @@ pub enum ConsumeError {
 ///
 /// ```no_run
 /// # #[cfg(feature = "postgres")]
-/// # async fn run(inbox: inbox_consumer::PostgresInbox) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// # async fn run(inbox: inbox_consumer::PostgresInbox, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 /// use async_nats::jetstream;
 /// use inbox_consumer::nats::Subscription;
 ///
@@ -239,7 +239,7 @@ pub enum ConsumeError {
 ///                 .process(&message, |_tx, _message| Box::pin(async { Ok(()) }))
 ///                 .await
 ///         },
-///         async { let _ = tokio::signal::ctrl_c().await; },
+///         shutdown, // e.g. Ctrl-C or SIGTERM
 ///     )
 ///     .await?;
 /// # Ok(())

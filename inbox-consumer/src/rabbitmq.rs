@@ -198,7 +198,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Connection, Consume
 ///
 /// ```no_run
 /// # #[cfg(feature = "postgres")]
-/// # async fn run(inbox: inbox_consumer::PostgresInbox) -> Result<(), inbox_consumer::rabbitmq::ConsumeError> {
+/// # async fn run(inbox: inbox_consumer::PostgresInbox, shutdown: impl std::future::Future<Output = ()>) -> Result<(), inbox_consumer::rabbitmq::ConsumeError> {
 /// use inbox_consumer::rabbitmq::Subscription;
 ///
 /// let inbox = &inbox;
@@ -210,7 +210,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Connection, Consume
 ///                 .process(&message, |_tx, _message| Box::pin(async { Ok(()) }))
 ///                 .await
 ///         },
-///         async { let _ = tokio::signal::ctrl_c().await; },
+///         shutdown, // e.g. Ctrl-C or SIGTERM
 ///     )
 ///     .await
 /// # }
