@@ -266,8 +266,8 @@ impl IdempotencyConfigBuilder {
     /// `Connection: close`, the handler does not run and nothing is claimed:
     /// a client that stops sending (a chunked body that never ends, a
     /// `Content-Length` longer than what it sends) no longer holds a
-    /// connection and its buffer for as long as it likes. A body that is
-    /// already in memory is not timed.
+    /// connection and its buffer for as long as it likes. A body that has
+    /// arrived whole by the time it is first read arms no timer.
     ///
     /// The bound is the engine's, so both adapters keep it alike; it covers
     /// only the requests the engine reads. Give the server its own header

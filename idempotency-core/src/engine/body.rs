@@ -5,7 +5,7 @@
 
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -88,7 +88,7 @@ async fn next<S: Chunks>(body: &mut Pin<&mut S>) -> Option<Result<Bytes, S::Erro
 
 /// Reads a request body, refusing it past `limit` bytes or when it has not
 /// ended within `bound`. A body of one chunk (the usual case) is kept as it
-/// is, without copying; a body already in memory is not timed.
+/// is, without copying; a body whole by its first poll is not timed.
 pub(super) async fn read_request<S: Chunks>(
     body: S,
     limit: usize,
@@ -110,7 +110,16 @@ pub(super) async fn read_request<S: Chunks>(
         }
         Ok(joined.into_bytes())
     };
-    // A body that is complete when first polled arms no timer.
+    // Most bodies are whole by their first poll: they arm no timer (nor
+    // read the clock).
+    let mut read = std::pin::pin!(read);
+    let first = poll_fn(|cx| match read.as_mut().poll(cx) {
+        Poll::Ready(read) => Poll::Ready(Some(read)),
+        Poll::Pending => Poll::Ready(None),
+    });
+    if let Some(read) = first.await {
+        return read;
+    }
     tokio::time::timeout(bound, read)
         .await
         .unwrap_or(Err(ReadError::TimedOut))
