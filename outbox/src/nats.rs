@@ -9,6 +9,11 @@
 //!   no ack in time or a lost connection is [`PublishError::Unavailable`]
 //!   (async-nats reconnects by itself); no stream for the subject and other
 //!   refusals are [`PublishError::Rejected`].
+//! - The connection is the caller's: bound its connect with
+//!   `async_nats::ConnectOptions::connection_timeout`. `tls://` URLs and
+//!   servers that require TLS work (this crate enables async-nats's `ring`
+//!   feature, so rustls finds its crypto provider; if your build enables a
+//!   second provider, install one at startup).
 
 use std::str::FromStr;
 use std::sync::Arc;

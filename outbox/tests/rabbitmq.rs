@@ -296,3 +296,40 @@ async fn rabbitmq_a_real_outage_holds_events_and_publishing_resumes_without_a_re
     delete(&ch, &queue).await;
     env.finish().await;
 }
+
+#[tokio::test]
+async fn rabbitmq_amqps_sends_a_tls_client_hello_never_the_amqp_header() {
+    let mut server = test_support::SilentServer::start().await;
+    let url = format!("amqps://guest:guest@{}/%2f", server.addr);
+    let connecting = tokio::spawn(async move {
+        RabbitMqPublisher::connect_with_timeout(url, Duration::from_secs(2)).await
+    });
+    let first = server
+        .first_bytes(Duration::from_secs(10))
+        .await
+        .expect("the publisher sent nothing");
+    assert!(
+        !first.starts_with(b"AMQP"),
+        "an amqps:// URL went out as plaintext AMQP: {first:?}"
+    );
+    assert!(
+        test_support::is_tls_client_hello(&first),
+        "not a TLS ClientHello: {first:?}"
+    );
+    assert!(connecting.await.expect("connect panicked").is_err());
+}
+
+#[tokio::test]
+async fn rabbitmq_a_broker_that_never_answers_is_an_error_within_the_connect_timeout() {
+    let server = test_support::SilentServer::start().await;
+    let url = format!("amqp://guest:guest@{}/%2f", server.addr);
+    let started = Instant::now();
+    let err = RabbitMqPublisher::connect_with_timeout(url, Duration::from_millis(300))
+        .await
+        .expect_err("a silent broker");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        err.to_string().contains("did not answer within 300ms"),
+        "{err}"
+    );
+}
