@@ -399,10 +399,18 @@ pub fn install_metrics() -> Result<PrometheusHandle, StartError> {
 
 /// Logs to stderr; `RUST_LOG` filters (else `default_filter`, e.g. `info`).
 /// Coloured only when stderr is a terminal and `NO_COLOR` is unset, so logs
-/// redirected to a file or a pipe carry no escape codes.
+/// redirected to a file or a pipe carry no escape codes. lapin's report of
+/// each returned message is always left out: it carries the payload.
 pub fn init_tracing(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter))
+        // Added last, so it wins over `RUST_LOG`: a payload may hold personal
+        // data, and the publisher already reports the return without it.
+        .add_directive(
+            "lapin::returned_messages=off"
+                .parse()
+                .expect("a valid directive"),
+        );
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour(&std::io::stderr()))
@@ -853,6 +861,187 @@ pub async fn shutdown_signal() {
     tokio::select! { () = ctrl_c => {}, () = term => {} }
 }
 
+/// How long the messaging binaries wait for a broker or a database to
+/// answer a connect (TCP, TLS, the protocol's handshake) before giving up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SIGTERM or Ctrl-C, watched from the start of `run` so that no signal is
+/// lost during startup: every stage of startup runs [`during`](Self::during)
+/// it, and the long-running loop gets [`requested`](Self::requested) as its
+/// shutdown future.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    requested: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Shutdown {
+    /// Installs the handlers (in a task of their own).
+    pub fn install() -> Result<Self, StartError> {
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("could not install the SIGTERM handler")?;
+        let (tx, requested) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            let term = term.recv();
+            #[cfg(not(unix))]
+            let term = std::future::pending::<Option<()>>();
+            let which = tokio::select! {
+                _ = term => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "Ctrl-C",
+            };
+            tracing::info!("{which}: shutting down");
+            let _ = tx.send(true);
+            // Keep the sender, so that receivers never see it dropped.
+            std::future::pending::<()>().await;
+        });
+        Ok(Self { requested })
+    }
+
+    /// Resolves once a signal has arrived (at once if one already has).
+    pub fn requested(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut requested = self.requested.clone();
+        async move {
+            if requested.wait_for(|r| *r).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Runs a stage of startup unless a signal comes first: `None` then, and
+    /// the caller returns `Ok(())` (a clean shutdown exits 0).
+    pub async fn during<T>(&self, stage: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            () = self.requested() => None,
+            value = stage => Some(value),
+        }
+    }
+}
+
+/// A timeout as an error naming what did not answer (and its URL, password
+/// redacted).
+#[derive(Debug)]
+struct NoAnswer(String);
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NoAnswer {}
+
+/// A URL as it may appear in an error or a log line: without its password,
+/// and for NATS without a bare token (`nats://TOKEN@host`).
+pub fn redact_url(url: &str) -> String {
+    let shown = idempotency_core::redact(url);
+    match shown.split_once("://") {
+        Some((scheme, rest)) if matches!(scheme, "nats" | "tls" | "ws" | "wss") => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) if !userinfo.contains(':') => {
+                    format!("{scheme}://***@{host}{path}")
+                }
+                _ => shown,
+            }
+        }
+        _ => shown,
+    }
+}
+
+/// A PostgreSQL pool of `max_connections` on `url`, for the flag `what`
+/// names (`"the ledger database (PostgreSQL, --database)"`). One connection is opened
+/// first, bounded by [`CONNECT_TIMEOUT`], so that a refusal is reported
+/// with its cause (the pool would retry it until its own timeout and report
+/// only that); the pool's acquisitions are bounded by it too.
+pub async fn connect_postgres(
+    url: &str,
+    what: &str,
+    max_connections: u32,
+) -> Result<sqlx::PgPool, StartError> {
+    use sqlx::Connection as _;
+    let shown = redact_url(url);
+    let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(|e| {
+        usage_error(format!(
+            "{what}: {shown} is not a PostgreSQL URL: {}",
+            error_chain(&e)
+        ))
+    })?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(&options)).await {
+        Ok(Ok(probe)) => {
+            let _ = probe.close().await;
+        }
+        Ok(Err(e)) => return Err(e).context(format!("could not connect to {what} at {shown}")),
+        Err(_) => {
+            return Err(Box::new(NoAnswer(format!(
+                "{what} at {shown} did not answer within {CONNECT_TIMEOUT:?}"
+            ))))
+        }
+    }
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options)
+        .await
+        .context(format!("could not connect to {what} at {shown}"))
+}
+
+/// A NATS client of `url` (`nats://`, or `tls://` for TLS), the connect
+/// bounded by [`CONNECT_TIMEOUT`]; async-nats reconnects by itself after.
+pub async fn connect_nats(url: &str) -> Result<async_nats::Client, StartError> {
+    let shown = redact_url(url);
+    let connecting = async_nats::ConnectOptions::new()
+        .connection_timeout(CONNECT_TIMEOUT)
+        .connect(url);
+    // async-nats bounds each attempt; this bounds them all.
+    match tokio::time::timeout(CONNECT_TIMEOUT * 2, connecting).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::TimedOut => {
+            Err(Box::new(NoAnswer(format!(
+                "NATS at {shown} (--nats) did not answer within {CONNECT_TIMEOUT:?}"
+            ))))
+        }
+        Ok(Err(e)) => Err(e).context(format!("could not connect to NATS at {shown} (--nats)")),
+        Err(_) => Err(Box::new(NoAnswer(format!(
+            "NATS at {shown} (--nats) did not answer within {:?}",
+            CONNECT_TIMEOUT * 2
+        )))),
+    }
+}
+
+/// With `--metrics-listen ADDR`: installs the Prometheus recorder (call it
+/// before creating the inbox or the relay, so that their series exist from
+/// the start) and serves `GET /metrics` on `ADDR` (logs `serving metrics`
+/// with the address). Nothing without the flag.
+pub async fn serve_metrics(listen: Option<SocketAddr>) -> Result<(), StartError> {
+    use axum::http::header;
+    let Some(listen) = listen else {
+        return Ok(());
+    };
+    let handle = install_metrics()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .context(format!("could not listen on {listen} (--metrics-listen)"))?;
+    let local = listener
+        .local_addr()
+        .context("could not read the metrics address")?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = handle.render();
+            async move { ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text) }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    tracing::info!(listen = %local, "serving metrics on GET /metrics");
+    Ok(())
+}
+
 /// What both inbox consumers share: the ledger table, its effect, and the
 /// transactional inbox in front of it.
 pub mod ledger {
@@ -860,7 +1049,6 @@ pub mod ledger {
 
     use inbox_consumer::{HandlerError, Inbox, InboxConfig, InboxMessage, PostgresInbox};
     use serde::Deserialize;
-    use sqlx::postgres::PgPoolOptions;
     use sqlx::{Postgres, Transaction};
 
     use super::{ResultExt, StartError};
@@ -878,11 +1066,8 @@ pub mod ledger {
     /// its own: the inbox alone prevents doubles) and the inbox of `consumer`,
     /// and purges processed inbox rows past the retention once an hour.
     pub async fn open(database: &str, consumer: &str) -> Result<PostgresInbox, StartError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .connect(database)
-            .await
-            .context("could not connect the ledger database (--database)")?;
+        let what = "the ledger database (PostgreSQL, --database)";
+        let pool = super::connect_postgres(database, what, 4).await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS ledger_entries \
              (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)",

@@ -14,21 +14,29 @@
 //! `ledger_entries(account, amount, message_id)`, which has no unique
 //! constraint of its own: the inbox alone prevents doubles.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use clap::Parser;
-use examples::{ledger, ResultExt, StartError};
-use futures_util::StreamExt;
-use inbox_consumer::nats;
+use examples::{ledger, ResultExt, Shutdown, StartError};
+use inbox_consumer::nats::Subscription;
 
 const STREAM: &str = "PAYMENTS";
 const SUBJECTS: &str = "payments.>";
 
 /// Consume a JetStream stream into a PostgreSQL ledger, once per message.
 #[derive(Debug, Parser)]
+#[command(
+    after_help = "The client reconnects by itself after a lost connection; errors of the \
+                  consumer are logged at WARN, and a deleted consumer or stream is opened (or \
+                  created) again with backoff. A new durable consumer starts at the stream's \
+                  first message. Each connect is bounded by 5 s; NATS or a database that cannot \
+                  be reached at startup is an error (exit 1). SIGTERM or Ctrl-C: the message in \
+                  hand is finished, exit 0."
+)]
 struct Args {
-    /// The NATS URL.
+    /// The NATS URL (`tls://` for TLS).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
     /// The PostgreSQL URL (the ledger and the inbox live there).
@@ -46,6 +54,10 @@ struct Args {
     /// How long the handler sleeps inside the transaction, before the insert.
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     handler_delay: Duration,
+    /// Serve Prometheus metrics (`inbox_messages_total{consumer,outcome}`)
+    /// on `GET /metrics` at this address (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -56,12 +68,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), StartError> {
-    let inbox = ledger::open(&args.database, &args.consumer).await?;
-
-    let client = async_nats::connect(&args.nats)
-        .await
-        .context("could not connect to NATS (--nats)")?;
-    let js = jetstream::new(client);
+    // First, so that a signal during startup is not lost.
+    let shutdown = Shutdown::install()?;
     let subjects = match (&args.subject, args.stream == STREAM) {
         (_, true) => SUBJECTS.to_owned(),
         (Some(subject), false) => subject.clone(),
@@ -71,53 +79,40 @@ async fn run(args: Args) -> Result<(), StartError> {
             ))
         }
     };
-    // Created when missing; an existing stream is used as it is.
-    let stream = js
-        .get_or_create_stream(jetstream::stream::Config {
+    examples::serve_metrics(args.metrics_listen).await?;
+    let Some(inbox) = shutdown
+        .during(ledger::open(&args.database, &args.consumer))
+        .await
+        .transpose()?
+    else {
+        return Ok(());
+    };
+    let Some(client) = shutdown
+        .during(examples::connect_nats(&args.nats))
+        .await
+        .transpose()?
+    else {
+        return Ok(());
+    };
+    // The stream is created when missing; an existing one is used as it is.
+    let subscription = Subscription::new(jetstream::new(client), &args.stream, &args.consumer)
+        .create_stream_when_missing(jetstream::stream::Config {
             name: args.stream.clone(),
             subjects: vec![subjects],
             ..Default::default()
-        })
-        .await
-        .context(format!(
-            "could not open or create the stream {} (--stream)",
-            args.stream
-        ))?;
-    let consumer = stream
-        .get_or_create_consumer(
-            &args.consumer,
-            jetstream::consumer::pull::Config {
-                durable_name: Some(args.consumer.clone()),
-                ..Default::default()
-            },
+        });
+    let (inbox, delay) = (&inbox, args.handler_delay);
+    subscription
+        .run(
+            // The subscription acks only after this returns, i.e. after the commit.
+            move |message| async move { ledger::process(inbox, &message, delay).await },
+            shutdown.requested(),
         )
         .await
         .context(format!(
-            "could not open or create the consumer {}",
-            args.consumer
+            "could not consume the stream {} (--nats, --stream)",
+            args.stream
         ))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .context("could not start pulling messages")?;
-    tracing::info!(stream = %args.stream, consumer = %args.consumer, "consuming");
-
-    let delay = args.handler_delay;
-    loop {
-        let msg = tokio::select! {
-            next = messages.next() => match next {
-                Some(msg) => msg.context("receiving a message failed")?,
-                None => break,
-            },
-            _ = tokio::signal::ctrl_c() => break,
-        };
-        let message = nats::message(&msg);
-        let outcome = ledger::process(&inbox, &message, delay).await;
-        // Ack only now, after the commit.
-        nats::settle(&msg, &outcome)
-            .await
-            .context("could not settle a message")?;
-    }
     tracing::info!(metrics = ?inbox.metrics(), "stopped");
     Ok(())
 }

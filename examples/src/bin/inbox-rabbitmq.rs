@@ -10,23 +10,30 @@
 //! `ledger_entries(account, amount, message_id)`, a table with no unique
 //! constraint of its own: the inbox alone prevents doubles.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use examples::{ledger, ResultExt, StartError};
-use futures_util::StreamExt;
-use inbox_consumer::rabbitmq;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use examples::{ledger, ResultExt, Shutdown, StartError, CONNECT_TIMEOUT};
+use inbox_consumer::rabbitmq::Subscription;
+
+/// Deliveries RabbitMQ sends ahead of the acks.
+const PREFETCH: u16 = 32;
 
 /// Consume a RabbitMQ queue into a PostgreSQL ledger, once per message.
 #[derive(Debug, Parser)]
+#[command(
+    after_help = "A lost connection (a broker restart, a network cut) is logged at WARN and \
+                  retried with backoff (100 ms doubling to 5 s); unacked deliveries are \
+                  redelivered and the inbox acks those already processed. Each connect is \
+                  bounded by 5 s; a broker or database that cannot be reached at startup is an \
+                  error (exit 1). SIGTERM or Ctrl-C: the delivery in hand is finished, exit 0."
+)]
 struct Args {
     /// The durable queue to consume (declared, durable and without arguments, when missing).
     #[arg(long, default_value = "payments")]
     queue: String,
-    /// The RabbitMQ URL.
+    /// The RabbitMQ URL (`amqps://` for TLS).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp: String,
     /// The PostgreSQL URL (the ledger and the inbox live there).
@@ -38,6 +45,10 @@ struct Args {
     /// How long the handler sleeps inside the transaction, before the insert.
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     handler_delay: Duration,
+    /// Serve Prometheus metrics (`inbox_messages_total{consumer,outcome}`)
+    /// on `GET /metrics` at this address (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -48,60 +59,33 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), StartError> {
-    let inbox = ledger::open(&args.database, &args.consumer).await?;
-
-    let amqp = Connection::connect(&args.amqp, ConnectionProperties::default())
+    // First, so that a signal during startup is not lost.
+    let shutdown = Shutdown::install()?;
+    examples::serve_metrics(args.metrics_listen).await?;
+    let Some(inbox) = shutdown
+        .during(ledger::open(&args.database, &args.consumer))
         .await
-        .context("could not connect to RabbitMQ (--amqp)")?;
-    let channel = amqp
-        .create_channel()
-        .await
-        .context("could not open a RabbitMQ channel")?;
-    channel
-        .queue_declare(
-            args.queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
+        .transpose()?
+    else {
+        return Ok(());
+    };
+    let subscription = Subscription::new(args.amqp.as_str(), args.queue.as_str())
+        .consumer_tag(args.consumer.as_str())
+        .prefetch(PREFETCH)
+        .declare_when_missing()
+        .connect_timeout(CONNECT_TIMEOUT);
+    let (inbox, delay) = (&inbox, args.handler_delay);
+    subscription
+        .run(
+            // The subscription acks only after this returns, i.e. after the commit.
+            move |message| async move { ledger::process(inbox, &message, delay).await },
+            shutdown.requested(),
         )
         .await
         .context(format!(
-            "could not declare the queue {} (--queue)",
+            "could not consume the queue {} (--amqp, --queue)",
             args.queue
         ))?;
-    channel
-        .basic_qos(32, BasicQosOptions::default())
-        .await
-        .context("could not set the prefetch count")?;
-    let mut consumer = channel
-        .basic_consume(
-            args.queue.as_str().into(),
-            args.consumer.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .context(format!("could not consume the queue {}", args.queue))?;
-    tracing::info!(queue = %args.queue, consumer = %args.consumer, "consuming");
-
-    let delay = args.handler_delay;
-    loop {
-        let delivery = tokio::select! {
-            next = consumer.next() => match next {
-                Some(delivery) => delivery.context("receiving a delivery failed")?,
-                None => break,
-            },
-            _ = tokio::signal::ctrl_c() => break,
-        };
-        let message = rabbitmq::message(&delivery);
-        let outcome = ledger::process(&inbox, &message, delay).await;
-        // Ack only now, after the commit.
-        rabbitmq::settle(&delivery, &outcome)
-            .await
-            .context("could not settle a delivery")?;
-    }
     tracing::info!(metrics = ?inbox.metrics(), "stopped");
     Ok(())
 }

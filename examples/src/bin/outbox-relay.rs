@@ -18,14 +18,20 @@
 //!   subject `S` in stream `NAME` (subjects `S`) instead.
 //!
 //! SIGTERM or Ctrl-C: the batch in hand is published and marked, then the
-//! relay exits 0. `--enqueue N` first writes N demo events (destination
+//! relay exits 0; during startup (connecting, migrating), it exits 0 at
+//! once. Each connect (PostgreSQL, RabbitMQ, NATS) is bounded by 5 s: at
+//! startup, one that fails or does not answer is an error naming what and
+//! where (exit 1); later, a lost broker is retried (the reason logged at
+//! WARN). `--enqueue N` first writes N demo events (destination
 //! `payments`, ordering keys `acct-0`..`acct-9`) in one transaction.
+//! `--metrics-listen ADDR` serves Prometheus metrics on `GET /metrics`.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use clap::{Parser, ValueEnum};
-use examples::{ResultExt, StartError};
+use examples::{redact_url, ResultExt, Shutdown, StartError, CONNECT_TIMEOUT};
 use outbox::nats::NatsPublisher;
 use outbox::rabbitmq::RabbitMqPublisher;
 use outbox::{Event, Outgoing, PostgresRelay, PublishError, Publisher, RelayConfig};
@@ -49,10 +55,10 @@ struct Args {
     /// Where to publish.
     #[arg(long, value_enum, default_value = "rabbitmq")]
     broker: Broker,
-    /// The RabbitMQ URL (`--broker rabbitmq`).
+    /// The RabbitMQ URL (`--broker rabbitmq`; `amqps://` for TLS).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp: String,
-    /// The NATS URL (`--broker nats`).
+    /// The NATS URL (`--broker nats`; `tls://` for TLS).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
     /// The durable queue destination `payments` goes to (`--broker rabbitmq`).
@@ -79,6 +85,10 @@ struct Args {
     /// Write this many demo events before relaying.
     #[arg(long, default_value_t = 0)]
     enqueue: u32,
+    /// Serve Prometheus metrics on `GET /metrics` at this address (off by
+    /// default: several relays may run on one machine).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -104,36 +114,58 @@ async fn main() -> std::process::ExitCode {
     examples::finish(env!("CARGO_BIN_NAME"), run(args, config).await)
 }
 
+/// Runs a stage of startup unless SIGTERM or Ctrl-C comes first, in which
+/// case `run` returns `Ok(())` (exit 0).
+macro_rules! stage {
+    ($shutdown:expr, $stage:expr) => {
+        match $shutdown.during($stage).await {
+            Some(result) => result?,
+            None => return Ok(()),
+        }
+    };
+}
+
 async fn run(args: Args, config: RelayConfig) -> Result<(), StartError> {
     // Installed first, so a SIGTERM during startup is not lost.
-    let shutdown = shutdown_signal().context("could not install the SIGTERM handler")?;
-    let pool = sqlx::PgPool::connect(&args.database)
-        .await
-        .context("could not connect to PostgreSQL (--database)")?;
-    outbox::migrate_postgres(&pool)
-        .await
-        .context("could not create the outbox table")?;
+    let shutdown = Shutdown::install()?;
+    examples::serve_metrics(args.metrics_listen).await?;
+    let pool = stage!(
+        shutdown,
+        examples::connect_postgres(&args.database, "PostgreSQL (--database)", 10)
+    );
+    stage!(shutdown, async {
+        outbox::migrate_postgres(&pool)
+            .await
+            .context("could not create the outbox table")
+    });
     if args.enqueue > 0 {
-        enqueue_demo(&pool, args.enqueue).await?;
+        stage!(shutdown, enqueue_demo(&pool, args.enqueue));
     }
     match args.broker {
         Broker::Rabbitmq => {
-            let publisher = RabbitMqPublisher::connect(args.amqp.as_str())
-                .await
-                .context("could not connect to RabbitMQ (--amqp)")?;
-            publisher.declare_queue(&args.queue).await.context(format!(
-                "could not declare the queue {} (--queue)",
-                args.queue
-            ))?;
+            let publisher = stage!(shutdown, async {
+                RabbitMqPublisher::connect_with_timeout(args.amqp.as_str(), CONNECT_TIMEOUT)
+                    .await
+                    .context(format!(
+                        "could not connect to RabbitMQ at {} (--amqp)",
+                        redact_url(&args.amqp)
+                    ))
+            });
+            stage!(shutdown, async {
+                publisher.declare_queue(&args.queue).await.context(format!(
+                    "could not declare the queue {} (--queue)",
+                    args.queue
+                ))
+            });
             tracing::info!(queue = %args.queue, "relaying to RabbitMQ");
             if args.queue == QUEUE {
-                relay(pool, publisher, config, shutdown).await
+                relay(pool, publisher, config, shutdown.requested()).await
             } else {
                 let publisher = Renamed {
                     inner: publisher,
                     to: args.queue,
                 };
-                relay(pool, publisher, config, shutdown).await
+                relay(pool, publisher, config, shutdown.requested()).await
             }
         }
         Broker::Nats => {
@@ -146,20 +178,20 @@ async fn run(args: Args, config: RelayConfig) -> Result<(), StartError> {
                     ));
                 }
             };
-            let client = async_nats::connect(&args.nats)
-                .await
-                .context("could not connect to NATS (--nats)")?;
+            let client = stage!(shutdown, examples::connect_nats(&args.nats));
             let js = jetstream::new(client);
-            js.get_or_create_stream(jetstream::stream::Config {
-                name: args.stream.clone(),
-                subjects: vec![subjects],
-                ..Default::default()
-            })
-            .await
-            .context(format!(
-                "could not open or create the stream {} (--stream)",
-                args.stream
-            ))?;
+            stage!(shutdown, async {
+                js.get_or_create_stream(jetstream::stream::Config {
+                    name: args.stream.clone(),
+                    subjects: vec![subjects],
+                    ..Default::default()
+                })
+                .await
+                .context(format!(
+                    "could not open or create the stream {} (--stream)",
+                    args.stream
+                ))
+            });
             let subject = args.subject.clone();
             let publisher = NatsPublisher::new(js, move |destination| {
                 Some(match &subject {
@@ -168,7 +200,7 @@ async fn run(args: Args, config: RelayConfig) -> Result<(), StartError> {
                 })
             });
             tracing::info!(stream = %args.stream, "relaying to NATS JetStream");
-            relay(pool, publisher, config, shutdown).await
+            relay(pool, publisher, config, shutdown.requested()).await
         }
     }
 }
@@ -247,16 +279,4 @@ async fn enqueue_demo(pool: &sqlx::PgPool, n: u32) -> Result<(), StartError> {
         .context("could not commit the demo events")?;
     tracing::info!(events = n, took = ?started.elapsed(), "enqueued demo events");
     Ok(())
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: finishing the batch in hand"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: finishing the batch in hand"),
-        }
-    })
 }
