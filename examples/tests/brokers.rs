@@ -19,13 +19,12 @@ use async_nats::jetstream;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use test_support::{
-    closed_port, eventually, host_port, is_tls_client_hello, service_url, unique, via, Proxy,
-    SilentServer,
+    closed_port, eventually, host_port, is_tls_client_hello, service_url, unique, via, PgDatabase,
+    Proxy, SilentServer,
 };
 
 const RELAY: &str = env!("CARGO_BIN_EXE_outbox-relay");
@@ -262,7 +261,7 @@ async fn inbox_rabbitmq_outlives_a_broker_outage_and_runs_each_message_once() {
     let Some(amqp) = service_url("AMQP_URL", test) else {
         return;
     };
-    let Some(db) = Db::new(test).await else {
+    let Some(db) = PgDatabase::create(test).await else {
         return;
     };
     let queue = unique("brokers_q");
@@ -361,7 +360,7 @@ async fn inbox_nats_outlives_an_outage_and_a_recreated_stream() {
     let Some(nats) = service_url("NATS_URL", test) else {
         return;
     };
-    let Some(db) = Db::new(test).await else {
+    let Some(db) = PgDatabase::create(test).await else {
         return;
     };
     let js = jetstream::new(
@@ -446,7 +445,7 @@ async fn the_relay_says_why_at_warn_while_the_broker_is_gone() {
     let Some(amqp) = service_url("AMQP_URL", test) else {
         return;
     };
-    let Some(db) = Db::new(test).await else {
+    let Some(db) = PgDatabase::create(test).await else {
         return;
     };
     let queue = unique("brokers_q");
@@ -466,7 +465,7 @@ async fn the_relay_says_why_at_warn_while_the_broker_is_gone() {
     );
     proc.wait_for("relaying to", STARTUP).await;
     proxy.cut();
-    db.enqueue("payments", b"{}").await;
+    enqueue(&db, "payments", b"{}").await;
     let line = proc
         .wait_for("cannot connect to RabbitMQ", Duration::from_secs(20))
         .await;
@@ -492,7 +491,7 @@ async fn a_returned_message_payload_stays_out_of_the_relay_log() {
     let Some(amqp) = service_url("AMQP_URL", test) else {
         return;
     };
-    let Some(db) = Db::new(test).await else {
+    let Some(db) = PgDatabase::create(test).await else {
         return;
     };
     let queue = unique("brokers_q");
@@ -512,7 +511,7 @@ async fn a_returned_message_payload_stays_out_of_the_relay_log() {
     );
     proc.wait_for("relaying to", STARTUP).await;
     // No queue of that name: the broker returns the mandatory message.
-    db.enqueue(&unique("nowhere"), secret.as_bytes()).await;
+    enqueue(&db, &unique("nowhere"), secret.as_bytes()).await;
     eventually("the broker returned it", || async {
         db.count("SELECT count(*) FROM outbox.events WHERE attempts > 0")
             .await
@@ -589,7 +588,7 @@ async fn metrics_listen_serves_prometheus_text_from_each_binary() {
             "inbox_messages_total{consumer=",
         ));
     }
-    let relay_db = Db::new(test).await;
+    let relay_db = PgDatabase::create(test).await;
     for (binary, args, series) in cases {
         let database = if binary == RELAY {
             match &relay_db {
@@ -740,69 +739,14 @@ fn last_line(log: &str) -> &str {
     log.lines().last().unwrap_or_default()
 }
 
-/// A PostgreSQL database of the test's own, dropped by [`Db::finish`].
-struct Db {
-    admin: PgPool,
-    name: String,
-    url: String,
-    pool: PgPool,
-}
-
-impl Db {
-    async fn new(test: &str) -> Option<Self> {
-        let admin_url = service_url("DATABASE_URL", test)?;
-        let admin = PgPool::connect(&admin_url)
-            .await
-            .expect("PostgreSQL does not answer");
-        let name = unique("brokers");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .expect("CREATE DATABASE");
-        let (base, _) = admin_url
-            .split('?')
-            .next()
-            .unwrap()
-            .rsplit_once('/')
-            .expect("a database in DATABASE_URL");
-        let url = format!("{base}/{name}");
-        let pool = PgPool::connect(&url).await.expect("the new database");
-        Some(Self {
-            admin,
-            name,
-            url,
-            pool,
-        })
-    }
-
-    async fn count(&self, sql: &str) -> i64 {
-        match sqlx::query_scalar(sql).fetch_one(&self.pool).await {
-            Ok(n) => n,
-            // The table is created by the binary: not there yet is none.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => 0,
-            Err(e) => panic!("{sql}: {e}"),
-        }
-    }
-
-    /// One event, committed, to `destination`.
-    async fn enqueue(&self, destination: &str, payload: &[u8]) {
-        outbox::migrate_postgres(&self.pool).await.unwrap();
-        let mut tx = self.pool.begin().await.unwrap();
-        outbox::enqueue(&mut *tx, &outbox::Event::new(destination, payload.to_vec()))
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-    }
-
-    async fn finish(self) {
-        self.pool.close().await;
-        let _ = sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&self.admin)
-        .await;
-    }
+/// One event, committed, to `destination` (the outbox table created first).
+async fn enqueue(db: &PgDatabase, destination: &str, payload: &[u8]) {
+    outbox::migrate_postgres(&db.pool).await.unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox::enqueue(&mut *tx, &outbox::Event::new(destination, payload.to_vec()))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
 }
 
 async fn delete_queue(amqp: &str, queue: &str) {

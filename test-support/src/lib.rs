@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![allow(missing_docs)]
 
+mod database;
 mod env;
 pub mod model;
 pub mod recorder;
@@ -24,6 +25,7 @@ mod transactional;
 pub mod watching;
 mod wire;
 
+pub use database::PgDatabase;
 pub use env::{bounded, eventually, service_url, unique, TempDb, LIMIT};
 pub use idempotency_core::conformance::decide;
 pub use idempotency_core::conformance::{Hook, Hooked, Op};
