@@ -2,20 +2,28 @@
 //! store selection. The framework-specific code lives in each binary.
 #![forbid(unsafe_code)]
 
+mod payments;
+
+pub use payments::{
+    database_problem, new_payment, payment_event, payment_not_found, record_payment, Answer,
+    Ledger, NewPayment, Payment, PaymentView, Payments, PaymentsDatabase, PaymentsTable, Refund,
+    Refunded, ALREADY_REFUNDED, DECLINED,
+};
+
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use idempotency_core::{Idempotency, IdempotencyConfig};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use serde::{Deserialize, Serialize};
 
 /// The payments API's command line (DESIGN section 7).
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     about = "A payments API whose POST /payments is safe under retries",
-    after_help = "Routes: POST /payments (Idempotency-Key required), GET /payments, \
-                  GET /payments/<id>, GET /healthz, and GET /metrics: Prometheus text of \
+    after_help = "Routes: POST /payments (Idempotency-Key required; JSON amount, currency and \
+                  an optional reference), POST /payments/<id>/refunds (Idempotency-Key \
+                  required; 409 when refunded already), GET /payments, GET /payments/<id> \
+                  (with \"refunded\"), GET /healthz, and GET /metrics: Prometheus text of \
                   idempotency_requests_total{outcome} and the store metrics (outside the \
                   idempotency layer).\n\
                   Slow clients: request headers must arrive within 5 s (axum closes the \
@@ -38,6 +46,10 @@ pub struct PaymentsArgs {
     /// The payment handler sleeps this long (to show in-flight conflicts).
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     pub handler_delay: Duration,
+    /// Decline (402 problem+json, stored like any 4xx) every payment whose
+    /// amount is above this.
+    #[arg(long, value_name = "AMOUNT")]
+    pub decline_above: Option<i64>,
     /// Serve the same routes without the middleware (a baseline for load tests).
     #[arg(long)]
     pub no_idempotency: bool,
@@ -47,7 +59,8 @@ pub struct PaymentsArgs {
     #[arg(long, conflicts_with = "no_idempotency")]
     pub transactional: bool,
     /// With --transactional: also enqueue one event per payment (destination
-    /// `payments`, JSON `{"account": <payment id>, "amount": <amount>}`) to the
+    /// `payments`, JSON `{"account": <payment id>, "amount": <amount>,
+    /// "currency": <currency>, "reference": <reference or null>}`) to the
     /// transactional outbox, in the same transaction; run outbox-relay to
     /// publish it.
     #[arg(long)]
@@ -250,9 +263,9 @@ impl PaymentsArgs {
     /// header's value.
     pub async fn open(&self) -> Result<(Option<Idempotency>, Payments), StartError> {
         let memory = || Payments {
-            ledger: Ledger::default(),
-            table: None,
-            outbox: false,
+            decline_above: self.decline_above,
+            delay: self.handler_delay,
+            ..Payments::in_memory()
         };
         if self.outbox && !self.transactional {
             return Err(Box::new(UsageError(
@@ -283,9 +296,9 @@ impl PaymentsArgs {
             table.migrate_outbox().await?;
         }
         let payments = Payments {
-            ledger: Ledger::default(),
             table: Some(table),
             outbox: self.outbox,
+            ..memory()
         };
         Ok((Some(engine), payments))
     }
@@ -423,421 +436,6 @@ pub fn init_tracing(default_filter: &str) {
 fn colour(stream: &impl std::io::IsTerminal) -> bool {
     stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
-
-/// The body of `POST /payments`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewPayment {
-    /// The amount in minor units.
-    pub amount: i64,
-    /// The currency code.
-    pub currency: String,
-}
-
-/// A created payment.
-#[derive(Debug, Clone, Serialize)]
-pub struct Payment {
-    /// Unique id.
-    pub id: String,
-    /// The amount in minor units.
-    pub amount: i64,
-    /// The currency code.
-    pub currency: String,
-}
-
-/// The payments this process created.
-#[derive(Debug, Default)]
-pub struct Ledger {
-    payments: Mutex<Vec<Payment>>,
-}
-
-impl Ledger {
-    /// Validates and records a payment. `Err` is the body of a 400
-    /// `application/problem+json` response.
-    pub fn create(&self, body: &[u8]) -> Result<Payment, String> {
-        let payment = new_payment(body)?;
-        self.payments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(payment.clone());
-        Ok(payment)
-    }
-
-    /// The payment `id`, if this process created it.
-    pub fn get(&self, id: &str) -> Option<Payment> {
-        let list = self.payments.lock().unwrap_or_else(|p| p.into_inner());
-        list.iter().find(|p| p.id == id).cloned()
-    }
-
-    /// Every payment so far, as JSON.
-    pub fn list_json(&self) -> String {
-        let list = self.payments.lock().unwrap_or_else(|p| p.into_inner());
-        serde_json::to_string(&*list).unwrap_or_else(|_| "[]".into())
-    }
-}
-
-/// A payment with a new id from the body of `POST /payments`. `Err` is the
-/// body of a 400 `application/problem+json` response.
-pub fn new_payment(body: &[u8]) -> Result<Payment, String> {
-    let new: NewPayment = serde_json::from_slice(body).map_err(|e| {
-        invalid(format!(
-            "expected JSON {{\"amount\": <integer>, \"currency\": \"<string>\"}}: {}",
-            bounded(&e.to_string())
-        ))
-    })?;
-    if new.amount <= 0 {
-        return Err(invalid("amount must be a positive integer".into()));
-    }
-    if new.currency.is_empty() || new.currency.len() > 16 {
-        return Err(invalid("currency must be 1 to 16 characters".into()));
-    }
-    Ok(Payment {
-        id: format!("pay_{:024x}", rand::random::<u128>() >> 32),
-        amount: new.amount,
-        currency: new.currency,
-    })
-}
-
-/// The longest piece of the client's input a problem detail quotes.
-const QUOTED_MAX: usize = 64;
-
-/// The longest detail of a 400.
-const DETAIL_MAX: usize = 400;
-
-/// `text` (a parser's message) with every piece of the client's input it
-/// quotes (between backticks or double quotes, as serde_json quotes field
-/// names and values) cut to [`QUOTED_MAX`] characters, and the whole cut to
-/// [`DETAIL_MAX`]: a 400 must not echo a 1 MB field name back (nor store
-/// it for every replay).
-fn bounded(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(DETAIL_MAX + 8));
-    let mut quote: Option<(char, usize)> = None;
-    for c in text.chars() {
-        match quote {
-            Some((q, _)) if c == q => {
-                quote = None;
-                out.push(c);
-            }
-            Some((q, n)) => {
-                if n < QUOTED_MAX {
-                    out.push(c);
-                } else if n == QUOTED_MAX {
-                    out.push('…');
-                }
-                quote = Some((q, n + 1));
-            }
-            None => {
-                if c == '`' || c == '"' {
-                    quote = Some((c, 0));
-                }
-                out.push(c);
-            }
-        }
-    }
-    if out.chars().count() > DETAIL_MAX {
-        out = out.chars().take(DETAIL_MAX).collect();
-        out.push('…');
-    }
-    out
-}
-
-fn invalid(detail: String) -> String {
-    serde_json::json!({
-        "type": "urn:payments:problem:invalid-payment",
-        "title": "Invalid payment",
-        "status": 400,
-        "detail": detail,
-    })
-    .to_string()
-}
-
-/// The body of the 500 `application/problem+json` response when the
-/// payments table (or the outbox) fails (the cause is logged; a retry with
-/// the same key runs again, since nothing was committed).
-pub fn database_problem(error: &(dyn std::error::Error + 'static)) -> String {
-    // The whole chain: the database's own message is often a cause.
-    tracing::error!(
-        error = %error_chain(error),
-        "the payments table failed; the request's transaction rolls back"
-    );
-    serde_json::json!({
-        "type": "urn:payments:problem:database",
-        "title": "The payment could not be recorded",
-        "status": 500,
-        "detail": "Nothing was done. Retry with the same Idempotency-Key.",
-    })
-    .to_string()
-}
-
-/// Where the payments live.
-#[derive(Debug)]
-pub struct Payments {
-    /// Without `--transactional`: this process's payments.
-    pub ledger: Ledger,
-    /// With `--transactional`: table `payments` of the store's database.
-    pub table: Option<PaymentsTable>,
-    /// With `--outbox`: each payment's transaction also enqueues its event.
-    pub outbox: bool,
-}
-
-impl Payments {
-    /// Every payment, as JSON: the ledger's, or every row of the table.
-    pub async fn list_json(&self) -> Result<String, sqlx::Error> {
-        match &self.table {
-            Some(table) => table.list_json().await,
-            None => Ok(self.ledger.list_json()),
-        }
-    }
-
-    /// The payment `id` (`GET /payments/<id>`), as `POST /payments`
-    /// returned it: the ledger's, or the table's row.
-    pub async fn get(&self, id: &str) -> Result<Option<Payment>, sqlx::Error> {
-        match &self.table {
-            Some(table) => table.get(id).await,
-            None => Ok(self.ledger.get(id)),
-        }
-    }
-}
-
-/// The body of the 404 `application/problem+json` response for a payment
-/// id that names no payment (the id is not echoed: it is the client's).
-pub fn payment_not_found() -> String {
-    serde_json::json!({
-        "type": "urn:payments:problem:not-found",
-        "title": "No such payment",
-        "status": 404,
-        "detail": "No payment has this id.",
-    })
-    .to_string()
-}
-
-/// Table `payments` (`--transactional`), on the pool of the store whose
-/// transactions insert its rows.
-#[derive(Debug, Clone)]
-pub enum PaymentsTable {
-    /// In the PostgreSQL database, in the connection's schema (`public`
-    /// unless the URL sets a `search_path`), not the records' `idempotency`.
-    Postgres(sqlx::PgPool),
-    /// In the SQLite file of the records.
-    Sqlite(sqlx::SqlitePool),
-}
-
-/// Creates the table on PostgreSQL; concurrent `CREATE TABLE IF NOT EXISTS`
-/// can fail on the catalog's unique index, hence the lock around it.
-const CREATE_POSTGRES: [&str; 2] = [
-    "SELECT pg_advisory_xact_lock(7355608112234)",
-    "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, amount BIGINT NOT NULL, \
-     currency TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())",
-];
-
-/// Creates the table on SQLite (statements are serialized by its write lock).
-const CREATE_SQLITE: &str = "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, \
-     amount INTEGER NOT NULL, currency TEXT NOT NULL, \
-     created_at INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)))";
-
-/// One payment, in the request's transaction (both databases).
-const INSERT: &str = "INSERT INTO payments (id, amount, currency) VALUES ($1, $2, $3)";
-
-/// Every payment, oldest first (both databases).
-const LIST: &str = "SELECT id, amount, currency FROM payments ORDER BY created_at, id";
-
-/// One payment by id (both databases).
-const GET: &str = "SELECT id, amount, currency FROM payments WHERE id = $1";
-
-/// `--transactional` with a store that has no transactions to share.
-fn no_transactions(scheme: &str) -> StartError {
-    Box::new(UsageError(format!(
-        "--transactional needs a postgres:// or sqlite:// store, where the payment and its \
-         idempotency record commit in one transaction: the {scheme} store (--store) has no transactions"
-    )))
-}
-
-impl PaymentsTable {
-    /// The engine in transactional mode on the store named by `url`
-    /// (`postgres://...` or `sqlite://PATH`), and its table, created when
-    /// missing. Any other store has no transactions to share: a usage
-    /// error.
-    async fn open(
-        url: &str,
-        config: IdempotencyConfig,
-        pool_size: Option<u32>,
-    ) -> Result<(Idempotency, Self), StartError> {
-        use idempotency_connect::stores::{PostgresStore, SqliteStore};
-        use idempotency_connect::ConnectError;
-        let scheme = url.trim().split_once(':').map_or(url.trim(), |(s, _)| s);
-        let failed = |backend| move |source| ConnectError::Store { backend, source };
-        match scheme {
-            "postgres" | "postgresql" => {
-                let store = PostgresStore::connect_with(url.trim(), postgres_options(pool_size))
-                    .await
-                    .map_err(failed("postgres"))?;
-                let pool = store.pool().clone();
-                let mut tx = pool
-                    .begin()
-                    .await
-                    .context("could not create the payments table")?;
-                for statement in CREATE_POSTGRES {
-                    sqlx::query(statement)
-                        .execute(&mut *tx)
-                        .await
-                        .context("could not create the payments table")?;
-                }
-                tx.commit()
-                    .await
-                    .context("could not create the payments table")?;
-                Ok((
-                    Idempotency::transactional(store, config),
-                    Self::Postgres(pool),
-                ))
-            }
-            "sqlite" => {
-                // Refuses a URL without a file, or of an in-memory database,
-                // as every other mode does.
-                drop(connect_store(url).await?);
-                let store = SqliteStore::connect_with(url.trim(), sqlite_options(pool_size))
-                    .await
-                    .map_err(failed("sqlite"))?;
-                let pool = store.pool().clone();
-                sqlx::query(CREATE_SQLITE)
-                    .execute(&pool)
-                    .await
-                    .context("could not create the payments table")?;
-                Ok((
-                    Idempotency::transactional(store, config),
-                    Self::Sqlite(pool),
-                ))
-            }
-            "memory" | "redis" | "rediss" | "redis+cluster" => Err(no_transactions(scheme)),
-            _ => {
-                // An unknown URL gets the usual sentence naming the valid ones.
-                drop(connect_store(url).await?);
-                Err(no_transactions(scheme))
-            }
-        }
-    }
-
-    /// Creates or updates the outbox table (`--outbox`) on this pool:
-    /// `outbox.events` on PostgreSQL, `outbox_events` on SQLite.
-    async fn migrate_outbox(&self) -> Result<(), StartError> {
-        match self {
-            Self::Postgres(pool) => outbox::migrate_postgres(pool).await,
-            Self::Sqlite(pool) => outbox::migrate_sqlite(pool).await,
-        }
-        .context("could not create the outbox table (--outbox)")
-    }
-
-    /// The row of payment `id`.
-    pub async fn get(&self, id: &str) -> Result<Option<Payment>, sqlx::Error> {
-        let row: Option<(String, i64, String)> = match self {
-            Self::Postgres(pool) => sqlx::query_as(GET).bind(id).fetch_optional(pool).await?,
-            Self::Sqlite(pool) => sqlx::query_as(GET).bind(id).fetch_optional(pool).await?,
-        };
-        Ok(row.map(|(id, amount, currency)| Payment {
-            id,
-            amount,
-            currency,
-        }))
-    }
-
-    /// Every row, as JSON.
-    pub async fn list_json(&self) -> Result<String, sqlx::Error> {
-        let rows: Vec<(String, i64, String)> = match self {
-            Self::Postgres(pool) => sqlx::query_as(LIST).fetch_all(pool).await?,
-            Self::Sqlite(pool) => sqlx::query_as(LIST).fetch_all(pool).await?,
-        };
-        let list: Vec<Payment> = rows
-            .into_iter()
-            .map(|(id, amount, currency)| Payment {
-                id,
-                amount,
-                currency,
-            })
-            .collect();
-        Ok(serde_json::to_string(&list).unwrap_or_else(|_| "[]".into()))
-    }
-}
-
-/// A database whose request transactions hold payments: what the
-/// transactional handler is generic over (`sqlx::Postgres`, `sqlx::Sqlite`).
-pub trait PaymentsDatabase: sqlx::Database {
-    /// Inserts `payment` through `conn`, the request's transaction.
-    fn insert<'c>(
-        conn: &'c mut Self::Connection,
-        payment: &'c Payment,
-    ) -> futures_util::future::BoxFuture<'c, Result<(), sqlx::Error>>;
-
-    /// Enqueues the event of `payment` ([`payment_event`]) to the outbox
-    /// through `conn`, the request's transaction.
-    fn enqueue<'c>(
-        conn: &'c mut Self::Connection,
-        payment: &'c Payment,
-    ) -> futures_util::future::BoxFuture<'c, Result<(), outbox::OutboxError>>;
-}
-
-/// The outbox event of a payment (`--outbox`): destination `payments`, a new
-/// UUID v7 id, payload `{"account": "<payment id>", "amount": <amount>}`
-/// (the inbox examples' ledger message).
-pub fn payment_event(payment: &Payment) -> outbox::Event {
-    let payload = serde_json::json!({"account": payment.id, "amount": payment.amount});
-    outbox::Event::new("payments", payload.to_string().into_bytes())
-        .with_header("content-type", "application/json")
-}
-
-/// What the transactional handler writes through `conn`, the request's
-/// transaction: the payment's row, and with `--outbox` its event. `Err` is
-/// the body of a 500 `application/problem+json` response (nothing commits).
-pub async fn record_payment<DB: PaymentsDatabase>(
-    conn: &mut DB::Connection,
-    payment: &Payment,
-    payments: &Payments,
-) -> Result<(), String> {
-    DB::insert(conn, payment)
-        .await
-        .map_err(|e| database_problem(&e))?;
-    if payments.outbox {
-        DB::enqueue(conn, payment)
-            .await
-            .map_err(|e| database_problem(&e))?;
-    }
-    Ok(())
-}
-
-macro_rules! payments_database {
-    ($db:ty) => {
-        impl PaymentsDatabase for $db {
-            fn insert<'c>(
-                conn: &'c mut Self::Connection,
-                payment: &'c Payment,
-            ) -> futures_util::future::BoxFuture<'c, Result<(), sqlx::Error>> {
-                Box::pin(async move {
-                    sqlx::query(INSERT)
-                        .bind(&payment.id)
-                        .bind(payment.amount)
-                        .bind(&payment.currency)
-                        .execute(conn)
-                        .await?;
-                    tracing::debug!(payment = %payment.id, "payment inserted in the request's transaction");
-                    Ok(())
-                })
-            }
-
-            fn enqueue<'c>(
-                conn: &'c mut Self::Connection,
-                payment: &'c Payment,
-            ) -> futures_util::future::BoxFuture<'c, Result<(), outbox::OutboxError>> {
-                Box::pin(async move {
-                    let event = payment_event(payment);
-                    outbox::enqueue(&mut *conn, &event).await?;
-                    tracing::debug!(payment = %payment.id, event = %event.id(), "event enqueued in the request's transaction");
-                    Ok(())
-                })
-            }
-        }
-    };
-}
-
-payments_database!(sqlx::Postgres);
-payments_database!(sqlx::Sqlite);
 
 /// The media type of problem responses.
 pub const PROBLEM_JSON: &str = "application/problem+json";

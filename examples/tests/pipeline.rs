@@ -65,8 +65,8 @@ async fn one_event_per_payment(binary: &'static str) {
     let payload: serde_json::Value = serde_json::from_slice(payload).expect("JSON");
     assert_eq!(
         payload,
-        serde_json::json!({"account": id, "amount": request.amount}),
-        "the inbox examples' message"
+        serde_json::json!({"account": id, "amount": request.amount, "currency": "PIPE", "reference": null}),
+        "the inbox examples' message, with the currency and the reference"
     );
 
     let replay = request.send(server.addr()).await.expect("the replay");

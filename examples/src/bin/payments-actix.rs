@@ -7,9 +7,9 @@ use actix_web::http::header;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use clap::Parser;
 use examples::{
-    init_tracing, shutdown_signal, Payment, Payments, PaymentsArgs, PaymentsDatabase,
-    PaymentsTable, ResultExt, StartError, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT,
-    METRICS_CONTENT_TYPE, PROBLEM_JSON,
+    init_tracing, shutdown_signal, Answer, Payments, PaymentsArgs, PaymentsDatabase, PaymentsTable,
+    ResultExt, StartError, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT, METRICS_CONTENT_TYPE,
+    PROBLEM_JSON,
 };
 use futures_util::StreamExt;
 use idempotency_actix::{IdempotencyMiddleware, Transaction};
@@ -18,8 +18,6 @@ use std::time::Duration;
 
 /// The largest request body the handlers read, as axum's default.
 const BODY_LIMIT: usize = 2 * 1024 * 1024;
-
-struct HandlerDelay(Duration);
 
 /// Reads a request body within [`BODY_READ_TIMEOUT`] and [`BODY_LIMIT`]. A
 /// covered request's body was read by the middleware already (bounded by
@@ -59,23 +57,21 @@ async fn read_body(mut payload: web::Payload) -> Result<web::Bytes, HttpResponse
     }
 }
 
-async fn create_payment(
-    payments: web::Data<Payments>,
-    delay: web::Data<HandlerDelay>,
-    payload: web::Payload,
-) -> HttpResponse {
-    let body = match read_body(payload).await {
-        Ok(body) => body,
-        Err(res) => return res,
-    };
-    if !delay.0.is_zero() {
-        tokio::time::sleep(delay.0).await;
+/// The framework's response of the payments API's answer.
+fn respond(answer: Answer) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(answer.status)
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut res = HttpResponse::build(status);
+    if let Some(location) = answer.location {
+        res.insert_header((header::LOCATION, location));
     }
-    match payments.ledger.create(&body) {
-        Ok(p) => created(&p),
-        Err(problem) => HttpResponse::BadRequest()
-            .content_type(PROBLEM_JSON)
-            .body(problem),
+    res.content_type(answer.content_type).body(answer.body)
+}
+
+async fn create_payment(payments: web::Data<Payments>, payload: web::Payload) -> HttpResponse {
+    match read_body(payload).await {
+        Ok(body) => respond(payments.create(&body).await),
+        Err(res) => res,
     }
 }
 
@@ -83,72 +79,50 @@ async fn create_payment(
 /// middleware commits with the record after this returns.
 async fn create_payment_in<DB: PaymentsDatabase>(
     payments: web::Data<Payments>,
-    delay: web::Data<HandlerDelay>,
     mut tx: Transaction<sqlx::Transaction<'static, DB>>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let payment = match examples::new_payment(&body) {
-        Ok(p) => p,
-        Err(problem) => {
-            return HttpResponse::BadRequest()
-                .content_type(PROBLEM_JSON)
-                .body(problem)
-        }
-    };
-    // The row, and with --outbox its event: one transaction.
-    if let Err(problem) = examples::record_payment::<DB>(&mut tx, &payment, &payments).await {
-        return HttpResponse::InternalServerError()
-            .content_type(PROBLEM_JSON)
-            .body(problem);
-    }
-    if !delay.0.is_zero() {
-        tokio::time::sleep(delay.0).await;
-    }
-    created(&payment)
+    respond(payments.create_in::<DB>(&mut tx, &body).await)
 }
 
-fn created(p: &Payment) -> HttpResponse {
-    HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/payments/{}", p.id)))
-        .content_type("application/json")
-        .body(serde_json::to_string(p).unwrap_or_default())
+async fn refund_payment(payments: web::Data<Payments>, id: web::Path<String>) -> HttpResponse {
+    respond(payments.refund(&id))
 }
 
-fn database_failed(e: &sqlx::Error) -> HttpResponse {
-    HttpResponse::InternalServerError()
-        .content_type(PROBLEM_JSON)
-        .body(examples::database_problem(e))
+/// `--transactional`: the refund's row goes into the request's transaction.
+async fn refund_payment_in<DB: PaymentsDatabase>(
+    payments: web::Data<Payments>,
+    id: web::Path<String>,
+    mut tx: Transaction<sqlx::Transaction<'static, DB>>,
+) -> HttpResponse {
+    respond(payments.refund_in::<DB>(&mut tx, &id).await)
 }
 
 /// `GET /payments/<id>`: the payment as `POST /payments` returned it.
 async fn get_payment(payments: web::Data<Payments>, id: web::Path<String>) -> HttpResponse {
-    match payments.get(&id).await {
-        Ok(Some(p)) => HttpResponse::Ok()
-            .content_type("application/json")
-            .body(serde_json::to_string(&p).unwrap_or_default()),
-        Ok(None) => HttpResponse::NotFound()
-            .content_type(PROBLEM_JSON)
-            .body(examples::payment_not_found()),
-        Err(e) => database_failed(&e),
-    }
+    respond(payments.get(&id).await)
 }
 
 async fn list_payments(payments: web::Data<Payments>) -> HttpResponse {
-    match payments.list_json().await {
-        Ok(list) => HttpResponse::Ok()
-            .content_type("application/json")
-            .body(list),
-        Err(e) => database_failed(&e),
-    }
+    respond(payments.list().await)
 }
 
 // HEAD is served wherever GET is, as axum's `get` does (same status and
 // headers; actix drops the body on the wire and keeps its Content-Length).
 fn payment_routes(cfg: &mut web::ServiceConfig, table: Option<&PaymentsTable>) {
-    let create = match table {
-        None => web::post().to(create_payment),
-        Some(PaymentsTable::Postgres(_)) => web::post().to(create_payment_in::<sqlx::Postgres>),
-        Some(PaymentsTable::Sqlite(_)) => web::post().to(create_payment_in::<sqlx::Sqlite>),
+    let (create, refund) = match table {
+        None => (
+            web::post().to(create_payment),
+            web::post().to(refund_payment),
+        ),
+        Some(PaymentsTable::Postgres(_)) => (
+            web::post().to(create_payment_in::<sqlx::Postgres>),
+            web::post().to(refund_payment_in::<sqlx::Postgres>),
+        ),
+        Some(PaymentsTable::Sqlite(_)) => (
+            web::post().to(create_payment_in::<sqlx::Sqlite>),
+            web::post().to(refund_payment_in::<sqlx::Sqlite>),
+        ),
     };
     cfg.service(
         web::resource("/payments")
@@ -161,6 +135,7 @@ fn payment_routes(cfg: &mut web::ServiceConfig, table: Option<&PaymentsTable>) {
             .route(web::get().to(get_payment))
             .route(web::head().to(get_payment)),
     );
+    cfg.service(web::resource("/payments/{id}/refunds").route(refund));
 }
 
 async fn healthz() -> &'static str {
@@ -185,13 +160,11 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
     let (engine, payments) = args.open().await?;
     let idempotency = engine.map(IdempotencyMiddleware::new);
     let payments = web::Data::new(payments);
-    let delay = web::Data::new(HandlerDelay(args.handler_delay));
     let server = HttpServer::new(move || {
         let idempotency = idempotency.clone();
         let table = payments.table.clone();
         App::new()
             .app_data(payments.clone())
-            .app_data(delay.clone())
             .app_data(metrics_handle.clone())
             .app_data(web::PayloadConfig::new(BODY_LIMIT))
             // Outside the middleware: health checks never touch the store,
@@ -235,6 +208,7 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
         idempotency = !args.no_idempotency,
         transactional = args.transactional,
         outbox = args.outbox,
+        decline_above = ?args.decline_above,
         "payments-actix serving"
     );
     server.await.context("the server failed")?;

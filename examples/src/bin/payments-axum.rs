@@ -21,9 +21,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Parser;
 use examples::{
-    init_tracing, shutdown_signal, Payment, Payments, PaymentsArgs, PaymentsDatabase,
-    PaymentsTable, ResultExt, StartError, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT,
-    METRICS_CONTENT_TYPE, PROBLEM_JSON,
+    init_tracing, shutdown_signal, Answer, Payments, PaymentsArgs, PaymentsDatabase, PaymentsTable,
+    ResultExt, StartError, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT, METRICS_CONTENT_TYPE,
+    PROBLEM_JSON,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -37,11 +37,7 @@ const BODY_LIMIT: usize = 2 * 1024 * 1024;
 /// How long connections may take to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
 
-#[derive(Clone)]
-struct App {
-    payments: Arc<Payments>,
-    delay: std::time::Duration,
-}
+type App = Arc<Payments>;
 
 /// Reads a request body within [`BODY_READ_TIMEOUT`] and [`BODY_LIMIT`]. A
 /// covered request's body was read by the middleware already (bounded by
@@ -74,33 +70,25 @@ async fn read_body(body: Body) -> Result<Bytes, Response> {
     }
 }
 
-async fn create_payment(State(app): State<App>, body: Body) -> Response {
-    let body = match read_body(body).await {
-        Ok(body) => body,
-        Err(res) => return res,
-    };
-    if !app.delay.is_zero() {
-        tokio::time::sleep(app.delay).await;
+/// The framework's response of the payments API's answer.
+fn respond(answer: Answer) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut res = (
+        status,
+        [(header::CONTENT_TYPE, answer.content_type)],
+        answer.body,
+    )
+        .into_response();
+    if let Some(location) = answer.location.and_then(|l| l.parse().ok()) {
+        res.headers_mut().insert(header::LOCATION, location);
     }
-    match app.payments.ledger.create(&body) {
-        Ok(p) => created(&p),
-        Err(problem) => problem_response(StatusCode::BAD_REQUEST, problem),
-    }
+    res
 }
 
-/// `GET /payments/<id>`: the payment as `POST /payments` returned it.
-async fn get_payment(State(app): State<App>, Path(id): Path<String>) -> Response {
-    match app.payments.get(&id).await {
-        Ok(Some(p)) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::to_string(&p).unwrap_or_default(),
-        )
-            .into_response(),
-        Ok(None) => problem_response(StatusCode::NOT_FOUND, examples::payment_not_found()),
-        Err(e) => problem_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            examples::database_problem(&e),
-        ),
+async fn create_payment(State(app): State<App>, body: Body) -> Response {
+    match read_body(body).await {
+        Ok(body) => respond(app.create(&body).await),
+        Err(res) => res,
     }
 }
 
@@ -111,30 +99,25 @@ async fn create_payment_in<DB: PaymentsDatabase>(
     mut tx: Transaction<sqlx::Transaction<'static, DB>>,
     body: Bytes,
 ) -> Response {
-    let payment = match examples::new_payment(&body) {
-        Ok(p) => p,
-        Err(problem) => return problem_response(StatusCode::BAD_REQUEST, problem),
-    };
-    // The row, and with --outbox its event: one transaction.
-    if let Err(problem) = examples::record_payment::<DB>(&mut tx, &payment, &app.payments).await {
-        return problem_response(StatusCode::INTERNAL_SERVER_ERROR, problem);
-    }
-    if !app.delay.is_zero() {
-        tokio::time::sleep(app.delay).await;
-    }
-    created(&payment)
+    respond(app.create_in::<DB>(&mut tx, &body).await)
 }
 
-fn created(p: &Payment) -> Response {
-    (
-        StatusCode::CREATED,
-        [
-            (header::LOCATION, format!("/payments/{}", p.id)),
-            (header::CONTENT_TYPE, "application/json".to_owned()),
-        ],
-        serde_json::to_string(p).unwrap_or_default(),
-    )
-        .into_response()
+async fn refund_payment(State(app): State<App>, Path(id): Path<String>) -> Response {
+    respond(app.refund(&id))
+}
+
+/// `--transactional`: the refund's row goes into the request's transaction.
+async fn refund_payment_in<DB: PaymentsDatabase>(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    mut tx: Transaction<sqlx::Transaction<'static, DB>>,
+) -> Response {
+    respond(app.refund_in::<DB>(&mut tx, &id).await)
+}
+
+/// `GET /payments/<id>`: the payment as `POST /payments` returned it.
+async fn get_payment(State(app): State<App>, Path(id): Path<String>) -> Response {
+    respond(app.get(&id).await)
 }
 
 fn problem_response(status: StatusCode, problem: String) -> Response {
@@ -142,13 +125,7 @@ fn problem_response(status: StatusCode, problem: String) -> Response {
 }
 
 async fn list_payments(State(app): State<App>) -> Response {
-    match app.payments.list_json().await {
-        Ok(list) => ([(header::CONTENT_TYPE, "application/json")], list).into_response(),
-        Err(e) => problem_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            examples::database_problem(&e),
-        ),
-    }
+    respond(app.list().await)
 }
 
 #[tokio::main]
@@ -161,19 +138,22 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: PaymentsArgs) -> Result<(), StartError> {
     let metrics = examples::install_metrics()?;
     let (engine, payments) = args.open().await?;
-    let create = match &payments.table {
-        None => post(create_payment),
-        Some(PaymentsTable::Postgres(_)) => post(create_payment_in::<sqlx::Postgres>),
-        Some(PaymentsTable::Sqlite(_)) => post(create_payment_in::<sqlx::Sqlite>),
-    };
-    let app = App {
-        payments: Arc::new(payments),
-        delay: args.handler_delay,
+    let (create, refund) = match &payments.table {
+        None => (post(create_payment), post(refund_payment)),
+        Some(PaymentsTable::Postgres(_)) => (
+            post(create_payment_in::<sqlx::Postgres>),
+            post(refund_payment_in::<sqlx::Postgres>),
+        ),
+        Some(PaymentsTable::Sqlite(_)) => (
+            post(create_payment_in::<sqlx::Sqlite>),
+            post(refund_payment_in::<sqlx::Sqlite>),
+        ),
     };
     let mut router = Router::new()
         .route("/payments", create.get(list_payments))
         .route("/payments/{id}", get(get_payment))
-        .with_state(app);
+        .route("/payments/{id}/refunds", refund)
+        .with_state(Arc::new(payments));
     if let Some(engine) = engine {
         router = router.layer(IdempotencyLayer::new(engine));
     }
@@ -197,6 +177,7 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
         idempotency = !args.no_idempotency,
         transactional = args.transactional,
         outbox = args.outbox,
+        decline_above = ?args.decline_above,
         "payments-axum serving"
     );
     serve(listeners, router).await;
