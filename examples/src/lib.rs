@@ -2,7 +2,9 @@
 //! store selection. The framework-specific code lives in each binary.
 #![forbid(unsafe_code)]
 
+pub mod order_messaging;
 mod payments;
+pub mod payments_client;
 
 pub use payments::{
     database_problem, new_payment, payment_event, payment_not_found, record_payment, Answer,

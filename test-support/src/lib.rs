@@ -33,6 +33,6 @@ pub use redis_server::{wait_for_pong, RedisServer};
 pub use staged::{Staged, StagedStore};
 pub use transactional::{mode, run_prefix, Answer, Fixture, FixtureDb, Probe};
 pub use wire::{
-    closed_port, host_port, is_tls_client_hello, via, CountingProxy, Counts, Proxy, SilentServer,
-    Wire,
+    closed_port, host_port, is_tls_client_hello, via, CountingProxy, Counts, LossyProxy, Proxy,
+    SilentServer, Wire,
 };

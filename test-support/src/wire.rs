@@ -1,5 +1,5 @@
 //! Proxies in front of a real server: one that counts round trips on the
-//! wire, one that a test can cut and restore.
+//! wire, one that a test can cut and restore, one that loses answers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -283,6 +283,107 @@ impl Proxy {
     /// Accepts connections again.
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A TCP proxy to `upstream` that loses answers: it forwards every request
+/// whole, and the first bytes upstream sends back after a request are, with
+/// a chance of one in `one_in`, dropped, and both connections closed. In
+/// front of an HTTP server that answers after it commits, the effect has
+/// happened and the client never learns it: a lost answer, as a network
+/// cut or a crashed load balancer makes one.
+pub struct LossyProxy {
+    pub addr: std::net::SocketAddr,
+    one_in: Arc<std::sync::atomic::AtomicU32>,
+    dropped: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LossyProxy {
+    /// Listens on a free local port; drops about one answer in `one_in`
+    /// (0: none).
+    pub async fn start(upstream: String, one_in: u32) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let one_in = Arc::new(std::sync::atomic::AtomicU32::new(one_in));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (chance, count) = (one_in.clone(), dropped.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let (upstream, chance, count) = (upstream.clone(), chance.clone(), count.clone());
+                tokio::spawn(async move {
+                    if let Ok(outbound) = TcpStream::connect(&upstream).await {
+                        lossy(inbound, outbound, &chance, &count).await;
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            one_in,
+            dropped,
+            task,
+        }
+    }
+
+    /// Drops about one answer in `one_in` from now on (0: none).
+    pub fn set_one_in(&self, one_in: u32) {
+        self.one_in.store(one_in, Ordering::SeqCst);
+    }
+
+    /// How many answers it dropped.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies both ways; the first chunk of an answer (upstream's bytes after
+/// the client sent some) may be dropped, which ends both connections.
+async fn lossy(
+    mut inbound: TcpStream,
+    mut outbound: TcpStream,
+    one_in: &std::sync::atomic::AtomicU32,
+    dropped: &AtomicU64,
+) {
+    let (mut client_read, mut client_write) = inbound.split();
+    let (mut server_read, mut server_write) = outbound.split();
+    let (mut up, mut down) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            n = client_read.read(&mut up) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if server_write.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                    asked = true;
+                }
+            },
+            n = server_read.read(&mut down) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let chance = one_in.load(Ordering::SeqCst);
+                    if asked && chance > 0 && rand::random::<u32>() % chance == 0 {
+                        dropped.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    asked = false;
+                    if client_write.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+        }
     }
 }
 
