@@ -72,6 +72,8 @@ pub struct IdempotencyConfig {
     /// `None`: the lease.
     pub(crate) transaction_timeout: Option<Duration>,
     pub(crate) in_flight_retry_after: Duration,
+    /// `Some`: stored outcomes are encrypted with these keys.
+    pub(crate) encryption: Option<crate::EncryptionKeys>,
 }
 
 impl fmt::Debug for IdempotencyConfig {
@@ -92,6 +94,7 @@ impl fmt::Debug for IdempotencyConfig {
             .field("wait_for_in_flight", &self.wait_for_in_flight)
             .field("transaction_timeout", &self.transaction_timeout())
             .field("in_flight_retry_after", &self.in_flight_retry_after)
+            .field("encryption", &self.encryption)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +123,7 @@ impl Default for IdempotencyConfig {
             wait_for_in_flight: Duration::ZERO,
             transaction_timeout: None,
             in_flight_retry_after: Duration::from_secs(1),
+            encryption: None,
         }
     }
 }
@@ -203,6 +207,11 @@ impl IdempotencyConfig {
     /// before it is rolled back and answered 503 (default: the lease).
     pub fn transaction_timeout(&self) -> Duration {
         self.transaction_timeout.unwrap_or(self.lease)
+    }
+
+    /// The keys stored responses are encrypted with, if any.
+    pub fn encryption(&self) -> Option<&crate::EncryptionKeys> {
+        self.encryption.as_ref()
     }
 }
 
@@ -382,6 +391,29 @@ impl IdempotencyConfigBuilder {
     /// for this long at most.
     pub fn transaction_timeout(mut self, bound: Duration) -> Self {
         self.config.transaction_timeout = Some(bound);
+        self
+    }
+
+    /// Encrypts the stored responses at rest with `keys` (AES-256-GCM, the
+    /// record id as associated data, the current key for new records):
+    /// the engine wraps its store in [`Encrypted`](crate::Encrypted), in
+    /// both modes and over any store. A record that does not decrypt (its
+    /// key was removed, it was changed or moved) is answered 503
+    /// (fail-closed) or runs the handler unprotected (fail-open), never
+    /// replayed. See [`EncryptionKeys`](crate::EncryptionKeys) for what it
+    /// protects, the key file and rotation. Default: off.
+    ///
+    /// ```
+    /// # fn demo(path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    /// use idempotency_core::{EncryptionKeys, IdempotencyConfig};
+    ///
+    /// let config = IdempotencyConfig::builder()
+    ///     .encryption(EncryptionKeys::from_key_file(path)?)
+    ///     .build()?;
+    /// # let _ = config; Ok(()) }
+    /// ```
+    pub fn encryption(mut self, keys: crate::EncryptionKeys) -> Self {
+        self.config.encryption = Some(keys);
         self
     }
 

@@ -102,8 +102,8 @@
 //!   retried with backoff; if it still fails the client gets its response, the
 //!   record stays in flight, retries get 409 until the lease passes, and then
 //!   the handler runs again.
-//! - **Nothing is lost or corrupted.** A record that cannot be decoded is
-//!   reported as an error and left untouched.
+//! - **Nothing is lost or corrupted.** A record that cannot be decoded (or,
+//!   encrypted, decrypted) is reported as an error and left untouched.
 //! - **Waiting duplicates.** With
 //!   [`wait_for_in_flight`](IdempotencyConfigBuilder::wait_for_in_flight), a
 //!   duplicate of a request in flight waits, up to that bound, and replays
@@ -114,6 +114,34 @@
 //!   it claims again every 250 ms in case a notification was lost, so a
 //!   lost listener only slows it down. A store without `watch` is polled
 //!   every 25 ms. The bound passed, it gets 409.
+//!
+//! # Encryption at rest
+//!
+//! Stored responses hold what handlers answered (payment details, personal
+//! data). With
+//! [`encryption`](IdempotencyConfigBuilder::encryption) set, every store, in
+//! both modes, holds them sealed with AES-256-GCM: a fresh random 96-bit
+//! nonce per record, the record id as associated data (a sealed response
+//! moved to another record does not decrypt), and the id of the key in each
+//! record, so that keys rotate ([`EncryptionKeys`]: several keys, the last
+//! one current; [`EncryptionKeys::from_key_file`] reads lines
+//! `id:base64-of-32-bytes`). The engine wraps its store in [`Encrypted`],
+//! which seals on the way in and opens on the way out; the sealed form is a
+//! kind of the stored encoding ([`StoredOutcome::Sealed`]), which every store
+//! persists as it persists any record. A record whose key is gone, or that
+//! does not authenticate, is [`StoreError::Corrupt`] with a
+//! [`DecryptError`]: 503 (fail-closed), never a replay. What it protects
+//! and what not: [`EncryptionKeys`].
+//!
+//! ```
+//! use idempotency_core::{EncryptionKeys, Idempotency, IdempotencyConfig, MemoryStore};
+//!
+//! let keys: EncryptionKeys = "k1:Sx7xzRqpmi+X1Ia0I2aElDXU7Nm7XcV6rJ4gwrEtkGg=".parse()?;
+//! let config = IdempotencyConfig::builder().encryption(keys).build()?;
+//! let engine = Idempotency::new(MemoryStore::new(), config);
+//! # let _ = engine;
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! # Metrics
 //!
@@ -133,6 +161,7 @@
 
 mod clock;
 mod config;
+mod encryption;
 mod engine;
 mod fingerprint;
 mod key;
@@ -151,6 +180,7 @@ pub use config::{
     default_store_response, ConfigError, FailureMode, IdempotencyConfig, IdempotencyConfigBuilder,
     DEFAULT_NEVER_REPLAYED, DEFAULT_REQUEST_BODY_TIMEOUT,
 };
+pub use encryption::{DecryptError, Encrypted, EncryptionKeyError, EncryptionKeys, SealedOutcome};
 pub use engine::{
     Answer, AnswerHeaders, Chunks, Decision, DetachOnDrop, Execution, Handoff, Idempotency,
     Inspection, Pending, Replay, Reply, RequestFuture, RequestHead, ResponseBody, ResponseHead,

@@ -206,12 +206,20 @@ pub enum StoredOutcome {
     /// A mark that is not an HTTP response: a code of the caller's own (the
     /// inbox's lease mode marks messages done, dead or failed with it).
     Mark(u16),
+    /// Any of the others, encrypted at rest by
+    /// [`EncryptionKeys::seal`](crate::EncryptionKeys::seal): opaque until
+    /// [`EncryptionKeys::open`](crate::EncryptionKeys::open) with its key
+    /// and its record's id ([`Encrypted`](crate::Encrypted) does both).
+    /// Every store keeps it as it keeps any outcome: it is a kind of the
+    /// stored encoding.
+    Sealed(crate::encryption::SealedOutcome),
 }
 
-const FORMAT_VERSION: u8 = 1;
+pub(crate) const FORMAT_VERSION: u8 = 1;
 const KIND_RESPONSE: u8 = 0;
 const KIND_NOT_REPLAYABLE: u8 = 1;
 const KIND_MARK: u8 = 2;
+pub(crate) const KIND_SEALED: u8 = 3;
 
 impl StoredOutcome {
     /// A response to replay.
@@ -228,19 +236,37 @@ impl StoredOutcome {
     /// the storable limit is: a retry gets the not-replayable problem and
     /// never re-runs the handler, rather than a record whose lengths wrapped.
     pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut buf);
+        buf
+    }
+
+    /// The length of [`encode`](Self::encode)'s bytes.
+    pub(crate) fn encoded_len(&self) -> usize {
         match self {
-            StoredOutcome::Response(r) if !encodable(r) => short(KIND_NOT_REPLAYABLE, r.status),
-            StoredOutcome::Response(r) => {
-                let len = 1
-                    + 1
+            StoredOutcome::Response(r) if encodable(r) => {
+                1 + 1
                     + 2
                     + 4
                     + r.headers
                         .iter()
                         .map(|(n, v)| 2 + n.len() + 4 + v.len())
                         .sum::<usize>()
-                    + r.body.len();
-                let mut buf = Vec::with_capacity(len);
+                    + r.body.len()
+            }
+            StoredOutcome::Sealed(sealed) => sealed.as_bytes().len(),
+            _ => 4,
+        }
+    }
+
+    /// Appends [`encode`](Self::encode)'s bytes to `buf` (sealing encrypts
+    /// them in place, in the buffer of the sealed record).
+    pub(crate) fn encode_into(&self, buf: &mut Vec<u8>) {
+        match self {
+            StoredOutcome::Response(r) if !encodable(r) => {
+                short(buf, KIND_NOT_REPLAYABLE, r.status)
+            }
+            StoredOutcome::Response(r) => {
                 buf.put_u8(FORMAT_VERSION);
                 buf.put_u8(KIND_RESPONSE);
                 buf.put_u16(r.status);
@@ -252,10 +278,10 @@ impl StoredOutcome {
                     buf.put_slice(value);
                 }
                 buf.put_slice(&r.body);
-                buf
             }
-            StoredOutcome::NotReplayable { status } => short(KIND_NOT_REPLAYABLE, *status),
-            StoredOutcome::Mark(code) => short(KIND_MARK, *code),
+            StoredOutcome::NotReplayable { status } => short(buf, KIND_NOT_REPLAYABLE, *status),
+            StoredOutcome::Mark(code) => short(buf, KIND_MARK, *code),
+            StoredOutcome::Sealed(sealed) => buf.put_slice(sealed.as_bytes()),
         }
     }
 
@@ -266,7 +292,9 @@ impl StoredOutcome {
     pub fn is_encodable(&self) -> bool {
         match self {
             StoredOutcome::Response(r) => encodable(r),
-            StoredOutcome::NotReplayable { .. } | StoredOutcome::Mark(_) => true,
+            StoredOutcome::NotReplayable { .. }
+            | StoredOutcome::Mark(_)
+            | StoredOutcome::Sealed(_) => true,
         }
     }
 
@@ -278,6 +306,9 @@ impl StoredOutcome {
     /// (trailing bytes after a short record included); stores report it as
     /// the source of [`StoreError::Corrupt`](crate::StoreError::Corrupt).
     pub fn decode(bytes: Bytes) -> Result<Self, CorruptRecord> {
+        if bytes.len() >= 2 && bytes[1] == KIND_SEALED && bytes[0] == FORMAT_VERSION {
+            return crate::encryption::SealedOutcome::parse(bytes).map(StoredOutcome::Sealed);
+        }
         let mut b = bytes;
         let corrupt = CorruptRecord::new;
         if b.remaining() < 4 {
@@ -340,12 +371,10 @@ fn encodable(r: &StoredResponse) -> bool {
 }
 
 /// A record of four bytes: version, kind, a 16-bit code.
-fn short(kind: u8, code: u16) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(4);
+fn short(buf: &mut Vec<u8>, kind: u8, code: u16) {
     buf.put_u8(FORMAT_VERSION);
     buf.put_u8(kind);
     buf.put_u16(code);
-    buf
 }
 
 /// Why stored bytes are not a valid record. Stores report it as the source

@@ -43,10 +43,12 @@ use crate::key::IdempotencyKey;
 use crate::record::{ClaimOutcome, LeaseToken, StoredOutcome, StoredResponse, TokenOutcome};
 use crate::store::{Claim, Store};
 
+mod encryption;
 mod hooked;
 mod transactional;
 mod watch;
 
+pub use encryption::EncryptionConformance;
 pub use hooked::{Hook, Hooked, Op};
 pub use transactional::TransactionalConformance;
 pub use watch::decide;

@@ -133,6 +133,15 @@ impl Idempotency {
                     ),
                 ))
             }
+            Some(StoredOutcome::Sealed(sealed)) => {
+                // Written by an engine with keys; this one has none.
+                self.store_failed(&StoreError::corrupt(
+                    self.guarded().inner().backend(),
+                    crate::DecryptError::NoKeys {
+                        key_id: sealed.key_id().to_owned(),
+                    },
+                ))
+            }
             Some(StoredOutcome::Mark(_)) | None => {
                 // A record this engine did not write (the inbox's), under this key.
                 self.store_failed(&StoreError::corrupt(

@@ -77,8 +77,14 @@ impl Idempotency {
     }
 
     /// An engine over a shared, type-erased store. Every store call is
-    /// bounded by the config's `store_timeout`.
+    /// bounded by the config's `store_timeout`. With
+    /// [`encryption`](crate::IdempotencyConfigBuilder::encryption) set, the
+    /// store is wrapped in [`Encrypted`](crate::Encrypted).
     pub fn from_arc(store: Arc<dyn Store>, config: IdempotencyConfig) -> Self {
+        let store = match &config.encryption {
+            Some(keys) => Arc::new(crate::Encrypted::new(store, keys.clone())),
+            None => store,
+        };
         let store = Guarded::new(store, config.store_timeout);
         Self {
             inner: Arc::new(Inner {
@@ -94,6 +100,16 @@ impl Idempotency {
     /// handler's own transaction on `store`'s database, which the handler
     /// gets through the adapter's extractor (see [`TransactionalStore`]).
     pub fn transactional<S>(store: S, config: IdempotencyConfig) -> Self
+    where
+        S: Store + TransactionalStore + Clone,
+    {
+        match config.encryption.clone() {
+            Some(keys) => Self::transactional_over(crate::Encrypted::new(store, keys), config),
+            None => Self::transactional_over(store, config),
+        }
+    }
+
+    fn transactional_over<S>(store: S, config: IdempotencyConfig) -> Self
     where
         S: Store + TransactionalStore + Clone,
     {

@@ -111,7 +111,7 @@ struct Records {
 
 /// What a stored outcome counts against the byte bound: a response's body,
 /// header names and values, and the structs that hold them (so that many
-/// small headers count too). A record's own slot and index entry are
+/// small headers count too), or a sealed one's bytes. A record's own slot and index entry are
 /// bounded by the capacity instead.
 fn outcome_bytes(outcome: &StoredOutcome) -> usize {
     match outcome {
@@ -122,6 +122,9 @@ fn outcome_bytes(outcome: &StoredOutcome) -> usize {
                     .iter()
                     .map(|(n, v)| std::mem::size_of_val(&(n, v)) + n.len() + v.len())
                     .sum::<usize>()
+        }
+        StoredOutcome::Sealed(sealed) => {
+            std::mem::size_of::<crate::SealedOutcome>() + sealed.as_bytes().len()
         }
         _ => 0,
     }

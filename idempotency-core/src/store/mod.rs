@@ -100,6 +100,23 @@ impl<'a, T> StoreFuture<'a, T> {
         })
     }
 
+    /// `f` applied to the answer: at once to an answer the store already
+    /// has, else after the store's work, which keeps its bound.
+    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U + Send + 'a) -> StoreFuture<'a, U>
+    where
+        T: 'a,
+    {
+        match self.0 {
+            Kind::Ready(Some(value)) => StoreFuture::ready(f(value)),
+            // Already polled to its end: so is the mapped one.
+            Kind::Ready(None) => StoreFuture(Kind::Ready(None)),
+            Kind::Boxed { future, bound } => StoreFuture(Kind::Boxed {
+                future: Box::pin(async move { f(future.await) }),
+                bound,
+            }),
+        }
+    }
+
     /// The answer, if the store already had it.
     pub(crate) fn into_ready(self) -> Result<T, Self> {
         match self.0 {
