@@ -44,7 +44,7 @@ pub enum EncryptionKeyError {
     /// An id that is empty, too long, or has a character other than an
     /// ASCII letter, a digit, `-`, `_` or `.`. (Not quoted: a line written
     /// the wrong way round would put a key there.)
-    #[error("{}the key id {why} (an id is 1 to 64 ASCII letters, digits, `-`, `_` or `.`, before the `:`)", At(*line))]
+    #[error("{}the key id {why} (an id is 1 to 32 ASCII letters, digits, `-`, `_` or `.`, before the `:`)", At(*line))]
     BadId {
         /// The line, from 1, when read from a file.
         line: Option<usize>,
@@ -257,13 +257,20 @@ mod tests {
         for (text, why) in [
             (format!(":{K1}"), "is empty"),
             (
-                format!("{}:{K1}", "a".repeat(65)),
-                "is longer than 64 bytes",
+                format!("{}:{K1}", "a".repeat(33)),
+                "is longer than 32 bytes",
             ),
             (format!("my key:{K1}"), "has a character"),
             (format!("ключ:{K1}"), "has a character"),
             // Written the wrong way round: the key is where the id goes.
-            (format!("{K1}:k1"), "has a character"),
+            (format!("{K1}:k1"), "is longer than 32 bytes"),
+            (format!("{}:k1", &K1[..20]), "has a character"),
+            // The same, unpadded, of letters and digits only (found by
+            // fuzzing, when ids could be 64 bytes long: it was quoted).
+            (
+                format!("{}:k1", K2.trim_end_matches('=')),
+                "is longer than 32 bytes",
+            ),
         ] {
             let e = parse(&text).unwrap_err();
             assert!(
@@ -272,12 +279,15 @@ mod tests {
             );
             let message = e.to_string();
             assert!(message.starts_with("line 1: the key id "), "{message}");
-            assert!(!message.contains(&K1[..10]), "a key was quoted: {message}");
+            assert!(
+                !message.contains(&K1[..10]) && !message.contains(&K2[..10]),
+                "a key was quoted: {message}"
+            );
         }
         assert!(EncryptionKeys::new("", [0; 32]).is_err());
         assert_eq!(
             EncryptionKeys::new("a b", [0; 32]).unwrap_err().to_string(),
-            "the key id has a character other than an ASCII letter, a digit, `-`, `_` or `.` (an id is 1 to 64 ASCII letters, digits, `-`, `_` or `.`, before the `:`)"
+            "the key id has a character other than an ASCII letter, a digit, `-`, `_` or `.` (an id is 1 to 32 ASCII letters, digits, `-`, `_` or `.`, before the `:`)"
         );
     }
 

@@ -42,7 +42,7 @@ pub use store::Encrypted;
 pub(crate) const KEY_LEN: usize = 32;
 
 /// The longest key id, in bytes.
-pub(crate) const MAX_KEY_ID_LEN: usize = 64;
+pub(crate) const MAX_KEY_ID_LEN: usize = 32;
 
 /// The algorithm byte of a sealed outcome: AES-256-GCM, 96-bit nonce,
 /// 128-bit tag.
@@ -54,7 +54,7 @@ const TAG_LEN: usize = 16;
 /// The shortest plaintext: a short record (version, kind, code).
 const MIN_PLAINTEXT: usize = 4;
 
-/// Whether `id` may name a key: 1 to 64 bytes of ASCII letters, digits,
+/// Whether `id` may name a key: 1 to 32 bytes of ASCII letters, digits,
 /// `-`, `_` and `.` (it is written into every record, printed in errors,
 /// and separated from the key by `:` in a key file). `Err` says what is
 /// wrong.
@@ -63,7 +63,7 @@ pub(crate) fn check_key_id(id: &str) -> Result<(), &'static str> {
         return Err("is empty");
     }
     if id.len() > MAX_KEY_ID_LEN {
-        return Err("is longer than 64 bytes");
+        return Err("is longer than 32 bytes");
     }
     if !id
         .bytes()
@@ -158,7 +158,7 @@ impl EncryptionKeys {
     /// A keyring of one key, which encrypts new records.
     ///
     /// # Errors
-    /// [`EncryptionKeyError::BadId`] when `id` is not 1 to 64 ASCII letters, digits,
+    /// [`EncryptionKeyError::BadId`] when `id` is not 1 to 32 ASCII letters, digits,
     /// `-`, `_` or `.`.
     pub fn new(id: &str, key: [u8; 32]) -> Result<Self, EncryptionKeyError> {
         let mut keys = Self(Arc::new(Keyring {
