@@ -11,7 +11,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 seconds="${FUZZ_SECONDS:-5}"
-targets=(key fingerprint stored_outcome sql_row redis_reply outbox_row)
+targets=(key fingerprint stored_outcome key_file sql_row redis_reply outbox_row)
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "fuzz smoke: SKIP (no nightly toolchain: rustup toolchain install nightly)"
