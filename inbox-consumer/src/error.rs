@@ -13,6 +13,18 @@ pub enum InboxError {
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     #[error("the inbox database failed")]
     Database(#[from] sqlx::Error),
+    /// The inbox's database failed for a whole batch
+    /// ([`process_batch`](crate::Inbox::process_batch)): every message of
+    /// the batch carries this error, and shares its cause.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[error("the inbox database failed (a batch of {messages} messages)")]
+    Batch {
+        /// How many messages the batch had.
+        messages: usize,
+        /// The database's error.
+        #[source]
+        source: std::sync::Arc<sqlx::Error>,
+    },
     /// The inbox's embedded migrations failed.
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     #[error("the inbox migrations failed")]

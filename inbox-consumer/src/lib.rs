@@ -62,6 +62,63 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Batches: many messages, one commit (transactional mode)
+//!
+//! One transaction per message bounds a consumer by the database's flush.
+//! [`Inbox::process_batch`] and [`Inbox::process_each`] take a batch of
+//! messages, deduplicate it with **one statement** (a multi-row insert of
+//! the inbox rows that returns the new ones, honouring dead marks and the
+//! attempt limit), run the handler for the new ones in one transaction and
+//! commit once; [`rabbitmq::Subscription::run_batch`] and
+//! [`nats::Subscription::run_batch`] collect the batches (up to N messages,
+//! or what arrived within a short window, 5 ms by default) and ack after
+//! the commit: RabbitMQ with one `multiple` ack covering that batch and
+//! nothing else, JetStream message by message.
+//!
+//! ```no_run
+//! # #[cfg(all(feature = "postgres", feature = "rabbitmq"))]
+//! # async fn run(inbox: inbox_consumer::PostgresInbox, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use std::time::Duration;
+//! use inbox_consumer::{rabbitmq, HandlerError};
+//!
+//! let inbox = &inbox;
+//! rabbitmq::Subscription::new("amqp://guest:guest@127.0.0.1:5672/%2f", "payments")
+//!     .batch(100, Duration::from_millis(5)) // the prefetch follows: 200
+//!     .run_batch(
+//!         |messages| async move {
+//!             // The per-message handler of `process`, unchanged, run for
+//!             // each new message inside the batch's one transaction.
+//!             inbox
+//!                 .process_each(&messages, |tx, message| {
+//!                     Box::pin(async move {
+//!                         sqlx::query("INSERT INTO ledger_entries (account, amount, message_id) VALUES ($1, $2, $3)")
+//!                             .bind("acct-1")
+//!                             .bind(100_i64)
+//!                             .bind(message.id())
+//!                             .execute(&mut **tx)
+//!                             .await?;
+//!                         Ok::<_, HandlerError>(())
+//!                     })
+//!                 })
+//!                 .await
+//!         },
+//!         shutdown,
+//!     )
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - An id twice in one batch runs once; both deliveries are acked.
+//! - A failing or panicking message does not hold its batch back nor count
+//!   an attempt against the others: the batch is rolled back and its new
+//!   messages are processed one at a time, as [`Inbox::process`] does, so
+//!   that the failing one is counted (and dead-lettered after the maximum)
+//!   and the others commit. A batch whose one new message fails is that
+//!   message's attempt, with no second run.
+//! - Batches that share ids insert their rows in the ids' order, so they
+//!   wait for one another instead of deadlocking.
+//!
 //! # Outcomes and what the adapters do with them
 //!
 //! | [`Outcome`] | meaning | RabbitMQ | JetStream |
@@ -130,6 +187,13 @@
 //!   handler's effect never commits twice.
 //! - *Poison messages* stop after `max_attempts` and are dead-lettered; the
 //!   messages behind them flow.
+//! - *Batches* ([`Inbox::process_batch`], [`Inbox::process_each`]): every
+//!   promise above holds message by message. A crash before the batch's
+//!   commit rolls the whole batch back: it is redelivered and nothing of it
+//!   was applied. A crash after the commit and before the ack (a
+//!   RabbitMQ `multiple` ack, or JetStream's acks one by one) redelivers
+//!   duplicates only, acked without running. A failing message sends its
+//!   batch through one message at a time, where only it is counted.
 //! - *Retention.* [`Inbox::purge`] deletes processed rows older than the
 //!   retention (default 7 days) in batches, safely from many instances
 //!   (`FOR UPDATE SKIP LOCKED` on PostgreSQL); rows of messages in flight are
@@ -137,7 +201,9 @@
 //!
 //! **Does not promise.**
 //! - Anything about side effects *outside* the transaction (an HTTP call, an
-//!   email): those run again when the transaction rolls back.
+//!   email): those run again when the transaction rolls back. In a batch
+//!   that falls back to one message at a time (one of its messages
+//!   failed), the handler runs again for every new message of the batch.
 //! - Dedup beyond the retention window: a message redelivered after its row
 //!   was purged runs again. Keep the retention above the broker's redelivery
 //!   horizon.
@@ -204,6 +270,8 @@
 
 #[cfg(any(feature = "rabbitmq", feature = "nats"))]
 mod backoff;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod batch;
 pub mod config;
 pub mod error;
 mod inbox;

@@ -48,10 +48,12 @@
 //! `rustls::crypto::ring::default_provider().install_default()`.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::consumer::{pull, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
+use futures_util::future::Fuse;
 use futures_util::{FutureExt, StreamExt};
 
 use crate::backoff::Backoff;
@@ -65,6 +67,15 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The default longest pause between attempts to open the consumer again.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The default batch of [`Subscription::run_batch`]: up to 100 messages...
+pub const DEFAULT_BATCH_SIZE: usize = 100;
+/// ...or those that arrived within 5 ms of the first, whichever comes first.
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// The idle heartbeat of the pull requests (async-nats's default).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(15);
+/// The messages one pull request asks for (async-nats's default), unless a
+/// batch needs more.
+const PULL_BATCH: usize = 200;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -132,12 +143,12 @@ where
     Fut: Future<Output = Outcome>,
 {
     let mut messages = consumer.messages().await?;
-    serve(
-        &mut messages,
-        &mut process,
-        &mut std::pin::pin!(std::future::pending::<()>().fuse()),
-    )
-    .await;
+    One(&mut process)
+        .serve(
+            &mut messages,
+            &mut std::pin::pin!(std::future::pending::<()>().fuse()),
+        )
+        .await;
     Ok(())
 }
 
@@ -147,35 +158,129 @@ enum Served {
     Ended,
 }
 
-async fn serve<F, Fut, S>(
-    messages: &mut pull::Stream,
-    process: &mut F,
-    shutdown: &mut std::pin::Pin<&mut futures_util::future::Fuse<S>>,
-) -> Served
+/// How a stream of messages is served: one at a time ([`One`]) or in
+/// batches ([`Batched`]).
+trait Serve {
+    /// Processes messages until the stream ends or `shutdown` resolves.
+    async fn serve<S: Future<Output = ()>>(
+        &mut self,
+        messages: &mut pull::Stream,
+        shutdown: &mut Pin<&mut Fuse<S>>,
+    ) -> Served;
+}
+
+/// [`Subscription::run`]'s (and [`consume`]'s) process function.
+struct One<F>(F);
+
+impl<F, Fut> Serve for One<F>
 where
     F: FnMut(InboxMessage) -> Fut,
     Fut: Future<Output = Outcome>,
-    S: Future<Output = ()>,
 {
-    loop {
-        let next = tokio::select! {
-            biased;
-            () = &mut *shutdown => return Served::Shutdown,
-            next = messages.next() => next,
-        };
-        let msg = match next {
-            Some(Ok(msg)) => msg,
-            Some(Err(e)) => {
-                tracing::warn!(error = %crate::error::chain(&e), "receiving from JetStream failed; going on");
-                continue;
+    async fn serve<S: Future<Output = ()>>(
+        &mut self,
+        messages: &mut pull::Stream,
+        shutdown: &mut Pin<&mut Fuse<S>>,
+    ) -> Served {
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = &mut *shutdown => return Served::Shutdown,
+                next = messages.next() => next,
+            };
+            let msg = match next {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %crate::error::chain(&e), "receiving from JetStream failed; going on");
+                    continue;
+                }
+                None => return Served::Ended,
+            };
+            let outcome = (self.0)(message(&msg)).await;
+            // Ack only now, after the inbox committed. A lost ack means a
+            // redelivery after the ack wait, which the inbox dedupes.
+            if let Err(e) = settle(&msg, &outcome).await {
+                tracing::warn!(error = %crate::error::chain(&*e), "could not settle a JetStream message; it will be redelivered");
             }
-            None => return Served::Ended,
-        };
-        let outcome = process(message(&msg)).await;
-        // Ack only now, after the inbox committed. A lost ack means a
-        // redelivery after the ack wait, which the inbox dedupes.
-        if let Err(e) = settle(&msg, &outcome).await {
-            tracing::warn!(error = %crate::error::chain(&*e), "could not settle a JetStream message; it will be redelivered");
+        }
+    }
+}
+
+/// [`Subscription::run_batch`]'s process function, and its batch.
+struct Batched<F> {
+    process: F,
+    size: usize,
+    window: Duration,
+}
+
+impl<F, Fut> Serve for Batched<F>
+where
+    F: FnMut(Vec<InboxMessage>) -> Fut,
+    Fut: Future<Output = Vec<Outcome>>,
+{
+    async fn serve<S: Future<Output = ()>>(
+        &mut self,
+        messages: &mut pull::Stream,
+        shutdown: &mut Pin<&mut Fuse<S>>,
+    ) -> Served {
+        loop {
+            let mut batch = Vec::with_capacity(self.size);
+            // Fused: once resolved it never fires again, so remember it.
+            let mut stopping = false;
+            let mut until = None;
+            while batch.len() < self.size {
+                // The window opens with the batch's first message.
+                let window = async {
+                    match until {
+                        Some(until) => tokio::time::sleep_until(until).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let next = tokio::select! {
+                    biased;
+                    () = &mut *shutdown => {
+                        stopping = true;
+                        break;
+                    }
+                    next = messages.next() => next,
+                    () = window => break,
+                };
+                match next {
+                    Some(Ok(msg)) => {
+                        if until.is_none() {
+                            until = Some(tokio::time::Instant::now() + self.window);
+                        }
+                        batch.push(msg);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %crate::error::chain(&e), "receiving from JetStream failed; going on");
+                    }
+                    None => {
+                        // Unprocessed, unacked: redelivered after the ack wait.
+                        return Served::Ended;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let outcomes = (self.process)(batch.iter().map(message).collect()).await;
+                if outcomes.len() != batch.len() {
+                    tracing::error!(
+                        messages = batch.len(),
+                        outcomes = outcomes.len(),
+                        "the batch's process function did not return one outcome per message; \
+                         the messages without one are redelivered after the ack wait"
+                    );
+                }
+                // Ack each only now, after the inbox committed.
+                for (msg, outcome) in batch.iter().zip(&outcomes) {
+                    if let Err(e) = settle(msg, outcome).await {
+                        tracing::warn!(error = %crate::error::chain(&*e), "could not settle a JetStream message; it will be redelivered");
+                    }
+                }
+            }
+            if stopping {
+                return Served::Shutdown;
+            }
         }
     }
 }
@@ -253,6 +358,8 @@ pub struct Subscription {
     create_stream: Option<jetstream::stream::Config>,
     consumer: pull::Config,
     backoff: Backoff,
+    batch_size: usize,
+    batch_window: Duration,
 }
 
 impl Subscription {
@@ -270,7 +377,20 @@ impl Subscription {
                 ..Default::default()
             },
             backoff: Backoff::new(DEFAULT_MIN_BACKOFF, DEFAULT_MAX_BACKOFF),
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_window: DEFAULT_BATCH_WINDOW,
         }
+    }
+
+    /// The batches of [`run_batch`](Self::run_batch): up to `size`
+    /// messages (at least 1), or those that arrived within `window` of the
+    /// batch's first, whichever comes first (defaults
+    /// [`DEFAULT_BATCH_SIZE`], [`DEFAULT_BATCH_WINDOW`]). [`run`](Self::run)
+    /// takes one message at a time whatever this says.
+    pub fn batch(mut self, size: usize, window: Duration) -> Self {
+        self.batch_size = size.max(1);
+        self.batch_window = window;
+        self
     }
 
     /// The settings the durable consumer is created with when missing (its
@@ -310,10 +430,58 @@ impl Subscription {
     ///
     /// # Errors
     /// Only when the *first* opening fails (a missing stream, say).
-    pub async fn run<F, Fut, S>(&self, mut process: F, shutdown: S) -> Result<(), ConsumeError>
+    pub async fn run<F, Fut, S>(&self, process: F, shutdown: S) -> Result<(), ConsumeError>
     where
         F: FnMut(InboxMessage) -> Fut,
         Fut: Future<Output = Outcome>,
+        S: Future<Output = ()>,
+    {
+        self.run_with(One(process), None, shutdown).await
+    }
+
+    /// [`run`](Self::run) in batches: `process` gets up to the batch size
+    /// of messages, or those that arrived within the batch window of the
+    /// first ([`batch`](Self::batch)), and returns one outcome per message,
+    /// in order (typically from
+    /// [`Inbox::process_batch`](crate::Inbox::process_batch) or
+    /// [`process_each`](crate::Inbox::process_each), which commit the batch
+    /// once); then each message is settled by its outcome (JetStream acks
+    /// one message at a time). A message without an outcome is not settled,
+    /// and is redelivered after the consumer's ack wait.
+    ///
+    /// Each pull request asks for twice the batch size (at least 200, as
+    /// async-nats does by default), so that the next batch is on its way
+    /// while one commits; keep the consumer's `max_ack_pending` above the
+    /// batch size. When `shutdown` resolves, the batch in hand is processed
+    /// and settled first.
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
+    pub async fn run_batch<F, Fut, S>(&self, process: F, shutdown: S) -> Result<(), ConsumeError>
+    where
+        F: FnMut(Vec<InboxMessage>) -> Fut,
+        Fut: Future<Output = Vec<Outcome>>,
+        S: Future<Output = ()>,
+    {
+        let batched = Batched {
+            process,
+            size: self.batch_size,
+            window: self.batch_window,
+        };
+        let pull = self.batch_size.saturating_mul(2).max(PULL_BATCH);
+        self.run_with(batched, Some(pull), shutdown).await
+    }
+
+    /// The loop of [`run`](Self::run) and [`run_batch`](Self::run_batch),
+    /// serving each opening of the consumer with `mode`, pulling `pull`
+    /// messages at a time (`None`: async-nats's default).
+    async fn run_with<M: Serve, S>(
+        &self,
+        mut mode: M,
+        pull: Option<usize>,
+        shutdown: S,
+    ) -> Result<(), ConsumeError>
+    where
         S: Future<Output = ()>,
     {
         let mut shutdown = std::pin::pin!(shutdown.fuse());
@@ -321,13 +489,13 @@ impl Subscription {
         let mut messages = tokio::select! {
             biased;
             () = &mut shutdown => return Ok(()),
-            messages = self.subscribe() => messages?,
+            messages = self.subscribe(pull) => messages?,
         };
         tracing::info!(stream = %self.stream, %consumer, "consuming");
         let mut backoff = self.backoff.clone();
         loop {
             let since = Instant::now();
-            if let Served::Shutdown = serve(&mut messages, &mut process, &mut shutdown).await {
+            if let Served::Shutdown = mode.serve(&mut messages, &mut shutdown).await {
                 tracing::info!(stream = %self.stream, %consumer, "stopped consuming");
                 return Ok(());
             }
@@ -347,7 +515,7 @@ impl Subscription {
                 let attempt = tokio::select! {
                     biased;
                     () = &mut shutdown => return Ok(()),
-                    messages = self.subscribe() => messages,
+                    messages = self.subscribe(pull) => messages,
                 };
                 match attempt {
                     Ok(messages) => break messages,
@@ -363,7 +531,7 @@ impl Subscription {
         }
     }
 
-    async fn subscribe(&self) -> Result<pull::Stream, ConsumeError> {
+    async fn subscribe(&self, pull: Option<usize>) -> Result<pull::Stream, ConsumeError> {
         let stream = match &self.create_stream {
             Some(config) => self
                 .js
@@ -389,7 +557,23 @@ impl Subscription {
                 consumer: name.clone(),
                 source: Box::new(e),
             })?;
-        consumer.messages().await.map_err(|e| ConsumeError::Pull {
+        let messages = match pull {
+            None => consumer.messages().await,
+            Some(batch) => {
+                // Within the consumer's own limit, when it has one.
+                let limit = usize::try_from(consumer.cached_info().config.max_batch)
+                    .ok()
+                    .filter(|&l| l > 0)
+                    .unwrap_or(usize::MAX);
+                consumer
+                    .stream()
+                    .heartbeat(PULL_HEARTBEAT)
+                    .max_messages_per_batch(batch.min(limit))
+                    .messages()
+                    .await
+            }
+        };
+        messages.map_err(|e| ConsumeError::Pull {
             consumer: name,
             source: Box::new(e),
         })

@@ -36,8 +36,10 @@
 //! certificates); an `amqps://` URL is never sent in plaintext.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use futures_util::future::Fuse;
 use futures_util::{FutureExt, StreamExt};
 use idempotency_core::redact;
 use lapin::message::Delivery;
@@ -57,6 +59,10 @@ use crate::outcome::{Disposition, Outcome};
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default prefetch: deliveries the broker sends ahead of the acks.
 pub const DEFAULT_PREFETCH: u16 = 32;
+/// The default batch of [`Subscription::run_batch`]: up to 100 deliveries...
+pub const DEFAULT_BATCH_SIZE: usize = 100;
+/// ...or those that arrived within 5 ms of the first, whichever comes first.
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// The default first pause before reconnecting; it doubles after each failure.
 pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The default longest pause between reconnections.
@@ -225,6 +231,8 @@ pub struct Subscription {
     declare: bool,
     connect_timeout: Duration,
     backoff: Backoff,
+    batch_size: usize,
+    batch_window: Duration,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -237,6 +245,8 @@ impl std::fmt::Debug for Subscription {
             .field("declare", &self.declare)
             .field("connect_timeout", &self.connect_timeout)
             .field("backoff", &self.backoff.bounds())
+            .field("batch_size", &self.batch_size)
+            .field("batch_window", &self.batch_window)
             .finish()
     }
 }
@@ -267,6 +277,8 @@ impl Subscription {
             declare: false,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             backoff: Backoff::new(DEFAULT_MIN_BACKOFF, DEFAULT_MAX_BACKOFF),
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_window: DEFAULT_BATCH_WINDOW,
         }
     }
 
@@ -304,6 +316,17 @@ impl Subscription {
         self
     }
 
+    /// The batches of [`run_batch`](Self::run_batch): up to `size`
+    /// deliveries (at least 1), or those that arrived within `window` of the
+    /// batch's first, whichever comes first (defaults
+    /// [`DEFAULT_BATCH_SIZE`], [`DEFAULT_BATCH_WINDOW`]). [`run`](Self::run)
+    /// takes one delivery at a time whatever this says.
+    pub fn batch(mut self, size: usize, window: Duration) -> Self {
+        self.batch_size = size.max(1);
+        self.batch_window = window;
+        self
+    }
+
     /// The queue.
     pub fn queue(&self) -> &str {
         &self.queue
@@ -318,10 +341,74 @@ impl Subscription {
     /// # Errors
     /// Only when the *first* subscription fails; later losses are logged at
     /// WARN and retried with backoff.
-    pub async fn run<F, Fut, S>(&self, mut process: F, shutdown: S) -> Result<(), ConsumeError>
+    pub async fn run<F, Fut, S>(&self, process: F, shutdown: S) -> Result<(), ConsumeError>
     where
         F: FnMut(InboxMessage) -> Fut,
         Fut: Future<Output = Outcome>,
+        S: Future<Output = ()>,
+    {
+        self.run_with(One(process), shutdown).await
+    }
+
+    /// [`run`](Self::run) in batches: `process` gets up to the batch size
+    /// of deliveries, or those that arrived within the batch window of the
+    /// first ([`batch`](Self::batch)), and returns one outcome per message,
+    /// in order (typically from
+    /// [`Inbox::process_batch`](crate::Inbox::process_batch) or
+    /// [`process_each`](crate::Inbox::process_each), which commit the batch
+    /// once). Then the deliveries are settled: those not to be acked one by
+    /// one first (nack with requeue, reject), then the others with **one**
+    /// `basic.ack` with `multiple` set, at the highest delivery tag among
+    /// them. That ack covers this batch's deliveries and nothing else: the
+    /// batches are taken in delivery order and each is settled before the
+    /// next is collected, so every lower tag is already settled, and the
+    /// deliveries prefetched for the next batch have higher tags. A missing
+    /// outcome (fewer outcomes than messages) requeues its delivery.
+    ///
+    /// The prefetch is raised to twice the batch size when it is lower, so
+    /// that the next batch is on its way while one commits. A loss while a
+    /// batch is being collected drops it unprocessed (the broker redelivers
+    /// it); when `shutdown` resolves, the batch in hand is processed and
+    /// settled first.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "postgres")]
+    /// # async fn run(inbox: inbox_consumer::PostgresInbox, shutdown: impl std::future::Future<Output = ()>) -> Result<(), inbox_consumer::rabbitmq::ConsumeError> {
+    /// use std::time::Duration;
+    /// use inbox_consumer::rabbitmq::Subscription;
+    ///
+    /// let inbox = &inbox;
+    /// Subscription::new("amqp://guest:guest@127.0.0.1:5672/%2f", "payments")
+    ///     .batch(100, Duration::from_millis(5))
+    ///     .run_batch(
+    ///         |messages| async move {
+    ///             inbox
+    ///                 .process_each(&messages, |_tx, _message| Box::pin(async { Ok(()) }))
+    ///                 .await
+    ///         },
+    ///         shutdown,
+    ///     )
+    ///     .await
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
+    pub async fn run_batch<F, Fut, S>(&self, process: F, shutdown: S) -> Result<(), ConsumeError>
+    where
+        F: FnMut(Vec<InboxMessage>) -> Fut,
+        Fut: Future<Output = Vec<Outcome>>,
+        S: Future<Output = ()>,
+    {
+        let fits = u16::try_from(self.batch_size.saturating_mul(2)).unwrap_or(u16::MAX);
+        let raised = self.clone().prefetch(self.prefetch.max(fits));
+        raised.run_with(Batched(process), shutdown).await
+    }
+
+    /// The reconnecting loop of [`run`](Self::run) and
+    /// [`run_batch`](Self::run_batch), serving each session with `mode`.
+    async fn run_with<M: Serve, S>(&self, mut mode: M, shutdown: S) -> Result<(), ConsumeError>
+    where
         S: Future<Output = ()>,
     {
         let mut shutdown = std::pin::pin!(shutdown.fuse());
@@ -334,7 +421,7 @@ impl Subscription {
         let mut backoff = self.backoff.clone();
         loop {
             let since = Instant::now();
-            let served = self.serve(&mut session, &mut process, &mut shutdown).await;
+            let served = mode.serve(self, &mut session, &mut shutdown).await;
             self.close(session).await;
             let cause = match served {
                 Served::Shutdown => {
@@ -367,42 +454,6 @@ impl Subscription {
                 }
             };
             tracing::info!(queue = %self.queue, consumer = %self.consumer_tag, "consuming again");
-        }
-    }
-
-    /// Processes deliveries until the session is lost or `shutdown` resolves.
-    async fn serve<F, Fut, S>(
-        &self,
-        session: &mut Session,
-        process: &mut F,
-        shutdown: &mut std::pin::Pin<&mut futures_util::future::Fuse<S>>,
-    ) -> Served
-    where
-        F: FnMut(InboxMessage) -> Fut,
-        Fut: Future<Output = Outcome>,
-        S: Future<Output = ()>,
-    {
-        loop {
-            let next = tokio::select! {
-                biased;
-                () = &mut *shutdown => return Served::Shutdown,
-                next = session.consumer.next() => next,
-            };
-            let delivery = match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(e)) => return Served::Lost(format!("receiving a delivery failed: {e}")),
-                None => {
-                    return Served::Lost(
-                        "the broker cancelled the consumer (the queue was deleted?)".into(),
-                    )
-                }
-            };
-            let outcome = process(message(&delivery)).await;
-            // Ack only now, after the inbox committed. A failure leaves the
-            // delivery unacked: the broker redelivers it, the inbox dedupes it.
-            if let Err(e) = settle(&delivery, &outcome).await {
-                return Served::Lost(format!("settling a delivery failed: {e}"));
-            }
         }
     }
 
@@ -509,6 +560,160 @@ impl Subscription {
     async fn close(&self, session: Session) {
         close_connection(&session.connection).await;
     }
+}
+
+/// How a session's deliveries are served: one at a time ([`One`]) or in
+/// batches ([`Batched`]).
+trait Serve {
+    /// Processes deliveries until the session is lost or `shutdown` resolves.
+    async fn serve<S: Future<Output = ()>>(
+        &mut self,
+        subscription: &Subscription,
+        session: &mut Session,
+        shutdown: &mut Pin<&mut Fuse<S>>,
+    ) -> Served;
+}
+
+/// [`Subscription::run`]'s process function.
+struct One<F>(F);
+
+impl<F, Fut> Serve for One<F>
+where
+    F: FnMut(InboxMessage) -> Fut,
+    Fut: Future<Output = Outcome>,
+{
+    async fn serve<S: Future<Output = ()>>(
+        &mut self,
+        _subscription: &Subscription,
+        session: &mut Session,
+        shutdown: &mut Pin<&mut Fuse<S>>,
+    ) -> Served {
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = &mut *shutdown => return Served::Shutdown,
+                next = session.consumer.next() => next,
+            };
+            let delivery = match received(next) {
+                Ok(delivery) => delivery,
+                Err(lost) => return lost,
+            };
+            let outcome = (self.0)(message(&delivery)).await;
+            // Ack only now, after the inbox committed. A failure leaves the
+            // delivery unacked: the broker redelivers it, the inbox dedupes it.
+            if let Err(e) = settle(&delivery, &outcome).await {
+                return Served::Lost(format!("settling a delivery failed: {e}"));
+            }
+        }
+    }
+}
+
+/// [`Subscription::run_batch`]'s process function.
+struct Batched<F>(F);
+
+impl<F, Fut> Serve for Batched<F>
+where
+    F: FnMut(Vec<InboxMessage>) -> Fut,
+    Fut: Future<Output = Vec<Outcome>>,
+{
+    async fn serve<S: Future<Output = ()>>(
+        &mut self,
+        subscription: &Subscription,
+        session: &mut Session,
+        shutdown: &mut Pin<&mut Fuse<S>>,
+    ) -> Served {
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = &mut *shutdown => return Served::Shutdown,
+                next = session.consumer.next() => next,
+            };
+            let mut deliveries = match received(first) {
+                Ok(delivery) => vec![delivery],
+                Err(lost) => return lost,
+            };
+            // Fused: once resolved it never fires again, so remember it.
+            let mut stopping = false;
+            let until = tokio::time::Instant::now() + subscription.batch_window;
+            while deliveries.len() < subscription.batch_size {
+                let next = tokio::select! {
+                    biased;
+                    () = &mut *shutdown => {
+                        stopping = true;
+                        break;
+                    }
+                    next = session.consumer.next() => next,
+                    () = tokio::time::sleep_until(until) => break,
+                };
+                match received(next) {
+                    Ok(delivery) => deliveries.push(delivery),
+                    // Unprocessed, unacked: the broker redelivers them.
+                    Err(lost) => return lost,
+                }
+            }
+            let messages = deliveries.iter().map(message).collect();
+            let outcomes = (self.0)(messages).await;
+            // Ack only now, after the inbox committed.
+            if let Err(e) = settle_batch(&deliveries, &outcomes).await {
+                return Served::Lost(format!("settling a batch failed: {e}"));
+            }
+            if stopping {
+                return Served::Shutdown;
+            }
+        }
+    }
+}
+
+/// The next delivery of the consumer's stream, or how the session was lost.
+fn received(next: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, Served> {
+    match next {
+        Some(Ok(delivery)) => Ok(delivery),
+        Some(Err(e)) => Err(Served::Lost(format!("receiving a delivery failed: {e}"))),
+        None => Err(Served::Lost(
+            "the broker cancelled the consumer (the queue was deleted?)".into(),
+        )),
+    }
+}
+
+/// Settles a batch of deliveries of one channel, consecutive in delivery
+/// order, every earlier delivery of the channel settled: the ones not to
+/// be acked one by one (so that nothing below covers them), then the
+/// others with one `multiple` ack at their highest tag. A delivery without
+/// an outcome is requeued.
+async fn settle_batch(deliveries: &[Delivery], outcomes: &[Outcome]) -> Result<(), lapin::Error> {
+    if outcomes.len() != deliveries.len() {
+        tracing::error!(
+            deliveries = deliveries.len(),
+            outcomes = outcomes.len(),
+            "the batch's process function did not return one outcome per message; \
+             the deliveries without one are requeued"
+        );
+    }
+    let mut last_acked: Option<&Delivery> = None;
+    for (i, delivery) in deliveries.iter().enumerate() {
+        match outcomes.get(i) {
+            Some(outcome) if outcome.disposition() == Disposition::Ack => {
+                if last_acked.is_none_or(|d| d.delivery_tag < delivery.delivery_tag) {
+                    last_acked = Some(delivery);
+                }
+            }
+            Some(outcome) => {
+                settle(delivery, outcome).await?;
+            }
+            None => {
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await?;
+            }
+        }
+    }
+    if let Some(delivery) = last_acked {
+        delivery.ack(BasicAckOptions { multiple: true }).await?;
+    }
+    Ok(())
 }
 
 /// [`connect`], naming the connection after the consumer tag.

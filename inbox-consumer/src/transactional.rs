@@ -23,7 +23,15 @@ use crate::message::InboxMessage;
 use crate::outcome::{DeadReason, FailureKind, HandlerError, Outcome};
 
 /// How long to suggest waiting before redelivery when the database failed.
-const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
+
+/// The outcome of a message whose inbox database failed: requeue.
+pub(crate) fn unavailable(e: sqlx::Error) -> Outcome {
+    Outcome::Unavailable {
+        error: InboxError::Database(e),
+        retry_after: UNAVAILABLE_RETRY,
+    }
+}
 
 /// Transactional mode on a database: [`PostgresTransactional`] or
 /// [`SqliteTransactional`]. Holds the pool; clones share it.
@@ -78,8 +86,15 @@ mod sealed {
 pub struct Statements {
     /// `(consumer, id, max attempts)` → `attempts` when inserted.
     claim: &'static str,
+    /// `(consumer, JSON array of distinct ids, max attempts)` → one row
+    /// `message_id, attempts` per id inserted: the batch's dedup in one
+    /// statement.
+    pub(crate) claim_batch: &'static str,
     /// `(consumer, id)` → `failures, dead`.
     failures: &'static str,
+    /// `(consumer, JSON array of ids)` → `message_id, failures, dead` of
+    /// those with attempts counted.
+    pub(crate) failures_batch: &'static str,
     /// `(consumer, id, dead, error)` → `failures`.
     fail: &'static str,
     /// `(consumer, age ms, batch)`: deletes a batch of processed rows.
@@ -126,29 +141,49 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
             &'t InboxMessage,
         ) -> BoxFuture<'t, Result<(), HandlerError>>,
     {
-        let consumer = self.consumer();
+        let (mut tx, attempt) = match self.claim_one(key).await {
+            Ok(claimed) => claimed,
+            Err(outcome) => return outcome,
+        };
+        let result = run_guarded(handler(&mut tx, message)).await;
+        self.conclude_one(key, tx, attempt, result).await
+    }
+
+    /// Begins the message's transaction and inserts its inbox row: the
+    /// transaction and the attempt, or the outcome when it is not to run
+    /// (a duplicate, dead, or the database failed).
+    pub(crate) async fn claim_one(
+        &self,
+        key: &str,
+    ) -> Result<(Transaction<'static, DB>, i64), Outcome> {
         let max = i64::from(self.config().max_attempts());
-        let unavailable = |e: sqlx::Error| Outcome::Unavailable {
-            error: InboxError::Database(e),
-            retry_after: UNAVAILABLE_RETRY,
-        };
-        let mut tx = match DB::begin_write(&self.backend.pool).await {
-            Ok(tx) => tx,
-            Err(e) => return unavailable(e),
-        };
+        let mut tx = DB::begin_write(&self.backend.pool)
+            .await
+            .map_err(unavailable)?;
         let inserted = Statement::<DB>::new(DB::SQL.claim)
-            .bind(consumer)
+            .bind(self.consumer())
             .bind(key)
             .bind(max)
             .fetch_optional(&mut tx)
             .await
             .and_then(|row| row.map(|row| DB::get::<i64>(&row, "attempts")).transpose());
-        let attempt = match inserted {
-            Ok(Some(attempt)) => attempt,
-            Ok(None) => return self.not_inserted(&mut tx, key, max).await,
-            Err(e) => return unavailable(e),
-        };
-        match run_guarded(handler(&mut tx, message)).await {
+        match inserted {
+            Ok(Some(attempt)) => Ok((tx, attempt)),
+            Ok(None) => Err(self.not_inserted(&mut tx, key, max).await),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Ends a claimed message's transaction by the handler's `result`:
+    /// commits it, or rolls it back and counts the failure.
+    pub(crate) async fn conclude_one(
+        &self,
+        key: &str,
+        tx: Transaction<'static, DB>,
+        attempt: i64,
+        result: Result<(), HandlerError>,
+    ) -> Outcome {
+        match result {
             Ok(()) => match tx.commit().await {
                 Ok(()) => Outcome::Processed {
                     attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
@@ -158,7 +193,7 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
             },
             Err(error) => {
                 if let Err(e) = tx.rollback().await {
-                    tracing::warn!(consumer, message_id = key, error = %e, "inbox: rollback failed");
+                    tracing::warn!(consumer = self.consumer(), message_id = key, error = %e, "inbox: rollback failed");
                 }
                 let attempt = self.count_failure(key, &error).await.unwrap_or(attempt);
                 self.failure_outcome(u32::try_from(attempt).unwrap_or(u32::MAX), error)
@@ -324,9 +359,24 @@ mod postgres {
                 WHERE a.consumer IS NULL OR (NOT a.dead AND a.failures < $3) \
                 ON CONFLICT (consumer, message_id) DO NOTHING \
                 RETURNING attempts::int8 AS attempts",
+            // In the ids' order, so that two batches sharing ids take their
+            // row locks in the same order and cannot deadlock.
+            claim_batch: "\
+                INSERT INTO inbox_consumer.messages (consumer, message_id, attempts) \
+                SELECT $1, ids.id, 1 + COALESCE(a.failures, 0) \
+                FROM json_array_elements_text($2::text::json) AS ids(id) \
+                LEFT JOIN inbox_consumer.attempts a ON a.consumer = $1 AND a.message_id = ids.id \
+                WHERE a.consumer IS NULL OR (NOT a.dead AND a.failures < $3) \
+                ORDER BY ids.id \
+                ON CONFLICT (consumer, message_id) DO NOTHING \
+                RETURNING message_id, attempts::int8 AS attempts",
             failures: "\
                 SELECT failures::int8 AS failures, dead FROM inbox_consumer.attempts \
                 WHERE consumer = $1 AND message_id = $2",
+            failures_batch: "\
+                SELECT message_id, failures::int8 AS failures, dead FROM inbox_consumer.attempts \
+                WHERE consumer = $1 \
+                  AND message_id IN (SELECT json_array_elements_text($2::text::json))",
             fail: "\
                 INSERT INTO inbox_consumer.attempts (consumer, message_id, failures, dead, last_error) \
                 VALUES ($1, $2, 1, $3, $4) \
@@ -421,9 +471,24 @@ mod sqlite {
                  ON CONFLICT (consumer, message_id) DO NOTHING \
                  RETURNING attempts"
             ),
+            // `WHERE` before `ON CONFLICT`: SQLite's parser needs it to tell
+            // the upsert from a join's `ON`.
+            claim_batch: concat!(
+                "INSERT INTO inbox_consumer_messages (consumer, message_id, attempts, processed_at) \
+                 SELECT $1, ids.value, 1 + COALESCE(a.failures, 0), ",
+                now_ms!(),
+                " FROM json_each($2) AS ids \
+                 LEFT JOIN inbox_consumer_attempts a ON a.consumer = $1 AND a.message_id = ids.value \
+                 WHERE a.consumer IS NULL OR (NOT a.dead AND a.failures < $3) \
+                 ON CONFLICT (consumer, message_id) DO NOTHING \
+                 RETURNING message_id, attempts"
+            ),
             failures: "\
                 SELECT failures, dead FROM inbox_consumer_attempts \
                 WHERE consumer = $1 AND message_id = $2",
+            failures_batch: "\
+                SELECT message_id, failures, dead FROM inbox_consumer_attempts \
+                WHERE consumer = $1 AND message_id IN (SELECT value FROM json_each($2))",
             fail: concat!(
                 "INSERT INTO inbox_consumer_attempts \
                    (consumer, message_id, failures, dead, last_error, updated_at) \
