@@ -1,0 +1,383 @@
+//! A projection fed from the outbox table, against the same writes with no
+//! projection machinery, in one run, on PostgreSQL (a database of its own,
+//! created and dropped):
+//!
+//! - `outbox_tail`: [`Projector::run`] (one partition, batches of 100)
+//!   applies 2 000 payments already in the outbox to per-currency totals:
+//!   per batch a transaction with the partition's lock, the scan, the
+//!   applies, the marks, the watermark and the hold, and the commit.
+//! - `bare`: the same 2 000 applies (the same `apply` code), read from the
+//!   outbox in `seq` order in batches of 100, each batch in one transaction,
+//!   with nothing else: no lock, no marks, no watermark.
+//!
+//! Each iteration applies all 2 000 to fresh tables (a new version for the
+//! tail, truncated tables for the bare loop; set up outside the timing).
+//! Target: the tail at ≥ 0.8× the bare loop's events per second.
+//!
+//! Then the lag under a steady load: producers commit 400 payments a second
+//! for 5 s while the tail runs; from each event's `created_at` to its
+//! apply, p50, p99 and max are printed.
+//!
+//! `DATABASE_URL` is read at run time; the bench is skipped when it is
+//! unset.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{Criterion, Throughput};
+use projection::{ApplyError, Event, Projection, Projector, ProjectorConfig, Version};
+use serde::Deserialize;
+use sqlx::{PgConnection, PgPool, Row};
+
+const GROUP: &str = "projection";
+/// Payments applied per iteration.
+const EVENTS: u64 = 2_000;
+const BATCH: i64 = 100;
+
+/// Per-currency totals of payments; records each apply's delay from the
+/// event's `created_at` when asked.
+#[derive(Default)]
+struct PaymentTotals {
+    delays: Option<Arc<Mutex<Vec<Duration>>>>,
+}
+
+#[derive(Deserialize)]
+struct Payment {
+    amount: i64,
+    currency: String,
+}
+
+impl Projection for PaymentTotals {
+    async fn setup(&self, conn: &mut PgConnection, version: &Version) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (currency TEXT PRIMARY KEY, total BIGINT NOT NULL, count BIGINT NOT NULL)",
+            version.table("totals")
+        ))
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        version: &Version,
+        event: &Event,
+    ) -> Result<(), ApplyError> {
+        let p: Payment = event.json()?;
+        sqlx::query(&format!(
+            "INSERT INTO {} AS t (currency, total, count) VALUES ($1, $2, 1) \
+             ON CONFLICT (currency) DO UPDATE SET total = t.total + $2, count = t.count + 1",
+            version.table("totals")
+        ))
+        .bind(&p.currency)
+        .bind(p.amount)
+        .execute(conn)
+        .await?;
+        if let (Some(delays), Some(created)) = (&self.delays, event.created_at()) {
+            let delay = SystemTime::now()
+                .duration_since(created)
+                .unwrap_or_default();
+            delays.lock().unwrap().push(delay);
+        }
+        Ok(())
+    }
+}
+
+async fn enqueue(pool: &PgPool, n: u64) {
+    for chunk in 0..n / 50 {
+        let mut tx = pool.begin().await.expect("begin");
+        for i in 0..50 {
+            let k = chunk * 50 + i;
+            let currency = ["EUR", "USD", "GBP"][usize::try_from(k % 3).unwrap()];
+            let payload = serde_json::json!({
+                "account": format!("acct-{}", k % 20),
+                "amount": 1 + k % 100,
+                "currency": currency,
+            });
+            let event = outbox::Event::new("payments", payload.to_string().into_bytes())
+                .with_ordering_key(format!("acct-{}", k % 20));
+            outbox::enqueue(&mut *tx, &event).await.expect("enqueue");
+        }
+        tx.commit().await.expect("commit");
+    }
+}
+
+/// A projector of a version no iteration used, registered (outside the
+/// timing).
+async fn fresh_projector(pool: &PgPool, name: &str, version: u32) -> Projector<PaymentTotals> {
+    let p = Projector::builder(pool.clone(), name, PaymentTotals::default())
+        .version(version)
+        .destinations(["payments"])
+        .config(ProjectorConfig {
+            poll_interval: Duration::from_millis(100),
+            ..ProjectorConfig::default()
+        })
+        .build()
+        .expect("projector");
+    p.register().await.expect("register");
+    p
+}
+
+/// Runs the tail until it applied `n` events.
+async fn tail_until(p: &Projector<PaymentTotals>, n: u64) {
+    let done = async {
+        while p.metrics().applied < n {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    };
+    p.run(done).await.expect("run");
+}
+
+/// The same applies with no machinery: batches in `seq` order, one
+/// transaction each.
+async fn bare(pool: &PgPool, totals: &PaymentTotals, version: &Version) {
+    let mut after = 0_i64;
+    loop {
+        let rows = sqlx::query(
+            "SELECT seq, id::text AS id, payload FROM outbox.events \
+             WHERE seq > $1 AND destination = ANY($2) ORDER BY seq LIMIT $3",
+        )
+        .bind(after)
+        .bind(["payments"].as_slice())
+        .bind(BATCH)
+        .fetch_all(pool)
+        .await
+        .expect("read");
+        if rows.is_empty() {
+            return;
+        }
+        let mut tx = pool.begin().await.expect("begin");
+        for row in &rows {
+            after = row.get("seq");
+            let event = Event::new(row.get::<String, _>("id"), row.get::<Vec<u8>, _>("payload"));
+            totals.apply(&mut tx, version, &event).await.expect("apply");
+        }
+        tx.commit().await.expect("commit");
+    }
+}
+
+fn main() {
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        eprintln!("projection bench skipped: DATABASE_URL is not set");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let db = format!("projection_bench_{}", std::process::id());
+    let (admin, pool, bench_url) = rt.block_on(async {
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .expect("DATABASE_URL");
+        sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&admin)
+            .await
+            .expect("create the bench database");
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (url.as_str(), String::new()),
+        };
+        let bench_url = format!(
+            "{}/{db}{query}",
+            &base[..base.rfind('/').expect("a database")]
+        );
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&bench_url)
+            .await
+            .expect("the bench database");
+        projection::migrate(&pool).await.expect("migrate");
+        enqueue(&pool, EVENTS).await;
+        (admin, pool, bench_url)
+    });
+    let _ = bench_url;
+
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(15))
+        .warm_up_time(Duration::from_secs(2));
+    let mut group = c.benchmark_group(GROUP);
+    group.throughput(Throughput::Elements(EVENTS));
+    let mut version = 0;
+    group.bench_function("outbox_tail", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let pool = pool.clone();
+            version += u32::try_from(iters).unwrap();
+            let last = version;
+            async move {
+                let mut total = Duration::ZERO;
+                for v in (last + 1 - u32::try_from(iters).unwrap())..=last {
+                    let p = fresh_projector(&pool, "bench_totals", v).await;
+                    let start = Instant::now();
+                    tail_until(&p, EVENTS).await;
+                    total += start.elapsed();
+                }
+                total
+            }
+        });
+    });
+    let bare_version = Version::new("bench_bare", 1);
+    group.bench_function("bare", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let pool = pool.clone();
+            let v = bare_version.clone();
+            async move {
+                let totals = PaymentTotals::default();
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut conn = pool.acquire().await.expect("conn");
+                    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", v.schema()))
+                        .execute(&mut *conn)
+                        .await
+                        .expect("schema");
+                    totals.setup(&mut conn, &v).await.expect("setup");
+                    sqlx::query(&format!("TRUNCATE {}", v.table("totals")))
+                        .execute(&mut *conn)
+                        .await
+                        .expect("truncate");
+                    drop(conn);
+                    let start = Instant::now();
+                    bare(&pool, &totals, &v).await;
+                    total += start.elapsed();
+                }
+                total
+            }
+        });
+    });
+    group.finish();
+
+    rt.block_on(interleaved(&pool, &bare_version, version));
+    rt.block_on(steady_lag(&pool));
+    c.final_summary();
+    rt.block_on(async {
+        pool.close().await;
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&admin)
+            .await;
+    });
+}
+
+/// The two paths run alternately (the order flipped every pair), so a
+/// machine whose load changes during the run weighs on both alike: the
+/// median events per second of each, and their ratio.
+async fn interleaved(pool: &PgPool, bare_version: &Version, mut version: u32) {
+    const PAIRS: usize = 12;
+    let totals = PaymentTotals::default();
+    let mut tail_rates = Vec::new();
+    let mut bare_rates = Vec::new();
+    for pair in 0..PAIRS {
+        for leg in 0..2 {
+            #[allow(clippy::cast_precision_loss)] // 2 000 events
+            let rate = |d: Duration| EVENTS as f64 / d.as_secs_f64();
+            if (pair + leg) % 2 == 0 {
+                version += 1;
+                let p = fresh_projector(pool, "bench_totals", version).await;
+                let start = Instant::now();
+                tail_until(&p, EVENTS).await;
+                tail_rates.push(rate(start.elapsed()));
+            } else {
+                sqlx::query(&format!("TRUNCATE {}", bare_version.table("totals")))
+                    .execute(pool)
+                    .await
+                    .expect("truncate");
+                let start = Instant::now();
+                bare(pool, &totals, bare_version).await;
+                bare_rates.push(rate(start.elapsed()));
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (tail, bare) = (median(&mut tail_rates), median(&mut bare_rates));
+    println!(
+        "{GROUP}/interleaved: {PAIRS} pairs of 2 000 events; median outbox_tail {tail:.0} events/s, \
+         bare {bare:.0} events/s: {:.2}x",
+        tail / bare
+    );
+}
+
+/// The lag under a steady load: 400 payments a second for 5 s, one per
+/// transaction, while the tail runs (its own version, caught up first).
+async fn steady_lag(pool: &PgPool) {
+    const RATE: u64 = 400;
+    const SECONDS: u64 = 5;
+    let delays = Arc::new(Mutex::new(Vec::new()));
+    let p = Projector::builder(
+        pool.clone(),
+        "bench_lag",
+        PaymentTotals {
+            delays: Some(delays.clone()),
+        },
+    )
+    .destinations(["payments"])
+    .build()
+    .expect("projector");
+    p.register().await.expect("register");
+    let already = u64::try_from(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox.events")
+            .fetch_one(pool)
+            .await
+            .expect("count"),
+    )
+    .unwrap();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let tail = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            p.run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+        })
+    };
+    while p.metrics().applied < already {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    delays.lock().unwrap().clear();
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(SECONDS) {
+        ticker.tick().await;
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let payload = serde_json::json!({"account": format!("acct-{}", sent % 20), "amount": 1, "currency": "EUR"});
+            let event = outbox::Event::new("payments", payload.to_string().into_bytes())
+                .with_ordering_key(format!("acct-{}", sent % 20));
+            let mut tx = pool.begin().await.expect("begin");
+            outbox::enqueue(&mut *tx, &event).await.expect("enqueue");
+            tx.commit().await.expect("commit");
+        });
+        sent += 1;
+    }
+    let want = already + sent;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.metrics().applied < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.send(true).expect("stop");
+    tail.await.expect("tail").expect("run");
+    let mut d = delays.lock().unwrap().clone();
+    d.sort();
+    let at = |q: f64| {
+        d.get(((d.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "{GROUP}/steady_lag: {sent} payments at {RATE}/s over {SECONDS} s, {} applied; \
+         created_at to applied: p50 {:?}, p99 {:?}, max {:?}",
+        d.len(),
+        at(0.5),
+        at(0.99),
+        d.last().copied().unwrap_or_default()
+    );
+}
