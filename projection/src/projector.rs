@@ -978,7 +978,8 @@ impl<P: Projection> Projector<P> {
 /// Drops version `version` of the projection `name`: its schema (its
 /// tables), its outbox holds, its marks, attempts and parked events, and
 /// its registration. Refuses the version served. Returns whether there was
-/// such a version.
+/// such a version. Stop its projectors first: a tail still running on a
+/// dropped version fails its rounds (logged, retried) until stopped.
 ///
 /// # Errors
 /// [`ProjectionError::Config`] for a name that is not one;
