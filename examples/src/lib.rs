@@ -727,4 +727,19 @@ pub mod ledger {
             })
             .await
     }
+
+    /// Processes a batch through the inbox (`--batch N`): the same effect
+    /// per message, every new message's row in one transaction, committed
+    /// once; one outcome per message. Settle (ack) only after this.
+    pub async fn process_batch(
+        inbox: &PostgresInbox,
+        messages: &[InboxMessage],
+        delay: Duration,
+    ) -> Vec<inbox_consumer::Outcome> {
+        inbox
+            .process_each(messages, move |tx, message| {
+                Box::pin(record(tx, message, delay))
+            })
+            .await
+    }
 }

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p examples --bin inbox-nats
+//! cargo run --release -p examples --bin inbox-nats -- --batch 100
 //! ```
 //!
 //! Stream `PAYMENTS` (subjects `payments.>`; created when missing, used as it
@@ -32,8 +33,11 @@ const SUBJECTS: &str = "payments.>";
                   consumer are logged at WARN, and a deleted consumer or stream is opened (or \
                   created) again with backoff. A new durable consumer starts at the stream's \
                   first message. Each connect is bounded by 5 s; NATS or a database that cannot \
-                  be reached at startup is an error (exit 1). SIGTERM or Ctrl-C: the message in \
-                  hand is finished, exit 0."
+                  be reached at startup is an error (exit 1). SIGTERM or Ctrl-C: the message (or \
+                  batch) in hand is finished, exit 0. With --batch N, a crash before a batch's \
+                  commit redelivers the whole batch and nothing of it is applied; a crash after \
+                  the commit, before the acks, redelivers duplicates only, acked without running \
+                  again."
 )]
 struct Args {
     /// The NATS URL (`tls://` for TLS).
@@ -54,6 +58,16 @@ struct Args {
     /// How long the handler sleeps inside the transaction, before the insert.
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     handler_delay: Duration,
+    /// Process up to N messages per transaction: those that arrived within
+    /// `--batch-window` of the first, deduplicated by one statement, their
+    /// rows inserted in one transaction, committed once, then each acked; each pull asks for 2×N (at least 200). A failing
+    /// message sends its batch back through one message at a time. 1 (the
+    /// default): one message per transaction.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch: u32,
+    /// With `--batch N`: how long a batch waits for more messages after its first.
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+    batch_window: Duration,
     /// Serve Prometheus metrics (`inbox_messages_total{consumer,outcome}`)
     /// on `GET /metrics` at this address (off by default).
     #[arg(long, value_name = "ADDR")]
@@ -100,19 +114,30 @@ async fn run(args: Args) -> Result<(), StartError> {
             name: args.stream.clone(),
             subjects: vec![subjects],
             ..Default::default()
-        });
+        })
+        .batch(args.batch as usize, args.batch_window);
     let (inbox, delay) = (&inbox, args.handler_delay);
-    subscription
-        .run(
-            // The subscription acks only after this returns, i.e. after the commit.
-            move |message| async move { ledger::process(inbox, &message, delay).await },
-            shutdown.requested(),
-        )
-        .await
-        .context(format!(
-            "could not consume the stream {} (--nats, --stream)",
-            args.stream
-        ))?;
+    // The subscription acks only after `process` returns, i.e. after the commit.
+    let consumed = if args.batch > 1 {
+        tracing::info!(batch = args.batch, window = ?args.batch_window, "batches");
+        subscription
+            .run_batch(
+                move |messages| async move { ledger::process_batch(inbox, &messages, delay).await },
+                shutdown.requested(),
+            )
+            .await
+    } else {
+        subscription
+            .run(
+                move |message| async move { ledger::process(inbox, &message, delay).await },
+                shutdown.requested(),
+            )
+            .await
+    };
+    consumed.context(format!(
+        "could not consume the stream {} (--nats, --stream)",
+        args.stream
+    ))?;
     tracing::info!(metrics = ?inbox.metrics(), "stopped");
     Ok(())
 }
