@@ -65,6 +65,22 @@ impl HeaderText {
         Self(bytes)
     }
 
+    /// The name's bytes, without checking again that they are UTF-8 (as
+    /// [`as_str`](Self::as_str) does): what encoding a record writes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The name's length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the name is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// The name.
     pub fn as_str(&self) -> &str {
         // Every constructor checked (or was given) UTF-8.
@@ -425,6 +441,11 @@ pub enum TokenOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outcome_is_two_words_so_claims_copy_no_more_than_before_encryption() {
+        assert_eq!(std::mem::size_of::<StoredOutcome>(), 16);
+    }
 
     #[test]
     fn round_trips_binary_and_repeated_headers() {
