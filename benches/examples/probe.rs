@@ -25,13 +25,22 @@
 //! `PROBE_METRICS=prometheus` installs a Prometheus recorder first (the
 //! metrics' cost with a recorder); by default none is installed, and the
 //! metrics cost what the facade costs without one.
+//!
+//! `--encrypt` (anywhere among the arguments) encrypts the stored responses
+//! at rest (`IdempotencyConfigBuilder::encryption`, one AES-256-GCM key):
+//! a fresh request seals its response, a replay opens it. Its cost is the
+//! difference from the same run without it:
+//!
+//! ```text
+//! valgrind --tool=callgrind target/release/examples/probe axum replay layer 20000 --encrypt
+//! ```
 
 use actix_web::{test, web, App};
 use axum::routing::post;
 use axum::Router;
 use benches::{handler, json_body, request, send};
 use bytes::Bytes;
-use idempotency_core::{Idempotency, IdempotencyConfig, MemoryStore};
+use idempotency_core::{EncryptionKeys, Idempotency, IdempotencyConfig, MemoryStore};
 use std::time::{Duration, Instant};
 
 async fn run_actix<S, B>(app: &S, n: u64, key: impl Fn(u64) -> String, body: &Bytes) -> Duration
@@ -51,9 +60,11 @@ where
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let encrypt = args.iter().any(|a| a == "--encrypt");
+    args.retain(|a| a != "--encrypt");
     let [adapter, path, which, n, rest @ ..] = args.as_slice() else {
-        eprintln!("usage: probe actix|axum fresh|replay bare|layer N [capacity]");
+        eprintln!("usage: probe actix|axum fresh|replay bare|layer N [capacity [ttl]] [--encrypt]");
         std::process::exit(2);
     };
     let n: u64 = n.parse().expect("N is a number");
@@ -76,12 +87,17 @@ fn main() {
     }
     let fresh = path == "fresh";
     let layer = which == "layer";
+    let mut config = IdempotencyConfig::builder().ttl(Duration::from_secs(if fresh {
+        fresh_ttl
+    } else {
+        86_400
+    }));
+    if encrypt {
+        config = config.encryption(EncryptionKeys::new("probe", [0x42; 32]).expect("a key"));
+    }
     let engine = Idempotency::new(
         MemoryStore::with_capacity(capacity),
-        IdempotencyConfig::builder()
-            .ttl(Duration::from_secs(if fresh { fresh_ttl } else { 86_400 }))
-            .build()
-            .expect("valid config"),
+        config.build().expect("valid config"),
     );
     let body = json_body();
     let key = |i: u64| {
@@ -128,7 +144,8 @@ fn main() {
         other => panic!("unknown adapter {other}"),
     };
     println!(
-        "{adapter} {path} {which}: {n} requests, {:.0} ns each",
+        "{adapter} {path} {which}{}: {n} requests, {:.0} ns each",
+        if encrypt { " encrypted" } else { "" },
         elapsed.as_nanos() as f64 / n as f64
     );
 }
