@@ -218,7 +218,8 @@ impl SagasBuilder {
 /// What a worker round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Round {
-    /// Instances it took.
+    /// Instances it took and moved on: not those another worker held, nor
+    /// those whose transition failed (rolled back, still due).
     pub claimed: usize,
     /// Calls it made.
     pub calls: usize,
@@ -364,13 +365,18 @@ impl Sagas {
         let mut calls = Vec::new();
         for id in &due {
             match self.due_one(id).await {
-                Ok(Some(call)) => calls.push(call),
-                Ok(None) => {}
+                Ok(Taken::Moved(call)) => {
+                    round.claimed += 1;
+                    calls.extend(call);
+                }
+                Ok(Taken::No) => {}
+                // Not counted: a round that moved nothing on is followed by
+                // a pause, so an instance whose transition keeps failing is
+                // tried once per poll interval, not in a loop.
                 Err(e) => {
                     tracing::warn!(saga.instance = %id, error = %error_chain(&e), "saga: a due transition failed; retried on a later round")
                 }
             }
-            round.claimed += 1;
         }
         round.calls = calls.len();
         // The calls of this round run side by side.
@@ -383,7 +389,8 @@ impl Sagas {
     }
 
     /// Runs worker rounds until `shutdown` resolves: back to back while
-    /// instances are due, every poll interval when idle. A round in hand is
+    /// rounds move instances on, every poll interval when one moves none
+    /// (nothing due, all of it held by other workers, or failing). A round in hand is
     /// finished first. Database errors are logged and retried.
     pub async fn run<F: Future<Output = ()>>(&self, shutdown: F) {
         let mut shutdown = std::pin::pin!(shutdown);
@@ -520,10 +527,7 @@ impl Sagas {
     /// One due instance: its transition, in a transaction of its own. A
     /// call that is due is claimed here and returned, to be made after the
     /// commit.
-    async fn due_one(
-        &self,
-        id: &str,
-    ) -> Result<Option<BoxFuture<'static, Result<(), SagaError>>>, SagaError> {
+    async fn due_one(&self, id: &str) -> Result<Taken, SagaError> {
         let mut tx = self.inner.pool.begin().await?;
         let row = sqlx::query(&format!(
             "{SELECT_INSTANCE} WHERE id = $1 AND due_at <= now() \
@@ -534,14 +538,14 @@ impl Sagas {
         .await?;
         let Some(row) = row.map(|r| Row::from_pg(&r)).transpose()? else {
             // Another worker took it, or it is no longer due.
-            return Ok(None);
+            return Ok(Taken::No);
         };
         let definition = Arc::clone(self.definition(&row)?);
         let call = definition
             .due(&mut tx, row, self.inner.config.call_lease)
             .await?;
         tx.commit().await?;
-        Ok(call.map(|call| {
+        Ok(Taken::Moved(call.map(|call| {
             let sagas = self.clone();
             Box::pin(async move {
                 let (id, attempt, outcome) = call.await;
@@ -554,7 +558,7 @@ impl Sagas {
                 tx.commit().await?;
                 Ok(())
             }) as BoxFuture<'static, Result<(), SagaError>>
-        }))
+        })))
     }
 
     /// Logs, once per (name, version), due instances of a definition
@@ -678,6 +682,15 @@ async fn load_unlocked(conn: &mut PgConnection, id: &str) -> Result<Option<Row>,
         .fetch_optional(&mut *conn)
         .await?;
     row.map(|r| Row::from_pg(&r)).transpose()
+}
+
+/// What became of a due instance in a round.
+enum Taken {
+    /// Another worker held it, or it was no longer due.
+    No,
+    /// Its transition committed; with the call it claimed, if any, to make
+    /// now.
+    Moved(Option<BoxFuture<'static, Result<(), SagaError>>>),
 }
 
 /// A call's result, as it travels from the call to its transition.

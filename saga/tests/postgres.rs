@@ -580,3 +580,70 @@ async fn crash_child() {
         std::future::pending::<()>().await;
     }
 }
+
+/// A transition that keeps failing (here its command is larger than the
+/// outbox takes) leaves its instance due, and rolls back each time; the
+/// workers try it again every poll interval, not back to back: a worker
+/// that moved nothing on in a round pauses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_that_keeps_failing_is_tried_each_poll_interval_not_in_a_loop() {
+    let Some(env) = env("a_transition_that_keeps_failing").await else {
+        return;
+    };
+    let tries = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&tries);
+    let name = leak(unique("spin"));
+    let saga = Saga::builder(name, 1)
+        .step(
+            Step::message("send", move |_: &Order, ctx| {
+                if ctx.attempt < 2 {
+                    return Command::new("nowhere", &b"{}"[..]);
+                }
+                // The retry's command: over the outbox's size limit.
+                counted.fetch_add(1, Ordering::SeqCst);
+                Command::new("nowhere", vec![b'x'; outbox::DEFAULT_MAX_EVENT_SIZE + 1])
+            })
+            .on_reply(|_, _| Ok(()))
+            .timeout(Duration::from_millis(50), OnTimeout::Retry { attempts: 5 }),
+        )
+        .build()
+        .expect("definition");
+    let poll = Duration::from_millis(100);
+    let sagas = Sagas::builder(env.pool.clone())
+        .register(saga)
+        .config(SagaConfig {
+            poll_interval: poll,
+            ..SagaConfig::default()
+        })
+        .build();
+    let id = unique("spin");
+    let mut tx = env.pool.begin().await.unwrap();
+    let data = Order {
+        sku: "sku-1".into(),
+        payment: None,
+    };
+    sagas.start(&mut tx, name, &id, &data).await.expect("start");
+    tx.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+
+    let round = sagas.run_due().await.expect("a round");
+    assert_eq!(
+        round.claimed, 0,
+        "a transition that rolled back moved nothing on"
+    );
+    assert_eq!(tries.load(Ordering::SeqCst), 1, "it was tried");
+    let ran = Duration::from_secs(1);
+    bounded("the worker", sagas.run(tokio::time::sleep(ran))).await;
+    let tries = tries.load(Ordering::SeqCst);
+    let most = 3 + (ran.as_millis() / poll.as_millis()) as u32;
+    assert!(
+        tries <= most,
+        "tried {tries} times in {ran:?} with a {poll:?} poll interval (at most {most} expected): \
+         the worker loops without pausing"
+    );
+    assert_eq!(
+        sagas.instance(&id).await.unwrap().unwrap().state,
+        State::Running,
+        "still due, unchanged"
+    );
+}
