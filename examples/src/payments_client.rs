@@ -189,3 +189,157 @@ fn reason(error: &reqwest::Error) -> String {
     };
     format!("{kind}: {}", crate::error_chain(error))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A payments API that answers each connection's request with the next
+    /// of `answers` (`None`: closes the connection unanswered), keeping the
+    /// requests it read.
+    async fn fake(answers: Vec<Option<(u16, &'static str)>>) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&seen);
+        tokio::spawn(async move {
+            for answer in answers {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head, then as much body as Content-Length says.
+                loop {
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                kept.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&request).into_owned());
+                if let Some((status, body)) = answer {
+                    let response = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                }
+            }
+        });
+        (base, seen)
+    }
+
+    #[tokio::test]
+    async fn a_charge_is_done_failed_or_uncertain_as_the_api_answers() {
+        let (base, seen) = fake(vec![
+            Some((201, r#"{"id": "pay_1", "amount": 300, "currency": "EUR"}"#)),
+            Some((
+                402,
+                r#"{"type": "urn:payments:problem:declined", "detail": "above 1000"}"#,
+            )),
+            Some((409, r#"{"type": "urn:idempotency:problem:in-flight"}"#)),
+            Some((500, r#"{"type": "urn:payments:problem:database"}"#)),
+            Some((201, r#"{"no": "id"}"#)),
+            None,
+        ])
+        .await;
+        let client = PaymentsClient::new(&base).unwrap();
+        let charge = || client.charge("o1", 300, "order-o1-charge");
+        assert_eq!(charge().await, CallOutcome::Done("pay_1".to_owned()));
+        assert!(matches!(charge().await, CallOutcome::Failed(why) if why.contains("above 1000")));
+        for what in [
+            "a 409 in flight",
+            "a 500",
+            "a 201 without an id",
+            "no answer",
+        ] {
+            assert!(
+                matches!(charge().await, CallOutcome::Uncertain(_)),
+                "{what}"
+            );
+        }
+        let first = seen.lock().unwrap()[0].clone();
+        let lower = first.to_ascii_lowercase();
+        assert!(first.starts_with("POST /payments HTTP/1.1"), "{first}");
+        assert!(
+            lower.contains("idempotency-key: order-o1-charge"),
+            "{first}"
+        );
+        assert!(
+            lower.contains("authorization: bearer order-saga"),
+            "{first}"
+        );
+        let body = &first[first.find("\r\n\r\n").unwrap() + 4..];
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"amount": 300, "currency": "EUR", "reference": "order-o1"})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refund_is_done_when_made_or_made_before() {
+        let (base, seen) = fake(vec![
+            Some((
+                201,
+                r#"{"id": "ref_1", "payment_id": "pay_1", "amount": 300}"#,
+            )),
+            Some((409, r#"{"type": "urn:payments:problem:already-refunded"}"#)),
+            Some((409, r#"{"type": "urn:idempotency:problem:in-flight"}"#)),
+            Some((404, r#"{"type": "urn:payments:problem:not-found"}"#)),
+        ])
+        .await;
+        let client = PaymentsClient::new(&base).unwrap();
+        let refund = || client.refund("pay_1", "order-o1-refund");
+        assert_eq!(refund().await, CallOutcome::Done(()));
+        assert_eq!(refund().await, CallOutcome::Done(()), "refunded before");
+        assert!(
+            matches!(refund().await, CallOutcome::Uncertain(_)),
+            "in flight"
+        );
+        assert!(
+            matches!(refund().await, CallOutcome::Failed(_)),
+            "no such payment"
+        );
+        let first = seen.lock().unwrap()[0].clone();
+        assert!(
+            first.starts_with("POST /payments/pay_1/refunds HTTP/1.1"),
+            "{first}"
+        );
+        assert!(first
+            .to_ascii_lowercase()
+            .contains("idempotency-key: order-o1-refund"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_uncertain_and_tls_is_refused_up_front() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = PaymentsClient::new(&format!("http://127.0.0.1:{port}/")).unwrap();
+        assert!(matches!(
+            client.charge("o1", 1, "k").await,
+            CallOutcome::Uncertain(why) if why.starts_with("could not connect")
+        ));
+        assert!(PaymentsClient::new("https://payments.example").is_err());
+    }
+}

@@ -183,6 +183,107 @@ async fn orders_api_each_kind_of_order_ends_as_it_should_and_sigterm_exits_0() {
     system.finish().await;
 }
 
+// ------------------------------------------- startup: bounds and SIGTERM
+
+/// Each binary, with one dependency (PostgreSQL, RabbitMQ, NATS) a server
+/// that accepts and never answers: a one-line error naming it, exit 1,
+/// within the connect bound; and SIGTERM while it waits there: exit 0 at
+/// once. The others real, when they are there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_dependency_is_a_clear_error_in_time_and_sigterm_exits_0_at_any_stage() {
+    let test = "saga_startup";
+    let mut cases = Vec::new();
+    for binary in [ORDER_SAGA, INVENTORY] {
+        for (what, flag) in [
+            ("PostgreSQL", "--database"),
+            ("RabbitMQ", "--amqp"),
+            ("NATS", "--nats"),
+        ] {
+            let mut args = Vec::new();
+            if what != "PostgreSQL" {
+                let Some(db) = service_url("DATABASE_URL", test) else {
+                    continue;
+                };
+                args.extend(strings(&["--database", &db]));
+            }
+            if what == "NATS" {
+                args.extend(strings(&["--broker", "nats"]));
+            }
+            if binary == ORDER_SAGA {
+                args.extend(strings(&["--listen", "127.0.0.1:0"]));
+            }
+            cases.push((binary, what, flag, args));
+        }
+    }
+    let checks = cases
+        .into_iter()
+        .map(|(binary, what, flag, args)| async move {
+            let name = binary.rsplit('/').next().unwrap_or(binary);
+            for sigterm in [false, true] {
+                let silent = test_support::SilentServer::start().await;
+                let url = match what {
+                    "PostgreSQL" => format!("postgres://postgres:secret-pw@{}/test", silent.addr),
+                    "RabbitMQ" => format!("amqp://guest:secret-pw@{}/%2f", silent.addr),
+                    _ => format!("nats://{}", silent.addr),
+                };
+                let mut args = args.clone();
+                args.extend([flag.to_owned(), url]);
+                let child = Command::new(binary)
+                    .args(&args)
+                    .env("RUST_LOG", "info")
+                    .env("NO_COLOR", "1")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("the binary runs");
+                let started = Instant::now();
+                if sigterm {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    let pid = child.id().expect("running").to_string();
+                    let sent = std::process::Command::new("kill")
+                        .args(["-TERM", &pid])
+                        .status();
+                    assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+                }
+                let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+                    .await
+                    .unwrap_or_else(|_| panic!("{name} ({what} silent) still runs after 20 s"))
+                    .expect("its output");
+                let took = started.elapsed();
+                let log = String::from_utf8_lossy(&out.stderr).into_owned();
+                let last = log.lines().last().unwrap_or_default().to_owned();
+                if sigterm {
+                    assert_eq!(
+                        out.status.code(),
+                        Some(0),
+                        "{name}, SIGTERM while {what} is silent: {log}"
+                    );
+                    assert!(
+                        took < Duration::from_secs(4),
+                        "{name}: SIGTERM took {took:?}"
+                    );
+                } else {
+                    assert_eq!(out.status.code(), Some(1), "{name}, {what} silent: {log}");
+                    assert!(
+                        last.starts_with(&format!("{name}: ")) && last.contains(what),
+                        "{name}: the error does not name {what}: {last}"
+                    );
+                    assert!(
+                        !log.contains("secret-pw"),
+                        "{name}: a password in the log: {log}"
+                    );
+                    assert!(
+                        took < Duration::from_secs(15),
+                        "{name}, {what} silent: failed after {took:?}"
+                    );
+                }
+            }
+        });
+    futures_util::future::join_all(checks).await;
+}
+
 // --------------------------------------------------------------- the chaos
 
 #[tokio::test(flavor = "multi_thread")]
