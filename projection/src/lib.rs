@@ -153,8 +153,12 @@
 //! above `W` without a mark, in `seq` order (a batch). Apply them, mark
 //! them, then:
 //!
-//! 1. if there is a candidate `(M, X)`, `xmin(S) >= X`, and every event of
-//!    the partition with `seq <= M` visible in `S` is now marked: `W := M`;
+//! 1. if there is a candidate `(M, X)`, every transaction with an xid below
+//!    `X` has ended (`xmin(S) >= X`; or, when a transaction of another
+//!    database holds `xmin` back, every such transaction *of this database*,
+//!    checked in the lock's statement, before `S`: `pg_stat_activity` and
+//!    `pg_prepared_xacts`), and every event of the partition with
+//!    `seq <= M` visible in `S` is now marked: `W := M`;
 //! 2. with no candidate left, a new one: `M` a `seq` visible in `S` (the
 //!    highest, when the scan reached the end; else the last one applied),
 //!    and `X` = T's own xid, which T gets after `S` was taken;
@@ -171,7 +175,11 @@
 //! `xs` before `s`, hence before `S1`, hence before `X` was assigned (after
 //! `S1`). xids are assigned in increasing order: `xs < X`. A later round
 //! sees `xmin(S2) >= X`: no transaction with an xid below `X` is running,
-//! so `Ts` has ended. Either it rolled back (`s` never exists) or it
+//! so `Ts` has ended. (Or its lock statement, before `S2`, found no
+//! transaction of this database with an xid below `X` running, as a
+//! backend's or a prepared one; `Ts` wrote to this database's table, and
+//! a backend's xid is published before it draws a `seq`: so `Ts` had
+//! ended before `S2` too.) Either it rolled back (`s` never exists) or it
 //! committed before `S2` was taken, and `s` is visible in `S2`: the
 //! condition of step 1 then requires it marked. So when `W` becomes `M`,
 //! every event at or below `M` that will ever exist is applied. By
@@ -196,11 +204,12 @@
 //!
 //! **Cost.** The scan reads the events between `W` and the newest:
 //! normally about two batches (`W` moves one round behind). A write
-//! transaction that stays open — any transaction holding an xid, a
-//! producer or not, in any database of the cluster (`xmin` is the
-//! cluster's) — keeps `xmin` below the fence, so `W` waits for it to end,
-//! and the scans meanwhile read every event committed since. Keep write
-//! transactions short (`idle_in_transaction_session_timeout`).
+//! transaction of this database that stays open — any transaction holding
+//! an xid, a producer or not — holds `W` back until it ends (one of another
+//! database does not: the check above looks past it), and the scans
+//! meanwhile read every event committed since: a backlog applied while one
+//! is open costs a scan that grows with it. Keep write transactions short
+//! (`idle_in_transaction_session_timeout`).
 //!
 //! # Order and partitions
 //!

@@ -95,7 +95,7 @@ impl TailSql {
         // with their failed attempts.
         let scan = format!(
             "SELECT p.watermark, p.candidate_seq, p.candidate_fence, \
-               pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin, \
+               (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8) AS xmin, \
                (SELECT max(seq) FROM outbox.events) AS head, \
                (SELECT s.version FROM projection.served s WHERE s.name = $2) AS served, \
                e.seq, e.id, e.destination, e.ordering_key, e.headers, e.payload, e.created_at, \
@@ -141,6 +141,33 @@ impl TailSql {
         }
     }
 }
+
+/// `($1 class, $2 partition id)`: tries the partition's lock (which assigns
+/// no xid) and, when the partition has a candidate `(M, X)`, checks whether
+/// a transaction of this database with an xid below X still runs (a
+/// backend's or a prepared one; the 32-bit xids widened against this
+/// statement's xmin, which no running xid is below). Being a statement
+/// before the scan's, a transaction it finds ended has ended before S2.
+/// The check is skipped (true) when xmin alone settles it, and is needed
+/// when a transaction of another database holds xmin back.
+const LOCK: &str = "SELECT pg_try_advisory_xact_lock($1, $2) AS locked, \
+       p.candidate_fence AS fence, \
+       CASE WHEN p.candidate_fence IS NULL THEN false \
+            WHEN pg_snapshot_xmin(pg_current_snapshot())::text::int8 >= p.candidate_fence \
+              THEN true \
+            ELSE NOT EXISTS ( \
+              SELECT 1 FROM ( \
+                SELECT backend_xid::text::int8 AS x FROM pg_stat_activity \
+                WHERE backend_xid IS NOT NULL \
+                  AND datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                UNION ALL \
+                SELECT transaction::text::int8 FROM pg_prepared_xacts \
+                WHERE database = current_database()) r, \
+              (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS base) b \
+              WHERE b.base + ((r.x - b.base % 4294967296) % 4294967296 + 4294967296) \
+                    % 4294967296 < p.candidate_fence) \
+       END AS settled \
+     FROM projection.partitions p WHERE p.id = $2";
 
 /// Ends a round that applied or parked events, or moves the watermark: the
 /// marks, the parked events, the partition's new state and its hold, in
@@ -310,17 +337,24 @@ impl<P: Projection> Tail<'_, P> {
     /// it all and maybe move the watermark; one transaction.
     pub(crate) async fn round(&self, part: &Partition) -> Result<Round, ProjectionError> {
         let mut tx = self.pool.begin().await?;
-        // No xid yet: the lock does not assign one, nor does the scan, so
-        // the xid this transaction gets later is younger than S (`X`).
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+        // No xid yet: the lock statement does not assign one, nor does the
+        // scan, so the xid this transaction gets later is younger than S
+        // (`X`).
+        let lock = sqlx::query(LOCK)
             .bind(PARTITION_LOCK_CLASS)
             .bind(part.id)
             .fetch_one(&mut *tx)
             .await?;
-        if !locked {
+        if !lock.try_get::<bool, _>("locked")? {
             tx.rollback().await?;
             return Ok(Round::Busy);
         }
+        // The fence the database check was made for, if it passed.
+        let settled_fence: Option<i64> = if lock.try_get("settled")? {
+            lock.try_get("fence")?
+        } else {
+            None
+        };
         let batch = i64::from(self.config.batch_size);
         let mut scan = sqlx::query(&self.sql.scan)
             .bind(part.id)
@@ -406,8 +440,10 @@ impl<P: Projection> Tail<'_, P> {
         let mut candidate = st.candidate;
         let mut advanced = false;
         if let Some((m, fence)) = candidate {
-            // xmin(S2) >= X: every transaction older than X has ended.
-            if st.xmin >= fence && covered(m) {
+            // Every transaction older than X has ended (xmin(S2) >= X), or
+            // every one of this database has, before S2 (the lock's check).
+            let ended = st.xmin >= fence || settled_fence == Some(fence);
+            if ended && covered(m) {
                 advanced = m > watermark;
                 watermark = watermark.max(m);
                 candidate = None;

@@ -26,6 +26,18 @@ fn projector(pool: &PgPool, name: &str, totals: Totals) -> projection::Projector
         .config(fast())
 }
 
+/// The lowest watermark of the partitions of version 1 of `name`.
+async fn watermark(pool: &PgPool, name: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT min(p.watermark) FROM projection.partitions p \
+         JOIN projection.versions v ON v.id = p.version_id WHERE v.name = $1 AND v.version = 1",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// Runs rounds until one applies, parks and fails nothing.
 async fn drain(p: &Projector<Totals>) -> RoundReport {
     let mut total = RoundReport::default();
@@ -59,6 +71,10 @@ async fn a_late_commit_below_an_applied_seq_is_applied() {
     let a = Payment::new("acct-a", 1, "EUR");
     let mut tx_a = pool.begin().await.unwrap();
     outbox::enqueue(&mut *tx_a, &a.event()).await.unwrap();
+    let seq_a: i64 = sqlx::query_scalar("SELECT currval('outbox.events_seq_seq')")
+        .fetch_one(&mut *tx_a)
+        .await
+        .unwrap();
     let b = Payment::new("acct-b", 10, "EUR");
     enqueue(pool, &b).await;
 
@@ -73,6 +89,10 @@ async fn a_late_commit_below_an_applied_seq_is_applied() {
         assert_eq!(drain(&p).await.applied, 1, "round {i}");
     }
     assert!(model_totals(pool, p.version()).await[&"EUR".to_owned()] == (10, 1));
+    assert!(
+        watermark(pool, "late").await < seq_a,
+        "the watermark waits below A"
+    );
 
     tx_a.commit().await.unwrap();
     assert_eq!(drain(&p).await.applied, 1, "A is applied once it commits");
@@ -150,6 +170,63 @@ async fn the_snapshot_xmax_is_not_a_fence() {
         model_totals(pool, p.version()).await[&"EUR".to_owned()],
         (11, 2)
     );
+    db.finish().await;
+}
+
+/// A write transaction open in another database of the cluster holds
+/// `xmin` back but cannot hold a seq of this outbox: the watermark moves on
+/// regardless. One open in this database holds it until it ends.
+#[tokio::test]
+async fn only_a_transaction_of_this_database_holds_the_watermark() {
+    let Some(db) = Db::new("only_a_transaction_of_this_database_holds_the_watermark").await else {
+        return;
+    };
+    let pool = &db.pool;
+    let p = projector(pool, "fenced", Totals::default())
+        .build()
+        .unwrap();
+    p.register().await.unwrap();
+    let other = Db::new("only_a_transaction_of_this_database_other")
+        .await
+        .unwrap();
+    let mut elsewhere = other.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *elsewhere)
+        .await
+        .unwrap();
+    let mut last = 0;
+    for i in 0..3 {
+        last = enqueue(pool, &Payment::new("acct", i, "EUR")).await;
+        drain(&p).await;
+    }
+    drain(&p).await;
+    assert!(
+        watermark(pool, "fenced").await >= last,
+        "not held by the other database"
+    );
+
+    let mut here = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *here)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        last = enqueue(pool, &Payment::new("acct", i, "EUR")).await;
+        drain(&p).await;
+    }
+    drain(&p).await;
+    assert!(
+        watermark(pool, "fenced").await < last,
+        "held by this database's transaction"
+    );
+    here.rollback().await.unwrap();
+    drain(&p).await;
+    drain(&p).await;
+    assert!(watermark(pool, "fenced").await >= last);
+    assert_eq!(seen(pool, p.version()).await, (6, 1));
+
+    elsewhere.rollback().await.unwrap();
+    other.finish().await;
     db.finish().await;
 }
 
