@@ -125,6 +125,58 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// handler's own for `POST /payments` with `--no-idempotency`.
 pub const BODY_READ_TIMEOUT: Duration = idempotency_core::DEFAULT_REQUEST_BODY_TIMEOUT;
 
+/// How long an axum server's open connections may take to finish after its
+/// shutdown signal ([`serve_axum`]).
+pub const DRAIN: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listeners` over HTTP/1 until `shutdown` resolves, then
+/// lets open connections finish for up to [`DRAIN`]. A client must send a
+/// request's headers within [`HEADER_READ_TIMEOUT`] (hyper closes the
+/// connection otherwise; the same bound holds an idle keep-alive
+/// connection); a covered request's body is bounded by the engine.
+pub async fn serve_axum(
+    listeners: Vec<tokio::net::TcpListener>,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accept =
+            futures_util::future::select_all(listeners.iter().map(|l| Box::pin(l.accept())));
+        let stream = tokio::select! {
+            (accepted, _, _) = accept => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: let some close.
+                    tracing::warn!(error = %e, "could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listeners);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(drain = ?DRAIN, "connections still open after the drain; closing them");
+    }
+}
+
 /// The body of the 408 `application/problem+json` response when a request
 /// body did not arrive within [`BODY_READ_TIMEOUT`] (`--no-idempotency`;
 /// covered requests get the engine's 408).

@@ -490,11 +490,11 @@ async fn run(args: Args) -> Result<(), StartError> {
         "order-saga serving"
     );
 
+    // Through hyper's HTTP/1 builder, as payments-axum: a client must send
+    // its request's headers within 5 s (axum::serve sets no such bound).
     let serving = async {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.requested())
-            .await
-            .context("the server failed")
+        examples::serve_axum(vec![listener], router, shutdown.requested()).await;
+        Ok::<_, StartError>(())
     };
     let working = async {
         let workers = (0..args.workers).map(|_| sagas.run(shutdown.requested()));

@@ -2,7 +2,8 @@
 //!
 //! `cargo run --release -p examples --bin payments-axum -- --help`
 //!
-//! It serves through hyper's HTTP/1 connection builder rather than
+//! It serves through hyper's HTTP/1 connection builder (`examples::serve_axum`,
+//! which order-saga shares) rather than
 //! `axum::serve`, which sets no timer and so cannot bound how long a client
 //! takes to send its headers: a client that sends half of them held a
 //! connection for as long as it liked. hyper-util's `TowerToHyperService`
@@ -11,7 +12,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
@@ -22,20 +22,13 @@ use axum::Router;
 use clap::Parser;
 use examples::{
     init_tracing, shutdown_signal, Answer, Payments, PaymentsArgs, PaymentsDatabase, PaymentsTable,
-    ResultExt, StartError, BODY_READ_TIMEOUT, HEADER_READ_TIMEOUT, METRICS_CONTENT_TYPE,
-    PROBLEM_JSON,
+    ResultExt, StartError, BODY_READ_TIMEOUT, METRICS_CONTENT_TYPE, PROBLEM_JSON,
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use idempotency_tower::{IdempotencyLayer, Transaction};
 use tokio::net::TcpListener;
 
 /// The largest request body the handlers read (axum's default).
 const BODY_LIMIT: usize = 2 * 1024 * 1024;
-
-/// How long connections may take to finish after a shutdown signal.
-const DRAIN: Duration = Duration::from_secs(10);
 
 type App = Arc<Payments>;
 
@@ -180,7 +173,7 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
         decline_above = ?args.decline_above,
         "payments-axum serving"
     );
-    serve(listeners, router).await;
+    examples::serve_axum(listeners, router, shutdown_signal()).await;
     Ok(())
 }
 
@@ -204,48 +197,5 @@ async fn bind(listen: &str) -> Result<Vec<TcpListener>, StartError> {
             Err(e).context(format!("could not listen on {listen} (--listen)"))
         }
         _ => Ok(listeners),
-    }
-}
-
-/// Serves `router` on `listeners` over HTTP/1 until a shutdown signal, then
-/// lets open connections finish for up to [`DRAIN`]. A client must send a
-/// request's headers within [`HEADER_READ_TIMEOUT`] (hyper closes the
-/// connection otherwise; the same bound holds an idle keep-alive
-/// connection); a covered request's body is bounded by the engine.
-async fn serve(listeners: Vec<TcpListener>, router: Router) {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown_signal());
-    loop {
-        let accept =
-            futures_util::future::select_all(listeners.iter().map(|l| Box::pin(l.accept())));
-        let stream = tokio::select! {
-            (accepted, _, _) = accept => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors, say: let some close.
-                    tracing::warn!(error = %e, "could not accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let service = TowerToHyperService::new(router.clone());
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listeners);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(drain = ?DRAIN, "connections still open after the drain; closing them");
     }
 }
