@@ -124,7 +124,9 @@ async fn fresh_projector(pool: &PgPool, name: &str, version: u32) -> Projector<P
 async fn tail_until(p: &Projector<PaymentTotals>, n: u64) {
     let done = async {
         while p.metrics().applied < n {
-            tokio::time::sleep(Duration::from_micros(500)).await;
+            // Not more often: the poll competes with the tail for the
+            // runtime's two threads, which the bare loop does not have.
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     };
     p.run(done).await.expect("run");
