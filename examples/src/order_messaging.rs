@@ -10,9 +10,11 @@
 //! `<prefix>INVENTORY`, subjects `<prefix>inventory.>`) or
 //! `<prefix>orders.replies` (stream `<prefix>ORDERS`). Both binaries map
 //! destinations the same way, so their relays may even share one outbox
-//! table (one database); an event of any other destination found there
-//! dies at once (its reason kept), so give each service a database of its
-//! own, or at least no other kind of event in it.
+//! table (one database). An event of any other destination found there is
+//! not theirs to route: on RabbitMQ it goes to the queue of its name (and
+//! dies after its attempts when there is none), on NATS it dies at once (no
+//! subject for it), its reason kept either way. So give each service a
+//! database of its own, or at least no other producer's events in it.
 
 use std::future::Future;
 use std::sync::Arc;
