@@ -39,6 +39,9 @@ use outbox::{Event, Outgoing, PostgresRelay, PublishError, Publisher, RelayConfi
 const STREAM: &str = "PAYMENTS";
 const SUBJECTS: &str = "payments.>";
 const QUEUE: &str = "payments";
+/// The longest delay between retries of a failed event (unless
+/// `--retry-delay` is longer).
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Broker {
@@ -76,9 +79,15 @@ struct Args {
     /// Events claimed per batch, of each kind (keyed, keyless).
     #[arg(long, default_value_t = outbox::config::DEFAULT_BATCH_SIZE)]
     batch_size: u32,
-    /// Failed publishes before an event is dead.
-    #[arg(long, default_value_t = outbox::config::DEFAULT_MAX_ATTEMPTS)]
+    /// Failed publishes before an event is dead (a refusal counts, a broker
+    /// outage does not); a dead event waits for an operator
+    /// (`messaging-admin outbox retry`).
+    #[arg(long, value_name = "N", default_value_t = outbox::config::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
+    /// The delay before the first retry of a failed event, doubled after
+    /// each further failure (up to 5 min, or this delay when it is longer).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    retry_delay: Duration,
     /// How often to look for work without a notification.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
@@ -98,6 +107,7 @@ async fn main() -> std::process::ExitCode {
     let config = match RelayConfig::builder()
         .batch_size(args.batch_size)
         .max_attempts(args.max_attempts)
+        .retry_delay(args.retry_delay, args.retry_delay.max(MAX_RETRY_DELAY))
         .poll_interval(args.poll_interval)
         .build()
     {
