@@ -392,7 +392,9 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
             if let [i] = new_at[..] {
                 // Alone, it is the one that failed: as `process` does.
                 let attempt = decided.inserted[key(i)];
-                let outcome = self.conclude_one(key(i), tx, attempt, Err(error)).await;
+                let outcome = self
+                    .conclude_one(key(i), &messages[i], tx, attempt, Err(error))
+                    .await;
                 return Ran::Single(decided, outcome);
             }
             if let Err(e) = tx.rollback().await {
@@ -442,7 +444,7 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
         };
         let single = [message];
         let result = run_guarded(handler.run(&mut tx, &single)).await;
-        self.conclude_one(key, tx, attempt, result).await
+        self.conclude_one(key, message, tx, attempt, result).await
     }
 }
 

@@ -119,6 +119,40 @@
 //! - Batches that share ids insert their rows in the ids' order, so they
 //!   wait for one another instead of deadlocking.
 //!
+//! # Dead messages and replays (transactional mode)
+//!
+//! A failing message keeps its payload and headers with its attempt count
+//! (`inbox_consumer.attempts`: `failures`, `dead`, `last_error`,
+//! `payload`, `headers`), so a dead message can be replayed after a fix
+//! without the broker: a queue without a dead-letter exchange drops a
+//! rejected message, and JetStream never redelivers a terminated one. An
+//! operator asks for the replay (`messaging-admin inbox retry`, which sets
+//! `replay_at` and clears the dead mark); the consumer runs
+//! [`Inbox::run_replays`] beside its subscription with the same handler,
+//! so the replay goes through the inbox: a message processed meanwhile is a
+//! duplicate, a failing one is counted and dies again after the maximum.
+//!
+//! ```no_run
+//! # #[cfg(feature = "postgres")]
+//! # async fn run(inbox: inbox_consumer::PostgresInbox, shutdown: impl std::future::Future<Output = ()>) {
+//! use std::time::Duration;
+//! use inbox_consumer::HandlerError;
+//!
+//! let inbox = &inbox;
+//! inbox
+//!     .run_replays(
+//!         |message| async move {
+//!             inbox
+//!                 .process(&message, |_tx, _message| Box::pin(async { Ok::<_, HandlerError>(()) }))
+//!                 .await
+//!         },
+//!         Duration::from_secs(1),
+//!         shutdown,
+//!     )
+//!     .await;
+//! # }
+//! ```
+//!
 //! # Outcomes and what the adapters do with them
 //!
 //! | [`Outcome`] | meaning | RabbitMQ | JetStream |
@@ -280,6 +314,8 @@ pub mod message;
 pub mod metrics;
 pub mod outcome;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod replay;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod transactional;
 
 #[cfg(feature = "nats")]
@@ -295,6 +331,8 @@ pub use message::InboxMessage;
 pub use metrics::InboxMetrics;
 pub use outcome::{DeadReason, Disposition, FailureKind, HandlerError, Outcome};
 
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use replay::REPLAY_BATCH;
 #[cfg(feature = "postgres")]
 pub use transactional::{migrate_postgres, PostgresTransactional};
 #[cfg(feature = "sqlite")]

@@ -95,7 +95,10 @@ pub struct Statements {
     /// `(consumer, JSON array of ids)` → `message_id, failures, dead` of
     /// those with attempts counted.
     pub(crate) failures_batch: &'static str,
-    /// `(consumer, id, dead, error)` → `failures`.
+    /// `(consumer, id, dead, error, max attempts, payload, headers as JSON)`
+    /// → `failures`: counts a failure, keeps the payload and the headers,
+    /// and marks the message dead when the failure is permanent or the
+    /// attempts are used up.
     fail: &'static str,
     /// `(consumer, age ms, batch)`: deletes a batch of processed rows.
     purge_messages: &'static str,
@@ -105,6 +108,13 @@ pub struct Statements {
     attempts: &'static str,
     /// `(consumer, id)`: forgets the failures and the dead mark.
     revive: &'static str,
+    /// `(consumer, limit)` → `message_id, payload, headers` (JSON text) of
+    /// the messages an operator asked to replay that are due.
+    pub(crate) replays: &'static str,
+    /// `(consumer, id)`: the replay asked for is done.
+    pub(crate) replayed: &'static str,
+    /// `(consumer, id, delay ms)`: the replay failed; again after the delay.
+    pub(crate) replay_later: &'static str,
 }
 
 impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
@@ -146,7 +156,7 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
             Err(outcome) => return outcome,
         };
         let result = run_guarded(handler(&mut tx, message)).await;
-        self.conclude_one(key, tx, attempt, result).await
+        self.conclude_one(key, message, tx, attempt, result).await
     }
 
     /// Begins the message's transaction and inserts its inbox row: the
@@ -179,6 +189,7 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
     pub(crate) async fn conclude_one(
         &self,
         key: &str,
+        message: &InboxMessage,
         tx: Transaction<'static, DB>,
         attempt: i64,
         result: Result<(), HandlerError>,
@@ -195,7 +206,10 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
                 if let Err(e) = tx.rollback().await {
                     tracing::warn!(consumer = self.consumer(), message_id = key, error = %e, "inbox: rollback failed");
                 }
-                let attempt = self.count_failure(key, &error).await.unwrap_or(attempt);
+                let attempt = self
+                    .count_failure(key, message, &error)
+                    .await
+                    .unwrap_or(attempt);
                 self.failure_outcome(u32::try_from(attempt).unwrap_or(u32::MAX), error)
             }
         }
@@ -236,14 +250,24 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
     }
 
     /// Counts a failed attempt in its own statement (the handler's
-    /// transaction rolled back); the failures so far, `None` when the count
-    /// itself failed (logged).
-    async fn count_failure(&self, key: &str, error: &HandlerError) -> Option<i64> {
+    /// transaction rolled back), keeping the message's payload and headers
+    /// for a replay once it is dead; the failures so far, `None` when the
+    /// count itself failed (logged).
+    async fn count_failure(
+        &self,
+        key: &str,
+        message: &InboxMessage,
+        error: &HandlerError,
+    ) -> Option<i64> {
+        let headers = serde_json::to_string(message.headers()).unwrap_or_else(|_| "[]".into());
         let counted = Statement::<DB>::new(DB::SQL.fail)
             .bind(self.consumer())
             .bind(key)
             .bind(error.kind() == FailureKind::Permanent)
             .bind(error.to_string())
+            .bind(i64::from(self.config().max_attempts()))
+            .bind(message.payload().as_ref())
+            .bind(headers)
             .fetch_one(&self.backend.pool)
             .await
             .and_then(|row| DB::get::<i64>(&row, "failures"));
@@ -378,12 +402,15 @@ mod postgres {
                 WHERE consumer = $1 \
                   AND message_id IN (SELECT json_array_elements_text($2::text::json))",
             fail: "\
-                INSERT INTO inbox_consumer.attempts (consumer, message_id, failures, dead, last_error) \
-                VALUES ($1, $2, 1, $3, $4) \
+                INSERT INTO inbox_consumer.attempts \
+                  (consumer, message_id, failures, dead, last_error, payload, headers) \
+                VALUES ($1, $2, 1, $3 OR $5 <= 1, $4, $6, $7::text::jsonb) \
                 ON CONFLICT (consumer, message_id) DO UPDATE SET \
                   failures = attempts.failures + 1, \
-                  dead = attempts.dead OR EXCLUDED.dead, \
+                  dead = attempts.dead OR EXCLUDED.dead OR attempts.failures + 1 >= $5, \
                   last_error = EXCLUDED.last_error, \
+                  payload = EXCLUDED.payload, \
+                  headers = EXCLUDED.headers, \
                   updated_at = now() \
                 RETURNING failures::int8 AS failures",
             // SKIP LOCKED: instances purging at once take disjoint batches.
@@ -406,6 +433,17 @@ mod postgres {
                   AS attempts",
             revive: "\
                 DELETE FROM inbox_consumer.attempts WHERE consumer = $1 AND message_id = $2",
+            replays: "\
+                SELECT message_id, payload, headers::text AS headers FROM inbox_consumer.attempts \
+                WHERE consumer = $1 AND replay_at <= now() AND NOT dead AND payload IS NOT NULL \
+                ORDER BY replay_at LIMIT $2",
+            replayed: "\
+                UPDATE inbox_consumer.attempts SET replay_at = NULL \
+                WHERE consumer = $1 AND message_id = $2",
+            replay_later: "\
+                UPDATE inbox_consumer.attempts \
+                SET replay_at = now() + $3::int8 * interval '1 millisecond' \
+                WHERE consumer = $1 AND message_id = $2 AND replay_at IS NOT NULL",
         };
     }
 
@@ -491,13 +529,15 @@ mod sqlite {
                 WHERE consumer = $1 AND message_id IN (SELECT value FROM json_each($2))",
             fail: concat!(
                 "INSERT INTO inbox_consumer_attempts \
-                   (consumer, message_id, failures, dead, last_error, updated_at) \
-                 VALUES ($1, $2, 1, $3, $4, ",
+                   (consumer, message_id, failures, dead, last_error, updated_at, payload, headers) \
+                 VALUES ($1, $2, 1, $3 OR $5 <= 1, $4, ",
                 now_ms!(),
-                ") ON CONFLICT (consumer, message_id) DO UPDATE SET \
+                ", $6, $7) ON CONFLICT (consumer, message_id) DO UPDATE SET \
                    failures = failures + 1, \
-                   dead = dead OR excluded.dead, \
+                   dead = dead OR excluded.dead OR failures + 1 >= $5, \
                    last_error = excluded.last_error, \
+                   payload = excluded.payload, \
+                   headers = excluded.headers, \
                    updated_at = excluded.updated_at \
                  RETURNING failures"
             ),
@@ -522,6 +562,20 @@ mod sqlite {
                   AS attempts",
             revive: "\
                 DELETE FROM inbox_consumer_attempts WHERE consumer = $1 AND message_id = $2",
+            replays: concat!(
+                "SELECT message_id, payload, headers FROM inbox_consumer_attempts \
+                 WHERE consumer = $1 AND replay_at <= ",
+                now_ms!(),
+                " AND NOT dead AND payload IS NOT NULL ORDER BY replay_at LIMIT $2"
+            ),
+            replayed: "\
+                UPDATE inbox_consumer_attempts SET replay_at = NULL \
+                WHERE consumer = $1 AND message_id = $2",
+            replay_later: concat!(
+                "UPDATE inbox_consumer_attempts SET replay_at = ",
+                now_ms!(),
+                " + $3 WHERE consumer = $1 AND message_id = $2 AND replay_at IS NOT NULL"
+            ),
         };
     }
 
