@@ -130,6 +130,10 @@
 //!   step cannot read is dead-lettered by the inbox with its reason; an
 //!   instance whose data does not decode is marked `failed` with the
 //!   reason, and no worker panics.
+//! - **Operators.** A `failed` instance waits for an operator: the
+//!   [`operator`] functions (and `messaging-admin saga`) resume it, retry
+//!   its current step or force a compensation; each only makes the
+//!   instance due, and a worker runs the next transition as usual.
 //! - **Outages.** A database error rolls the transition back and is
 //!   retried (the reply is redelivered, the timer stays due); a broker
 //!   outage delays only the outbox relay and the inbox consumer.
@@ -140,6 +144,7 @@
 mod definition;
 mod machine;
 pub mod metrics;
+pub mod operator;
 mod runtime;
 
 pub use definition::{

@@ -153,9 +153,10 @@ pub(crate) enum Event<'a, D> {
     },
     /// Its timer fired (not for a call: see [`Machine::call_due`]).
     Due,
-    /// The call of attempt `attempt` came to `outcome`.
+    /// The call of attempt `attempt`, made in `phase`, came to `outcome`.
     Called {
         attempt: u32,
+        phase: Phase,
         outcome: CallOutcome<D>,
     },
     /// The local action asked for ran.
@@ -263,7 +264,11 @@ impl<'s, D: SagaData> Machine<'s, D> {
                 reply,
             } => self.reply(inst, action, phase, reply, fx)?,
             Event::Due => self.due(inst, fx)?,
-            Event::Called { attempt, outcome } => self.called(inst, attempt, outcome, fx)?,
+            Event::Called {
+                attempt,
+                phase,
+                outcome,
+            } => self.called(inst, attempt, phase, outcome, fx)?,
             Event::Local(result) => match result {
                 Ok(()) => self.complete_current(inst, fx),
                 Err(reason) => self.fail_current(inst, reason, fx),
@@ -317,6 +322,12 @@ impl<'s, D: SagaData> Machine<'s, D> {
 
     fn due(&self, inst: &mut Instance<D>, fx: &mut Effects) -> Result<(), Ignored> {
         let Some(step) = self.current(inst) else {
+            if inst.state == State::Compensating {
+                // Compensating on a step without a compensation (an
+                // operator forced the compensation there): the steps below.
+                self.next_compensation(inst, inst.step, fx);
+                return Ok(());
+            }
             return Err(Ignored::NotWaiting("nothing is due".into()));
         };
         match (&step.action, inst.waiting) {
@@ -357,13 +368,20 @@ impl<'s, D: SagaData> Machine<'s, D> {
         &self,
         inst: &mut Instance<D>,
         attempt: u32,
+        phase: Phase,
         outcome: CallOutcome<D>,
         fx: &mut Effects,
     ) -> Result<(), Ignored> {
         let Some(step) = self.current(inst) else {
             return Err(Ignored::NotWaiting("the instance is on no call".into()));
         };
-        if !matches!(step.action, Action::Call(_)) || attempt != inst.attempt {
+        // The phase too: an operator may force a compensation while a
+        // forward call is out, and the compensation's call counts its
+        // attempts from 1 again.
+        if !matches!(step.action, Action::Call(_))
+            || attempt != inst.attempt
+            || phase != Self::phase(inst)
+        {
             return Err(Ignored::NotWaiting(format!(
                 "a fenced call (attempt {attempt}; the instance is on `{}` attempt {})",
                 step.name, inst.attempt

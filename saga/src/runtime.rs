@@ -548,13 +548,15 @@ impl Sagas {
         Ok(Taken::Moved(call.map(|call| {
             let sagas = self.clone();
             Box::pin(async move {
-                let (id, attempt, outcome) = call.await;
+                let (id, attempt, phase, outcome) = call.await;
                 let mut tx = sagas.inner.pool.begin().await?;
                 let Some(row) = load(&mut tx, &id).await? else {
                     return Ok(());
                 };
                 let definition = Arc::clone(sagas.definition(&row)?);
-                definition.called(&mut tx, row, attempt, outcome).await?;
+                definition
+                    .called(&mut tx, row, attempt, phase, outcome)
+                    .await?;
                 tx.commit().await?;
                 Ok(())
             }) as BoxFuture<'static, Result<(), SagaError>>
@@ -694,7 +696,7 @@ enum Taken {
 }
 
 /// A call's result, as it travels from the call to its transition.
-type Called = (String, u32, serde_json::Result<CalledOutcome>);
+type Called = (String, u32, Phase, serde_json::Result<CalledOutcome>);
 
 /// A call's outcome with the data as JSON (the definition's type erased).
 pub(crate) enum CalledOutcome {
@@ -734,6 +736,7 @@ trait Definition: Send + Sync {
         conn: &'a mut PgConnection,
         row: Row,
         attempt: u32,
+        phase: Phase,
         outcome: serde_json::Result<CalledOutcome>,
     ) -> BoxFuture<'a, Result<(), SagaError>>;
 }
@@ -970,7 +973,7 @@ impl<D: SagaData> Definition for Typed<D> {
                 let (data, id, attempt) = (inst.data.clone(), inst.id.clone(), inst.attempt);
                 let span = tracing::info_span!("saga.step", saga = self.0.name, saga.instance = %id, action = ctx.action, phase = ctx.phase.as_str(), attempt);
                 let started = Instant::now();
-                let (saga, action) = (self.0.name, ctx.action);
+                let (saga, action, phase) = (self.0.name, ctx.action, ctx.phase);
                 let call = async move {
                     let outcome = call(data, ctx).await;
                     Metrics::call(saga, action, &outcome, started.elapsed());
@@ -981,7 +984,7 @@ impl<D: SagaData> Definition for Typed<D> {
                         crate::CallOutcome::Failed(r) => Ok(CalledOutcome::Failed(r)),
                         crate::CallOutcome::Uncertain(r) => Ok(CalledOutcome::Uncertain(r)),
                     };
-                    (id, attempt, outcome)
+                    (id, attempt, phase, outcome)
                 }
                 .instrument(span);
                 return Ok(Some(Box::pin(call) as BoxFuture<'static, Called>));
@@ -1015,6 +1018,7 @@ impl<D: SagaData> Definition for Typed<D> {
         conn: &'a mut PgConnection,
         row: Row,
         attempt: u32,
+        phase: Phase,
         outcome: serde_json::Result<CalledOutcome>,
     ) -> BoxFuture<'a, Result<(), SagaError>> {
         Box::pin(async move {
@@ -1027,7 +1031,15 @@ impl<D: SagaData> Definition for Typed<D> {
             };
             let id = row.id.clone();
             if let Err(ignored) = self
-                .apply(conn, row, Event::Called { attempt, outcome })
+                .apply(
+                    conn,
+                    row,
+                    Event::Called {
+                        attempt,
+                        phase,
+                        outcome,
+                    },
+                )
                 .await?
             {
                 tracing::info!(saga = self.0.name, saga.instance = %id, ?ignored, "saga: a call's outcome changes nothing (fenced)");

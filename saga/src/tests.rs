@@ -172,8 +172,12 @@ impl Harness {
             .expect("a call is due");
         self.effects(fx);
         let attempt = ctx.attempt;
-        self.feed(Event::Called { attempt, outcome })
-            .expect("the call's outcome applies");
+        self.feed(Event::Called {
+            attempt,
+            phase: ctx.phase,
+            outcome,
+        })
+        .expect("the call's outcome applies");
         (ctx.idempotency_key(), attempt)
     }
 
@@ -393,11 +397,13 @@ fn a_fenced_call_outcome_changes_nothing() {
     let paid = h.paid();
     let late = h.feed(Event::Called {
         attempt: first.attempt,
+        phase: first.phase,
         outcome: CallOutcome::Done(paid.clone()),
     });
     assert!(matches!(late, Err(Ignored::NotWaiting(_))));
     h.feed(Event::Called {
         attempt: second.attempt,
+        phase: second.phase,
         outcome: CallOutcome::Done(paid),
     })
     .unwrap();
