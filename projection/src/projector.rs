@@ -119,6 +119,16 @@ pub struct Lag {
     pub seconds: f64,
 }
 
+impl Lag {
+    /// A lag of `events` events, the oldest `seconds` old: what a broker-fed
+    /// projection gives [`Projector::record_lag`] (the struct is
+    /// `non_exhaustive`, so this is the only way to make one outside the
+    /// crate).
+    pub fn new(events: u64, seconds: f64) -> Self {
+        Self { events, seconds }
+    }
+}
+
 /// A parked event: never applied, with its reason.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]

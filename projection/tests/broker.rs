@@ -238,3 +238,20 @@ async fn nats_a_duplicate_delivery_applies_once() {
     let _ = js.delete_stream(&stream).await;
     db.finish().await;
 }
+
+/// A broker-fed projection records the lag it reads from the broker: the
+/// application must be able to make a `Lag` (it is `non_exhaustive`, so
+/// without `Lag::new` nothing outside the crate could call `record_lag`).
+#[tokio::test]
+async fn a_broker_fed_projection_records_the_lag_it_measures() {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://unused@127.0.0.1:1/unused")
+        .unwrap();
+    let p = Projector::builder(pool, "lag_totals", Totals::default())
+        .source(Source::Inbox)
+        .build()
+        .unwrap();
+    p.record_lag(projection::Lag::new(7, 1.5));
+    let m = p.metrics();
+    assert_eq!((m.events_behind, m.seconds_behind), (Some(7), Some(1.5)));
+}
