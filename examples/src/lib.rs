@@ -78,6 +78,12 @@ pub struct PaymentsArgs {
     /// "pool exhausted (N connections)". Ignored by the other stores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub pool_size: Option<u32>,
+    /// Encrypt stored responses at rest (AES-256-GCM) with the keys of this
+    /// file: one `ID:BASE64-OF-32-BYTES` a line, the last one current (new
+    /// records), the others still decrypting older ones; `#` comments and
+    /// blank lines allowed. A record no configured key opens answers 503.
+    #[arg(long, value_name = "PATH")]
+    pub encryption_key_file: Option<std::path::PathBuf>,
 }
 
 /// `--listen`: `HOST:PORT` with a host name or an IP address (IPv6 in
@@ -337,6 +343,11 @@ impl PaymentsArgs {
             .scope_header("authorization");
         if let Some(bound) = self.wait_for_in_flight {
             config = config.wait_for_in_flight(bound);
+        }
+        if let Some(path) = &self.encryption_key_file {
+            let keys = idempotency_core::EncryptionKeys::from_key_file(path)
+                .map_err(|e| usage_error(format!("--encryption-key-file {}: {e}", path.display())))?;
+            config = config.encryption(keys);
         }
         let config = config
             .build()

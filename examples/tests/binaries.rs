@@ -577,3 +577,72 @@ fn metrics_list_the_memory_store_evictions() {
         }
     });
 }
+
+/// `--encryption-key-file`: a payment's stored response is ciphertext in
+/// the SQLite file (its reference is nowhere in it), the retry replays it;
+/// restarted with a key file that lacks its key, the retry answers 503 and
+/// runs nothing; a key file that is wrong is a startup sentence, exit 2.
+fn check_encryption_key_file(binary: &'static str) {
+    let dir = TempDir::new("encryption");
+    let store = dir.sqlite("records.sqlite");
+    let keys = dir.0.join("keys");
+    std::fs::write(
+        &keys,
+        "# the payments API's record keys\nk1:Sx7xzRqpmi+X1Ia0I2aElDXU7Nm7XcV6rJ4gwrEtkGg=\n",
+    )
+    .expect("key file");
+    let key_file = keys.to_str().expect("a UTF-8 path");
+    let body = br#"{"amount":100,"currency":"EUR","reference":"secret-reference-42"}"#;
+    {
+        let server = Server::start(
+            binary,
+            &["--store", &store, "--encryption-key-file", key_file],
+        );
+        let first = post(server.addr, "enc-1", body);
+        assert_eq!(first.status, 201, "{binary}: {}", first.text());
+        let retry = post(server.addr, "enc-1", body);
+        assert_eq!(retry.status, 201, "{binary}: {}", retry.text());
+        assert_eq!(
+            retry.header("idempotent-replayed"),
+            Some("true"),
+            "{binary}"
+        );
+        assert_eq!(
+            retry.body, first.body,
+            "{binary}: the replay is the response"
+        );
+    }
+    let file = std::fs::read(dir.0.join("records.sqlite")).expect("the SQLite file");
+    let wal = std::fs::read(dir.0.join("records.sqlite-wal")).unwrap_or_default();
+    for bytes in [&file, &wal] {
+        assert!(
+            !bytes.windows(19).any(|w| w == b"secret-reference-42"),
+            "{binary}: the stored response is in clear"
+        );
+    }
+    std::fs::write(&keys, "k2:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").expect("key file");
+    {
+        let server = Server::start(
+            binary,
+            &["--store", &store, "--encryption-key-file", key_file],
+        );
+        let retry = post(server.addr, "enc-1", body);
+        assert_eq!(retry.status, 503, "{binary}: {}", retry.text());
+        let listed = http(server.addr, "GET /payments");
+        assert_eq!(listed.text(), "[]", "{binary}: the handler did not run");
+    }
+    std::fs::write(&keys, "k3:too-short\n").expect("key file");
+    let stderr = startup_error(
+        binary,
+        &["--store", &store, "--encryption-key-file", key_file],
+    );
+    assert!(
+        stderr.contains("--encryption-key-file"),
+        "{binary}: {stderr}"
+    );
+}
+
+#[test]
+fn encryption_key_file_seals_records_on_both_binaries() {
+    on_both(check_encryption_key_file);
+}
