@@ -345,8 +345,9 @@ impl PaymentsArgs {
             config = config.wait_for_in_flight(bound);
         }
         if let Some(path) = &self.encryption_key_file {
-            let keys = idempotency_core::EncryptionKeys::from_key_file(path)
-                .map_err(|e| usage_error(format!("--encryption-key-file {}: {e}", path.display())))?;
+            let keys = idempotency_core::EncryptionKeys::from_key_file(path).map_err(|e| {
+                usage_error(format!("--encryption-key-file {}: {e}", path.display()))
+            })?;
             config = config.encryption(keys);
         }
         let config = config
