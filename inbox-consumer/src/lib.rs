@@ -48,7 +48,7 @@
 //! # Quick start: any idempotency store (lease mode)
 //!
 //! ```
-//! use inbox_consumer::{Inbox, InboxConfig, InboxMessage, Outcome};
+//! use inbox_consumer::{Inbox, InboxConfig, InboxMessage};
 //! use idempotency_core::MemoryStore;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
