@@ -730,6 +730,18 @@ pub mod ledger {
     /// its own: the inbox alone prevents doubles) and the inbox of `consumer`,
     /// and purges processed inbox rows past the retention once an hour.
     pub async fn open(database: &str, consumer: &str) -> Result<PostgresInbox, StartError> {
+        let config = InboxConfig::builder(consumer.to_owned())
+            .build()
+            .context("the inbox settings are invalid (--consumer)")?;
+        open_with(database, config).await
+    }
+
+    /// [`open`] with the inbox's `config` (its consumer name, attempts and
+    /// retry delays).
+    pub async fn open_with(
+        database: &str,
+        config: InboxConfig,
+    ) -> Result<PostgresInbox, StartError> {
         let what = "the ledger database (PostgreSQL, --database)";
         let pool = super::connect_postgres(database, what, 4).await?;
         sqlx::query(
@@ -739,9 +751,6 @@ pub mod ledger {
         .execute(&pool)
         .await
         .context("could not create the ledger_entries table")?;
-        let config = InboxConfig::builder(consumer.to_owned())
-            .build()
-            .context("the inbox settings are invalid (--consumer)")?;
         let inbox = Inbox::postgres(pool, config)
             .await
             .context("could not set up the inbox")?;

@@ -26,6 +26,10 @@ use inbox_consumer::nats::Subscription;
 const STREAM: &str = "PAYMENTS";
 const SUBJECTS: &str = "payments.>";
 
+/// The longest redelivery delay of a failing message (unless
+/// `--retry-delay` is longer).
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
 /// Consume a JetStream stream into a PostgreSQL ledger, once per message.
 #[derive(Debug, Parser)]
 #[command(
@@ -68,6 +72,18 @@ struct Args {
     /// With `--batch N`: how long a batch waits for more messages after its first.
     #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
     batch_window: Duration,
+    /// Failed attempts before a message is dead. A dead message keeps its
+    /// payload in the inbox; `messaging-admin inbox retry` asks for a
+    /// replay, which this consumer runs through the inbox.
+    #[arg(long, value_name = "N", default_value_t = inbox_consumer::config::DEFAULT_MAX_ATTEMPTS)]
+    max_attempts: u32,
+    /// The redelivery delay after a first failure, doubled after each
+    /// further one (up to 60 s, or this delay when it is longer).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    retry_delay: Duration,
+    /// How often to look for the replays of dead messages an operator asked for.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    replay_interval: Duration,
     /// Serve Prometheus metrics (`inbox_messages_total{consumer,outcome}`)
     /// on `GET /metrics` at this address (off by default).
     #[arg(long, value_name = "ADDR")]
@@ -95,7 +111,7 @@ async fn run(args: Args) -> Result<(), StartError> {
     };
     examples::serve_metrics(args.metrics_listen).await?;
     let Some(inbox) = shutdown
-        .during(ledger::open(&args.database, &args.consumer))
+        .during(ledger::open_with(&args.database, inbox_config(&args)?))
         .await
         .transpose()?
     else {
@@ -118,21 +134,37 @@ async fn run(args: Args) -> Result<(), StartError> {
         .batch(args.batch as usize, args.batch_window);
     let (inbox, delay) = (&inbox, args.handler_delay);
     // The subscription acks only after `process` returns, i.e. after the commit.
-    let consumed = if args.batch > 1 {
-        tracing::info!(batch = args.batch, window = ?args.batch_window, "batches");
-        subscription
-            .run_batch(
-                move |messages| async move { ledger::process_batch(inbox, &messages, delay).await },
-                shutdown.requested(),
-            )
-            .await
-    } else {
-        subscription
-            .run(
-                move |message| async move { ledger::process(inbox, &message, delay).await },
-                shutdown.requested(),
-            )
-            .await
+    let consuming = async {
+        if args.batch > 1 {
+            tracing::info!(batch = args.batch, window = ?args.batch_window, "batches");
+            subscription
+                .run_batch(
+                    move |messages| async move { ledger::process_batch(inbox, &messages, delay).await },
+                    shutdown.requested(),
+                )
+                .await
+        } else {
+            subscription
+                .run(
+                    move |message| async move { ledger::process(inbox, &message, delay).await },
+                    shutdown.requested(),
+                )
+                .await
+        }
+    };
+    // Beside the deliveries: the replays of dead messages an operator asked
+    // for, through the inbox with the same handler. They stop when the
+    // consumption ends (a signal, or an error).
+    let replays = inbox.run_replays(
+        move |message| async move { ledger::process(inbox, &message, delay).await },
+        args.replay_interval,
+        shutdown.requested(),
+    );
+    let (mut consuming, mut replays) = (std::pin::pin!(consuming), std::pin::pin!(replays));
+    let consumed = tokio::select! {
+        consumed = &mut consuming => consumed,
+        // Signalled: the delivery in hand is finished first.
+        () = &mut replays => consuming.await,
     };
     consumed.context(format!(
         "could not consume the stream {} (--nats, --stream)",
@@ -140,4 +172,13 @@ async fn run(args: Args) -> Result<(), StartError> {
     ))?;
     tracing::info!(metrics = ?inbox.metrics(), "stopped");
     Ok(())
+}
+
+/// The inbox's settings: `--consumer`, `--max-attempts`, `--retry-delay`.
+fn inbox_config(args: &Args) -> Result<inbox_consumer::InboxConfig, StartError> {
+    inbox_consumer::InboxConfig::builder(args.consumer.clone())
+        .max_attempts(args.max_attempts)
+        .retry_delay(args.retry_delay, args.retry_delay.max(MAX_RETRY_DELAY))
+        .build()
+        .map_err(|e| examples::usage_error(format!("the inbox settings are invalid: {e}")))
 }
