@@ -297,6 +297,16 @@ impl Admin {
             }
             _ => {}
         }
+        // Every check of the request before anything is written (the
+        // audit's own table included).
+        match target {
+            Target::Ids { ids, .. } => check_ids(area, ids)?,
+            Target::Filter(filter) => {
+                area.state(filter.state.as_deref())?;
+                filter.scope(area)?;
+            }
+            Target::OlderThan { .. } => {}
+        }
         self.migrate_audit().await?;
         let mut report = Report {
             area: area.as_str().into(),
@@ -309,7 +319,6 @@ impl Admin {
             .await?;
         match target {
             Target::Ids { ids, consumer } => {
-                check_ids(area, ids)?;
                 for chunk in ids.chunks(BATCH) {
                     let keys = self.resolve(area, chunk, consumer.as_deref()).await?;
                     let changed = self.batch(actor, area, action, &report, &keys).await?;

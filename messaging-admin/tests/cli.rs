@@ -120,6 +120,22 @@ async fn bad_input_is_said_plainly_with_exit_status_1_or_2() {
         );
         assert!(!run.stderr.contains("Error {"), "no Debug dump: {run:?}");
     }
+    // A usage error writes nothing, not even the audit's table.
+    for args in [
+        &["outbox", "retry", "not-a-uuid"][..],
+        &["saga", "retry", "--state", "sleeping"],
+    ] {
+        let run = admin(&url, args).await;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+    }
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'messaging_admin'"
+        )
+        .await,
+        0
+    );
     outbox::migrate_postgres(&db.pool).await.expect("outbox");
     let unknown = uuid::Uuid::now_v7().to_string();
     let run = admin(&url, &["outbox", "show", &unknown]).await;
@@ -166,10 +182,18 @@ async fn bad_input_is_said_plainly_with_exit_status_1_or_2() {
         assert_eq!(run.code, 2, "{args:?}: {run:?}");
         assert!(!run.stderr.trim().is_empty(), "{args:?}: {run:?}");
     }
-    // Nothing was changed by any of it (the retries that took nothing
-    // wrote their audit rows).
+    // Nothing was changed by any of it; the retries that took nothing
+    // wrote their audit rows (who tried what), with no items.
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM outbox.events").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM messaging_admin.audit WHERE cardinality(items) > 0"
+        )
+        .await,
         0
     );
     db.finish().await;
