@@ -50,13 +50,16 @@ impl Admin {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e| AdminError::Usage(format!("--database is not a valid URL: {e}")))?;
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(CONNECT_TIMEOUT)
-            .connect_with(options);
+        // One connection first, so that a refusal or a wrong password is
+        // said as PostgreSQL or the network said it (a pool retries until
+        // its timeout and reports only that).
         let at = redact(url);
-        let pool = match tokio::time::timeout(CONNECT_TIMEOUT, pool).await {
-            Ok(Ok(pool)) => pool,
+        let first = {
+            use sqlx::ConnectOptions as _;
+            tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await
+        };
+        match first {
+            Ok(Ok(conn)) => drop(conn),
             Ok(Err(e)) => return Err(AdminError::Connect { at, source: e }),
             Err(_) => {
                 return Err(AdminError::Connect {
@@ -64,7 +67,11 @@ impl Admin {
                     source: sqlx::Error::PoolTimedOut,
                 })
             }
-        };
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_lazy_with(options);
         Self::new(pool, idempotency_schema)
     }
 

@@ -120,6 +120,16 @@ async fn bad_input_is_said_plainly_with_exit_status_1_or_2() {
         );
         assert!(!run.stderr.contains("Error {"), "no Debug dump: {run:?}");
     }
+    // PostgreSQL refusing: said as the network said it, once, without the
+    // password.
+    let run = admin("postgres://ops:hunter2@127.0.0.1:1/x", &["outbox", "list"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("cannot connect to PostgreSQL"),
+        "{run:?}"
+    );
+    assert_eq!(run.stderr.matches("refused").count(), 1, "{run:?}");
+    assert!(!run.stderr.contains("hunter2"), "{run:?}");
     // A usage error writes nothing, not even the audit's table.
     for args in [
         &["outbox", "retry", "not-a-uuid"][..],
