@@ -768,6 +768,8 @@ impl Redis {
             "6379",
             "--bind",
             addr,
+            "--protected-mode",
+            "no",
             "--save",
             "",
             "--appendonly",
