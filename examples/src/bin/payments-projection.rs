@@ -566,7 +566,10 @@ async fn follow_switches(
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "the switch listener failed; listening again");
-                    tokio::time::sleep(RETRY).await;
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = tokio::time::sleep(RETRY) => {}
+                    }
                 }
             },
         }
