@@ -6,8 +6,23 @@
 //! - `inbox_rabbitmq_e2e`: consume through RabbitMQ into PostgreSQL, ack
 //!   after the handler, with and without the inbox.
 //!
+//! - `inbox_pg_batch`: batch mode on PostgreSQL, in process: a batch
+//!   through `process_each` (one insert per message) and `process_batch`
+//!   (one insert for the batch), each against its floor, the same rows
+//!   written with the same commits and no inbox at all.
+//! - `inbox_rabbitmq_e2e_batch`, `inbox_nats_e2e_batch`: the same consumer
+//!   (`Subscription::run_batch`, acked after the commit) from RabbitMQ and
+//!   from JetStream into PostgreSQL: acking only (the broker's floor: no
+//!   database), the batch's rows in one insert with no inbox (the issue's
+//!   baseline) and through `process_batch`, one insert per message with no
+//!   inbox and through `process_each`. Timed from the first batch in hand
+//!   to the last batch committed; publishing is not timed.
+//!
+//! The batch sizes are `INBOX_BATCH_SIZES` (comma-separated, default
+//! `100`), e.g. `INBOX_BATCH_SIZES=10,100,500` for the curve.
+//!
 //! Each group is skipped (with a printed reason) when its `DATABASE_URL`,
-//! `REDIS_URL` or `AMQP_URL` is unset.
+//! `REDIS_URL`, `AMQP_URL` or `NATS_URL` is unset.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,6 +67,25 @@ async fn ledger_table(pool: &PgPool) -> String {
     .await
     .unwrap();
     table
+}
+
+/// Leaves nothing behind in the shared database: the ledger table and the
+/// inbox rows of the consumer.
+async fn clean_up(pool: &PgPool, table: &str, inbox: &PostgresInbox) {
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+        .execute(pool)
+        .await
+        .unwrap();
+    for sql in [
+        "DELETE FROM inbox_consumer.messages WHERE consumer = $1",
+        "DELETE FROM inbox_consumer.attempts WHERE consumer = $1",
+    ] {
+        sqlx::query(sql)
+            .bind(inbox.consumer())
+            .execute(pool)
+            .await
+            .unwrap();
+    }
 }
 
 /// The handler's effect, the same with and without the inbox.
@@ -124,6 +158,7 @@ fn inbox_pg(c: &mut Criterion) {
         })
     });
     g.finish();
+    rt.block_on(clean_up(&pool, &table, &inbox));
 }
 
 fn inbox_lease_redis(c: &mut Criterion) {
@@ -300,6 +335,387 @@ fn inbox_rabbitmq_e2e(c: &mut Criterion) {
         });
     }
     g.finish();
+    rt.block_on(clean_up(&pool, &table, &inbox));
+}
+
+/// The batch sizes of the batch groups: `INBOX_BATCH_SIZES`, default 100.
+fn batch_sizes() -> Vec<usize> {
+    let sizes = std::env::var("INBOX_BATCH_SIZES").unwrap_or_else(|_| "100".into());
+    sizes
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| panic!("INBOX_BATCH_SIZES: {s:?} is not a batch size"))
+        })
+        .collect()
+}
+
+/// `size` messages with fresh ids.
+fn batch_of(n: &AtomicU64, size: usize) -> Vec<InboxMessage> {
+    (0..size)
+        .map(|_| {
+            let id = format!("b{}", n.fetch_add(1, Ordering::Relaxed));
+            InboxMessage::new(Some(id), BODY)
+        })
+        .collect()
+}
+
+/// The batch's rows in one statement, the same with and without the inbox.
+async fn insert_all(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    ids: Vec<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO {table} (account, amount, message_id) SELECT 'bench', 100, unnest($1::text[])"
+    ))
+    .bind(ids)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+fn all_processed(messages: &[InboxMessage]) -> Vec<inbox_consumer::Outcome> {
+    messages
+        .iter()
+        .map(|_| inbox_consumer::Outcome::Processed { attempt: 1 })
+        .collect()
+}
+
+fn assert_processed(outcomes: &[inbox_consumer::Outcome]) {
+    assert!(
+        outcomes.iter().all(|o| o.name() == "processed"),
+        "{outcomes:?}"
+    );
+}
+
+/// How a batch is written: not at all (the broker's floor), the batch's
+/// rows in one insert or one insert per message, with no inbox (one
+/// transaction per batch) or through the inbox.
+#[derive(Clone, Copy)]
+enum Write {
+    AckOnly,
+    OneWithoutInbox,
+    OneWithInbox,
+    EachWithoutInbox,
+    EachWithInbox,
+}
+
+impl Write {
+    const ALL: [Write; 5] = [
+        Write::AckOnly,
+        Write::OneWithoutInbox,
+        Write::OneWithInbox,
+        Write::EachWithoutInbox,
+        Write::EachWithInbox,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Write::AckOnly => "ack_only_no_database",
+            Write::OneWithoutInbox => "one_insert_without_inbox",
+            Write::OneWithInbox => "one_insert_with_inbox_process_batch",
+            Write::EachWithoutInbox => "insert_each_without_inbox",
+            Write::EachWithInbox => "insert_each_with_inbox_process_each",
+        }
+    }
+
+    /// Writes `messages`; their outcomes (all processed, or a panic).
+    async fn write(
+        self,
+        inbox: &PostgresInbox,
+        pool: &PgPool,
+        table: &Arc<str>,
+        messages: &[InboxMessage],
+    ) -> Vec<inbox_consumer::Outcome> {
+        let outcomes = match self {
+            Write::AckOnly => all_processed(messages),
+            Write::OneWithoutInbox => {
+                let mut tx = pool.begin().await.unwrap();
+                let ids = messages.iter().map(|m| m.id().unwrap()).collect();
+                insert_all(&mut tx, table, ids).await.unwrap();
+                tx.commit().await.unwrap();
+                all_processed(messages)
+            }
+            Write::EachWithoutInbox => {
+                let mut tx = pool.begin().await.unwrap();
+                for m in messages {
+                    insert(&mut tx, table, m.id().unwrap()).await.unwrap();
+                }
+                tx.commit().await.unwrap();
+                all_processed(messages)
+            }
+            Write::OneWithInbox => {
+                let table = table.clone();
+                inbox
+                    .process_batch(messages, move |tx, new| {
+                        let table = table.clone();
+                        Box::pin(async move {
+                            let ids = new.iter().map(|m| m.id().unwrap_or_default()).collect();
+                            insert_all(tx, &table, ids).await?;
+                            Ok(())
+                        })
+                    })
+                    .await
+            }
+            Write::EachWithInbox => {
+                let table = table.clone();
+                inbox
+                    .process_each(messages, move |tx, m| {
+                        let table = table.clone();
+                        Box::pin(async move {
+                            insert(tx, &table, m.id().unwrap_or_default()).await?;
+                            Ok(())
+                        })
+                    })
+                    .await
+            }
+        };
+        assert_processed(&outcomes);
+        outcomes
+    }
+}
+
+/// The pool, a fresh ledger table and an inbox with a fresh consumer name.
+async fn batch_setup(url: &str) -> (PgPool, Arc<str>, PostgresInbox) {
+    let pool = PgPool::connect(url).await.unwrap();
+    let table: Arc<str> = ledger_table(&pool).await.into();
+    let inbox = Inbox::postgres(
+        pool.clone(),
+        InboxConfig::builder(unique("bench")).build().unwrap(),
+    )
+    .await
+    .unwrap();
+    (pool, table, inbox)
+}
+
+fn inbox_pg_batch(c: &mut Criterion) {
+    let Some(url) = env("DATABASE_URL", "inbox_pg_batch") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (pool, table, inbox) = rt.block_on(batch_setup(&url));
+    let n = AtomicU64::new(0);
+    let mut g = c.benchmark_group("inbox_pg_batch");
+    for size in batch_sizes() {
+        g.throughput(Throughput::Elements(size as u64));
+        for write in &Write::ALL[1..] {
+            g.bench_function(format!("batch_{size}_{}", write.name()), |b| {
+                b.to_async(&rt).iter(|| async {
+                    let batch = batch_of(&n, size);
+                    write.write(&inbox, &pool, &table, &batch).await;
+                })
+            });
+        }
+    }
+    g.finish();
+    rt.block_on(clean_up(&pool, &table, &inbox));
+}
+
+/// The span of a batch consumer's run: from the first batch in hand to the
+/// commit of the batch that completes `iters` messages, when `stop` is
+/// notified.
+struct Clock {
+    done: AtomicU64,
+    first: std::sync::Mutex<Option<Instant>>,
+    last: std::sync::Mutex<Option<Instant>>,
+    stop: tokio::sync::Notify,
+    iters: u64,
+}
+
+impl Clock {
+    fn new(iters: u64) -> Self {
+        Self {
+            done: AtomicU64::new(0),
+            first: std::sync::Mutex::new(None),
+            last: std::sync::Mutex::new(None),
+            stop: tokio::sync::Notify::new(),
+            iters,
+        }
+    }
+
+    /// A batch of `messages`, written as `write` says.
+    async fn batch(
+        &self,
+        write: Write,
+        inbox: &PostgresInbox,
+        pool: &PgPool,
+        table: &Arc<str>,
+        messages: Vec<InboxMessage>,
+    ) -> Vec<inbox_consumer::Outcome> {
+        self.first.lock().unwrap().get_or_insert_with(Instant::now);
+        let outcomes = write.write(inbox, pool, table, &messages).await;
+        let n = messages.len() as u64;
+        if self.done.fetch_add(n, Ordering::SeqCst) + n >= self.iters {
+            self.last.lock().unwrap().get_or_insert_with(Instant::now);
+            // A permit: the subscription stops after settling this batch.
+            self.stop.notify_one();
+        }
+        outcomes
+    }
+
+    fn elapsed(&self) -> Duration {
+        let first = self.first.lock().unwrap().expect("a batch arrived");
+        let last = self.last.lock().unwrap().expect("every message processed");
+        last - first
+    }
+}
+
+fn inbox_rabbitmq_e2e_batch(c: &mut Criterion) {
+    let (Some(amqp), Some(db)) = (
+        env("AMQP_URL", "inbox_rabbitmq_e2e_batch"),
+        env("DATABASE_URL", "inbox_rabbitmq_e2e_batch"),
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ((pool, table, inbox), conn) = rt.block_on(async {
+        let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        (batch_setup(&db).await, conn)
+    });
+    let n = AtomicU64::new(0);
+    let mut g = c.benchmark_group("inbox_rabbitmq_e2e_batch");
+    g.throughput(Throughput::Elements(1));
+    for size in batch_sizes() {
+        for write in Write::ALL {
+            g.bench_function(format!("batch_{size}_{}", write.name()), |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let (amqp, conn, pool, table, inbox, n) =
+                        (&amqp, &conn, &pool, &table, &inbox, &n);
+                    async move {
+                        let ch = conn.create_channel().await.unwrap();
+                        let queue = unique("bench_q");
+                        ch.queue_declare(
+                            queue.as_str().into(),
+                            QueueDeclareOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .unwrap();
+                        // Publishing is not timed.
+                        for _ in 0..iters {
+                            let id = format!("e{}", n.fetch_add(1, Ordering::Relaxed));
+                            ch.basic_publish(
+                                "".into(),
+                                queue.as_str().into(),
+                                BasicPublishOptions::default(),
+                                BODY,
+                                BasicProperties::default().with_message_id(id.as_str().into()),
+                            )
+                            .await
+                            .unwrap()
+                            .await
+                            .unwrap();
+                        }
+                        let clock = Clock::new(iters);
+                        let clock = &clock;
+                        rabbitmq::Subscription::new(amqp.as_str(), queue.as_str())
+                            .batch(size, Duration::from_millis(5))
+                            .run_batch(
+                                |messages| clock.batch(write, inbox, pool, table, messages),
+                                clock.stop.notified(),
+                            )
+                            .await
+                            .unwrap();
+                        let _ = ch
+                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                        let _ = ch.close(200, "done".into()).await;
+                        clock.elapsed()
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+    rt.block_on(clean_up(&pool, &table, &inbox));
+}
+
+fn inbox_nats_e2e_batch(c: &mut Criterion) {
+    let (Some(nats), Some(db)) = (
+        env("NATS_URL", "inbox_nats_e2e_batch"),
+        env("DATABASE_URL", "inbox_nats_e2e_batch"),
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ((pool, table, inbox), js) = rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
+        (batch_setup(&db).await, js)
+    });
+    let n = AtomicU64::new(0);
+    let mut g = c.benchmark_group("inbox_nats_e2e_batch");
+    g.throughput(Throughput::Elements(1));
+    for size in batch_sizes() {
+        for write in Write::ALL {
+            g.bench_function(format!("batch_{size}_{}", write.name()), |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let (js, pool, table, inbox, n) = (&js, &pool, &table, &inbox, &n);
+                    async move {
+                        let stream = unique("BENCH").to_uppercase();
+                        js.create_stream(async_nats::jetstream::stream::Config {
+                            name: stream.clone(),
+                            subjects: vec![format!("{stream}.>")],
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                        // Publishing is not timed. The acks are awaited 256 at a
+                        // time: async-nats holds a publish back while too many
+                        // acks are pending, so awaiting them all at the end
+                        // would wait for ever.
+                        let mut acks: Vec<async_nats::jetstream::context::PublishAckFuture> =
+                            Vec::with_capacity(256);
+                        for _ in 0..iters {
+                            if acks.len() == 256 {
+                                for ack in acks.drain(..) {
+                                    ack.await.unwrap();
+                                }
+                            }
+                            let mut headers = async_nats::HeaderMap::new();
+                            let id = format!("j{}", n.fetch_add(1, Ordering::Relaxed));
+                            headers.insert("Nats-Msg-Id", id.as_str());
+                            acks.push(
+                                js.publish_with_headers(
+                                    format!("{stream}.pay"),
+                                    headers,
+                                    BODY.into(),
+                                )
+                                .await
+                                .unwrap(),
+                            );
+                        }
+                        for ack in acks {
+                            ack.await.unwrap();
+                        }
+                        let clock = Clock::new(iters);
+                        let clock = &clock;
+                        inbox_consumer::nats::Subscription::new(
+                            js.clone(),
+                            stream.as_str(),
+                            "bench",
+                        )
+                        .batch(size, Duration::from_millis(5))
+                        .run_batch(
+                            |messages| clock.batch(write, inbox, pool, table, messages),
+                            clock.stop.notified(),
+                        )
+                        .await
+                        .unwrap();
+                        let _ = js.delete_stream(&stream).await;
+                        clock.elapsed()
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+    rt.block_on(clean_up(&pool, &table, &inbox));
 }
 
 fn config() -> Criterion {
@@ -312,6 +728,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = inbox_pg, inbox_lease_redis, inbox_rabbitmq_e2e
+    targets = inbox_pg, inbox_lease_redis, inbox_rabbitmq_e2e, inbox_pg_batch,
+        inbox_rabbitmq_e2e_batch, inbox_nats_e2e_batch
 }
 criterion_main!(benches);
