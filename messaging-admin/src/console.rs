@@ -465,3 +465,51 @@ async fn audit(State(app): State<App>, Query(q): Query<AuditQuery>) -> Response 
         Err(e) => failed(&e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_file_is_name_token_lines() {
+        let t = Tokens::parse("# ops\nalice 0123456789abcdef\n\n bob  fedcba9876543210 \n")
+            .expect("two tokens");
+        assert_eq!(t.name_of("0123456789abcdef"), Some("alice"));
+        assert_eq!(t.name_of("fedcba9876543210"), Some("bob"));
+        assert_eq!(t.name_of("0123456789abcdeX"), None);
+        assert_eq!(t.name_of("0123456789abcde"), None);
+        assert_eq!(t.name_of(""), None);
+        // Nothing of a token shows in Debug.
+        assert!(!format!("{t:?}").contains("0123"));
+    }
+
+    #[test]
+    fn a_bad_token_file_is_said_with_its_line() {
+        for (text, says) in [
+            ("", "holds no token"),
+            ("# only a comment\n", "holds no token"),
+            ("alice\n", "line 1 is not `NAME TOKEN`"),
+            ("alice short\n", "shorter than 16"),
+            ("alice 0123456789abcdef extra\n", "line 1 is not"),
+            ("a 0123456789abcdef\nb 0123456789abcdef\n", "line 2 repeats"),
+        ] {
+            let e = Tokens::parse(text).expect_err(text);
+            assert!(e.contains(says), "{text:?}: {e}");
+            assert!(!e.contains("0123456789abcdef"), "no token quoted: {e}");
+        }
+    }
+
+    #[test]
+    fn only_a_bearer_token_is_read() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "bearer  abc ".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
+}

@@ -569,3 +569,76 @@ async fn two_consoles_retrying_one_group_publish_each_event_once() {
     relay.stop().await;
     b.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_of_thousands_runs_in_audited_batches_once_each_from_two_processes() {
+    let Some(db) = PgDatabase::create("admin_batches").await else {
+        return;
+    };
+    let url = db.url.clone();
+    outbox::migrate_postgres(&db.pool).await.expect("outbox");
+    const N: usize = 2_400;
+    enqueue(&db.pool, "payments", N).await;
+    // Dead, as a relay leaves them (no relay runs here: they stay waiting
+    // once retried).
+    sqlx::query("UPDATE outbox.events SET dead_at = now(), attempts = 1, last_error = 'no route'")
+        .execute(&db.pool)
+        .await
+        .expect("dead");
+    let args = [
+        "outbox",
+        "retry",
+        "--state",
+        "dead",
+        "--destination",
+        "payments",
+        "--json",
+    ];
+    let (a, b) = tokio::join!(admin_json(&url, &args), admin_json(&url, &args));
+    let ids = |r: &Value| -> Vec<String> {
+        r["changed"]
+            .as_array()
+            .expect("changed")
+            .iter()
+            .map(|v| v.as_str().expect("id").to_owned())
+            .collect()
+    };
+    let (ia, ib) = (ids(&a), ids(&b));
+    assert_eq!(
+        ia.len() + ib.len(),
+        N,
+        "each event retried by one: {} + {}",
+        ia.len(),
+        ib.len()
+    );
+    let mut all: Vec<&String> = ia.iter().chain(&ib).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), N, "no event retried twice");
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox.events WHERE dead_at IS NULL AND attempts = 0"
+        )
+        .await,
+        N as i64
+    );
+    // At most 500 items a batch, one audit row each, each event in one row.
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT action_id::text, cardinality(items) FROM messaging_admin.audit \
+         WHERE cardinality(items) > 0",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("audit");
+    assert!(rows.len() >= N / 500, "{rows:?}");
+    assert!(rows.iter().all(|(_, n)| *n <= 500), "{rows:?}");
+    assert_eq!(rows.iter().map(|(_, n)| *n as usize).sum::<usize>(), N);
+    let batches = a["batches"].as_u64().unwrap_or(0) + b["batches"].as_u64().unwrap_or(0);
+    assert!(batches as usize >= N / 500, "{a} {b}");
+    // Once more: nothing is dead, said so.
+    let run = admin(&url, &args[..6]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("nothing to retry"), "{run:?}");
+    db.finish().await;
+}
