@@ -34,5 +34,5 @@ pub use staged::{Staged, StagedStore};
 pub use transactional::{mode, run_prefix, Answer, Fixture, FixtureDb, Probe};
 pub use wire::{
     closed_port, host_port, is_tls_client_hello, via, CountingProxy, Counts, LossyProxy, Proxy,
-    SilentServer, Wire,
+    SilentServer, SlowProxy, Slowness, Wire,
 };

@@ -492,3 +492,156 @@ pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr").port()
 }
+
+/// How a [`SlowProxy`] slows its link: each chunk of bytes, in each
+/// direction, is held for a delay drawn uniformly from `min..=max`, and one
+/// chunk in a hundred `loss_percent` times is held `retransmit` longer. A
+/// byte-stream proxy cannot drop bytes without corrupting the stream, so a
+/// lost segment is what TCP makes of it: a retransmission, later.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Slowness {
+    pub min: std::time::Duration,
+    pub max: std::time::Duration,
+    pub loss_percent: u32,
+    pub retransmit: std::time::Duration,
+}
+
+/// A TCP proxy to `upstream` that delays (and "loses", see [`Slowness`])
+/// what it forwards, in order, the delays of consecutive chunks
+/// overlapping as a link's latency does. Set its [`Slowness`] at any time;
+/// the default forwards at once.
+pub struct SlowProxy {
+    pub addr: std::net::SocketAddr,
+    slowness: Arc<std::sync::Mutex<Slowness>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SlowProxy {
+    /// Listens on `bind` (`"127.0.0.1:0"`, or an address of a test's own).
+    pub async fn start(bind: &str, upstream: String) -> Self {
+        let listener = TcpListener::bind(bind).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let slowness = Arc::new(std::sync::Mutex::new(Slowness::default()));
+        let shared = slowness.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (upstream, slowness) = (upstream.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = inbound.into_split();
+                    let (server_read, server_write) = outbound.into_split();
+                    let up = tokio::spawn(slow_copy(client_read, server_write, slowness.clone()));
+                    slow_copy(server_read, client_write, slowness).await;
+                    up.abort();
+                });
+            }
+        });
+        Self {
+            addr,
+            slowness,
+            task,
+        }
+    }
+
+    /// From now on, slows the link so (existing connections too).
+    pub fn set(&self, slowness: Slowness) {
+        *self.slowness.lock().unwrap() = slowness;
+    }
+}
+
+/// Copies `from` to `to`, each chunk held until its due time.
+async fn slow_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    slowness: Arc<std::sync::Mutex<Slowness>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut last_due = tokio::time::Instant::now();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let s = *slowness.lock().unwrap();
+        let mut delay = s.min;
+        if s.max > s.min {
+            let spread = (s.max - s.min).as_micros() as u64;
+            delay += std::time::Duration::from_micros(rand::random::<u64>() % (spread + 1));
+        }
+        if s.loss_percent > 0 && rand::random::<u32>() % 100 < s.loss_percent {
+            delay += s.retransmit;
+        }
+        // In order: never before the chunk ahead of it.
+        let due = (tokio::time::Instant::now() + delay).max(last_due);
+        last_due = due;
+        if tx.send((due, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// An echo server behind the proxy: the delay is paid each way, the
+    /// bytes come back whole and in order, and clearing the slowness
+    /// makes it fast again.
+    #[tokio::test]
+    async fn slow_proxy_delays_in_order_and_can_be_cleared() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = echo.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let proxy = SlowProxy::start("127.0.0.1:0", upstream).await;
+        proxy.set(Slowness {
+            min: Duration::from_millis(100),
+            max: Duration::from_millis(150),
+            loss_percent: 0,
+            retransmit: Duration::ZERO,
+        });
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let started = Instant::now();
+        let sent: Vec<u8> = (0..200u8).collect();
+        for chunk in sent.chunks(10) {
+            client.write_all(chunk).await.unwrap();
+        }
+        let mut got = vec![0u8; sent.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, sent, "whole and in order");
+        let slow = started.elapsed();
+        assert!(slow >= Duration::from_millis(200), "{slow:?}");
+        proxy.set(Slowness::default());
+        let started = Instant::now();
+        client.write_all(b"x").await.unwrap();
+        client.read_exact(&mut got[..1]).await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(100), "fast again");
+    }
+}
