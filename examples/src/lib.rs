@@ -183,6 +183,23 @@ pub async fn serve_axum(
     }
 }
 
+/// Runs each request in the span `request` (its method and path), the root
+/// of the request's trace: with the `trace` feature (outbox's), a payment's
+/// event is enqueued in it and carries its `traceparent` to the ledger.
+/// payments-axum's outermost layer (`axum::middleware::from_fn`).
+pub async fn in_request_span(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path()
+    );
+    next.run(request).instrument(span).await
+}
+
 /// The body of the 408 `application/problem+json` response when a request
 /// body did not arrive within [`BODY_READ_TIMEOUT`] (`--no-idempotency`;
 /// covered requests get the engine's 408).

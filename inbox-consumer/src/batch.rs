@@ -24,7 +24,7 @@ use sql_foundation::Statement;
 use sqlx::Transaction;
 
 use crate::error::InboxError;
-use crate::inbox::{run_guarded, Inbox};
+use crate::inbox::{in_span, run_guarded, Inbox};
 use crate::message::InboxMessage;
 use crate::outcome::{DeadReason, HandlerError, Outcome};
 use crate::transactional::{InboxDatabase, Transactional, UNAVAILABLE_RETRY};
@@ -39,10 +39,14 @@ trait Handle<DB: InboxDatabase>: Send {
     ) -> BoxFuture<'t, Result<(), HandlerError>>;
 }
 
-/// [`Inbox::process_batch`]'s handler: all the new messages at once.
-struct Whole<F>(F);
+/// [`Inbox::process_batch`]'s handler: all the new messages at once (and
+/// the consumer's name, for its span).
+struct Whole<'c, F>(
+    F,
+    #[cfg_attr(not(feature = "trace"), allow(dead_code))] &'c str,
+);
 
-impl<DB, F> Handle<DB> for Whole<F>
+impl<DB, F> Handle<DB> for Whole<'_, F>
 where
     DB: InboxDatabase,
     F: for<'t> FnMut(
@@ -56,15 +60,23 @@ where
         tx: &'t mut Transaction<'static, DB>,
         new: &'t [&'t InboxMessage],
     ) -> BoxFuture<'t, Result<(), HandlerError>> {
-        (self.0)(tx, new)
+        #[cfg(feature = "trace")]
+        {
+            let span = crate::trace::batch_span(self.1, new);
+            Box::pin(tracing::Instrument::instrument((self.0)(tx, new), span))
+        }
+        #[cfg(not(feature = "trace"))]
+        {
+            (self.0)(tx, new)
+        }
     }
 }
 
 /// [`Inbox::process_each`]'s handler: one message after the other, in
-/// the batch's transaction.
-struct Each<F>(F);
+/// the batch's transaction (and the consumer's name, for their spans).
+struct Each<'c, F>(F, &'c str);
 
-impl<DB, F> Handle<DB> for Each<F>
+impl<DB, F> Handle<DB> for Each<'_, F>
 where
     DB: InboxDatabase,
     F: for<'t> FnMut(
@@ -80,7 +92,8 @@ where
     ) -> BoxFuture<'t, Result<(), HandlerError>> {
         Box::pin(async move {
             for message in new {
-                (self.0)(&mut *tx, message).await?;
+                let id = message.id().unwrap_or_default();
+                in_span(self.1, id, message, (self.0)(&mut *tx, message)).await?;
             }
             Ok(())
         })
@@ -177,7 +190,7 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
             ) -> BoxFuture<'t, Result<(), HandlerError>>
             + Send,
     {
-        self.batch(messages, Whole(handler)).await
+        self.batch(messages, Whole(handler, self.consumer())).await
     }
 
     /// [`process_batch`](Self::process_batch) with a per-message handler:
@@ -213,7 +226,7 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
             ) -> BoxFuture<'t, Result<(), HandlerError>>
             + Send,
     {
-        self.batch(messages, Each(handler)).await
+        self.batch(messages, Each(handler, self.consumer())).await
     }
 
     async fn batch<H: Handle<DB>>(

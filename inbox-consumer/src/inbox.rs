@@ -159,6 +159,28 @@ impl<B> Inbox<B> {
     }
 }
 
+/// Runs `handler` in the span `inbox.handle` that continues the trace of
+/// `message` (feature `trace`); without the feature, it is `handler` itself.
+#[cfg_attr(not(feature = "trace"), allow(unused_variables))]
+pub(crate) fn in_span<F: Future>(
+    consumer: &str,
+    message_id: &str,
+    message: &InboxMessage,
+    handler: F,
+) -> impl Future<Output = F::Output> {
+    #[cfg(feature = "trace")]
+    {
+        tracing::Instrument::instrument(
+            handler,
+            crate::trace::handle_span(consumer, message_id, message),
+        )
+    }
+    #[cfg(not(feature = "trace"))]
+    {
+        handler
+    }
+}
+
 /// Runs a handler's future, turning a panic into a transient failure so that
 /// it is counted like any other (a panicking poison message still dies).
 pub(crate) async fn run_guarded<F>(handler: F) -> Result<(), HandlerError>

@@ -28,7 +28,7 @@ use idempotency_core::{
 use idempotency_core::{Claim, Guarded, Held};
 
 use crate::error::InboxError;
-use crate::inbox::{run_guarded, Inbox};
+use crate::inbox::{in_span, run_guarded, Inbox};
 use crate::message::InboxMessage;
 use crate::outcome::{DeadReason, HandlerError, Outcome};
 
@@ -236,7 +236,7 @@ impl<S: Store> Inbox<Lease<S>> {
         }
         let attempt = failures + 1;
         let (result, held) = self
-            .run_with_heartbeat(&id, token, key, handler(message))
+            .run_with_heartbeat(&id, token, key, message, handler(message))
             .await;
         match result {
             Ok(()) => {
@@ -274,9 +274,11 @@ impl<S: Store> Inbox<Lease<S>> {
         id: &RecordId,
         token: LeaseToken,
         key: &str,
+        message: &InboxMessage,
         handler: BoxFuture<'_, Result<(), HandlerError>>,
     ) -> (Result<(), HandlerError>, Held) {
         let lease = self.config().lease();
+        let handler = in_span(self.consumer(), key, message, handler);
         let (result, held) = self
             .backend
             .guarded

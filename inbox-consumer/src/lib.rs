@@ -153,6 +153,19 @@
 //! # }
 //! ```
 //!
+//! # Trace context (feature `trace`)
+//!
+//! With the feature `trace`, the handler runs in a span `inbox.handle`
+//! (consumer, message id) whose parent is the trace context of the
+//! message's W3C `traceparent` header, which the `outbox` crate's relays
+//! set from what `outbox::enqueue` stored: the producer's trace goes on in
+//! the consumer, through [`Inbox::process`], [`Inbox::process_each`] (a
+//! span per message), the replays and the lease mode; a
+//! [`Inbox::process_batch`] handler runs in one span `inbox.batch` linked to
+//! each message's context. The application installs tracing-opentelemetry's
+//! layer. Without the feature no OpenTelemetry crate is compiled and no span
+//! is made. See the `trace` module.
+//!
 //! # Outcomes and what the adapters do with them
 //!
 //! | [`Outcome`] | meaning | RabbitMQ | JetStream |
@@ -315,6 +328,8 @@ pub mod metrics;
 pub mod outcome;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod replay;
+#[cfg(feature = "trace")]
+pub mod trace;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod transactional;
 

@@ -18,7 +18,7 @@ use sql_foundation::{millis, Dialect, Statement};
 use sqlx::{Pool, Transaction};
 
 use crate::error::InboxError;
-use crate::inbox::{run_guarded, Inbox};
+use crate::inbox::{in_span, run_guarded, Inbox};
 use crate::message::InboxMessage;
 use crate::outcome::{DeadReason, FailureKind, HandlerError, Outcome};
 
@@ -155,7 +155,8 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
             Ok(claimed) => claimed,
             Err(outcome) => return outcome,
         };
-        let result = run_guarded(handler(&mut tx, message)).await;
+        let handled = in_span(self.consumer(), key, message, handler(&mut tx, message));
+        let result = run_guarded(handled).await;
         self.conclude_one(key, message, tx, attempt, result).await
     }
 

@@ -80,12 +80,18 @@ async fn insert<DB: crate::OutboxDatabase>(
     } else {
         DB::SQL.insert
     };
-    sql_foundation::Statement::<DB>::new(sql)
+    // On the stack: binding it allocates nothing more than the row's text.
+    #[cfg(feature = "trace")]
+    let traceparent = crate::trace::Traceparent::current();
+    let statement = sql_foundation::Statement::<DB>::new(sql)
         .bind(event.id().to_string())
         .bind(event.destination())
         .bind(event.ordering_key())
         .bind(event.headers_json())
-        .bind(event.payload().as_ref())
+        .bind(event.payload().as_ref());
+    #[cfg(feature = "trace")]
+    let statement = statement.bind(traceparent.as_ref().map(crate::trace::Traceparent::as_str));
+    statement
         .execute(sql_foundation::On::Conn(conn))
         .await
         .map_err(|e| match &e {

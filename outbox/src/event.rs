@@ -149,6 +149,16 @@ impl Event {
         serde_json::to_string(&self.headers).unwrap_or_else(|_| "[]".to_owned())
     }
 
+    /// Adds the stored `traceparent` as a header, unless the event has a
+    /// header of that name already (the producer's own wins).
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn add_traceparent(&mut self, traceparent: String) {
+        const NAME: &str = "traceparent";
+        if self.header(NAME).is_none() {
+            self.headers.push((NAME.to_owned(), traceparent));
+        }
+    }
+
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn from_row(
         id: &str,

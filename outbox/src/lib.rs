@@ -137,6 +137,18 @@
 //! **Does not promise.** Exactly-once delivery; order across keys; order for
 //! keyless events; anything for events that died.
 //!
+//! # Trace context (feature `trace`)
+//!
+//! With the feature `trace`, [`enqueue`] stores the W3C `traceparent` of the
+//! current `tracing` span's OpenTelemetry context (through
+//! tracing-opentelemetry's layer, which the application installs) in the
+//! event's `traceparent` column, formatted on the stack. Either relay, built
+//! with the feature or not, sends a stored `traceparent` as the message
+//! header `traceparent` (unless the event has a header of that name), so
+//! that the consumer continues the trace ([`trace`] module; the
+//! `inbox-consumer` crate's own `trace` feature). Without the feature no
+//! OpenTelemetry crate is compiled and enqueue's statement is unchanged.
+//!
 //! # Metrics
 //!
 //! [`Relay::metrics`] is a snapshot of what a relay did; the same counts, and
@@ -164,6 +176,9 @@ pub mod publisher;
 mod relay;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod settle;
+#[cfg(feature = "trace")]
+#[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
+pub mod trace;
 
 #[cfg(feature = "nats")]
 pub mod nats;

@@ -97,6 +97,17 @@
 //!   [`CallOutcome::Uncertain`] is retried with the same key until the
 //!   answer is definite; only [`CallOutcome::Failed`] compensates.
 //!
+//! # Trace context (feature `trace`)
+//!
+//! With the feature `trace` (which turns on `outbox/trace` and
+//! `inbox-consumer/trace`), an instance keeps the W3C `traceparent` of the
+//! span that started it (column `saga.instances.traceparent`), and every
+//! step's span `saga.step` (local, call, and the enqueue of a command)
+//! continues that trace. A command carries it through the outbox and the
+//! broker to the participant's inbox, whose reply carries it back: one
+//! trace from the start through every step. Without the feature no
+//! OpenTelemetry crate is compiled and the spans are as before.
+//!
 //! # Guarantees
 //!
 //! - **One transaction per transition.** A reply's transition commits the
@@ -146,6 +157,7 @@ mod machine;
 pub mod metrics;
 pub mod operator;
 mod runtime;
+mod trace;
 
 pub use definition::{
     CallOutcome, Command, DefinitionError, OnTimeout, Phase, Reply, ReplyError, Retry, Saga,

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::definition::{Action, Phase, Reply, Saga, SagaData};
 use crate::machine::{Effects, Event, Ignored, Instance, Machine, State, Timer};
 use crate::metrics::Metrics;
+use crate::trace::Trace;
 
 /// The headers a command carries and its reply must carry back
 /// ([`reply_headers`]).
@@ -267,17 +268,27 @@ impl Sagas {
                 })?;
         let definition = &self.inner.definitions[&(name, version)];
         let json = serde_json::to_string(data)?;
-        let inserted = sqlx::query(
+        #[cfg(not(feature = "trace"))]
+        let insert = sqlx::query(
             "INSERT INTO saga.instances (id, name, version, state, step, data) \
              VALUES ($1, $2, $3, 'running', 0, $4::jsonb) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(name)
-        .bind(i32::try_from(version).unwrap_or(i32::MAX))
-        .bind(&json)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+        );
+        // The trace its steps continue: the starter's.
+        #[cfg(feature = "trace")]
+        let insert = sqlx::query(
+            "INSERT INTO saga.instances (id, name, version, state, step, data, traceparent) \
+             VALUES ($1, $2, $3, 'running', 0, $4::jsonb, $5) ON CONFLICT (id) DO NOTHING",
+        );
+        let insert = insert
+            .bind(id)
+            .bind(name)
+            .bind(i32::try_from(version).unwrap_or(i32::MAX))
+            .bind(&json);
+        #[cfg(feature = "trace")]
+        let traceparent = outbox::trace::Traceparent::current();
+        #[cfg(feature = "trace")]
+        let insert = insert.bind(traceparent.as_ref().map(outbox::trace::Traceparent::as_str));
+        let inserted = insert.execute(&mut *conn).await?.rows_affected();
         if inserted == 0 {
             return Err(SagaError::Duplicate(id.to_owned()));
         }
@@ -627,9 +638,12 @@ fn correlation(message: &InboxMessage) -> Result<(&str, &str, Phase), String> {
     Ok((id, action, phase))
 }
 
-const SELECT_INSTANCE: &str =
+const SELECT_INSTANCE: &str = concat!(
     "SELECT id, name, version, state, step, waiting, attempt, data::text AS data, \
-     failure, EXTRACT(EPOCH FROM (now() - step_started_at))::float8 AS on_step FROM saga.instances";
+     failure, EXTRACT(EPOCH FROM (now() - step_started_at))::float8 AS on_step",
+    crate::trace::trace_column!(),
+    " FROM saga.instances"
+);
 
 /// An instance's row.
 #[derive(Debug, Clone)]
@@ -645,6 +659,8 @@ pub(crate) struct Row {
     failure: Option<String>,
     /// Seconds since its current step started.
     on_step: f64,
+    /// The trace its steps continue.
+    trace: Trace,
 }
 
 impl Row {
@@ -665,6 +681,7 @@ impl Row {
             data: r.try_get("data")?,
             failure: r.try_get("failure")?,
             on_step: r.try_get::<Option<f64>, _>("on_step")?.unwrap_or(0.0),
+            trace: Trace::of_row(r)?,
         })
     }
 }
@@ -786,13 +803,14 @@ impl<D: SagaData> Typed<D> {
         conn: &mut PgConnection,
         inst: &mut Instance<D>,
         fx: &mut Effects,
+        trace: &Trace,
     ) -> Result<(), SagaError> {
         let machine = Machine::new(&self.0);
         while let Some(ctx) = fx.local.take() {
             let Some(Action::Local(run)) = machine.current(inst).map(|s| &s.action) else {
                 break;
             };
-            let span = tracing::info_span!("saga.step", saga = self.0.name, saga.instance = %inst.id, action = ctx.action, phase = ctx.phase.as_str(), attempt = ctx.attempt);
+            let span = trace.continued(tracing::info_span!("saga.step", saga = self.0.name, saga.instance = %inst.id, action = ctx.action, phase = ctx.phase.as_str(), attempt = ctx.attempt));
             sqlx::query("SAVEPOINT saga_local")
                 .execute(&mut *conn)
                 .await?;
@@ -820,6 +838,7 @@ impl<D: SagaData> Typed<D> {
         inst: &Instance<D>,
         fx: &Effects,
         on_step: f64,
+        trace: &Trace,
     ) -> Result<(), SagaError> {
         let (timer, millis) = match fx.timer {
             Timer::Keep => (0_i16, 0_i64),
@@ -859,7 +878,14 @@ impl<D: SagaData> Typed<D> {
             for (name, value) in &command.headers {
                 event = event.with_header(name.clone(), value.clone());
             }
-            outbox::enqueue(&mut *conn, &event).await?;
+            let enqueue = outbox::enqueue(&mut *conn, &event);
+            // The command's step span (feature `trace`): the outbox stores
+            // its context with the command, so the participant continues it.
+            #[cfg(feature = "trace")]
+            let enqueue = enqueue.instrument(trace.continued(tracing::info_span!("saga.step", saga = self.0.name, saga.instance = %inst.id, action = ctx.action, phase = ctx.phase.as_str(), attempt = ctx.attempt)));
+            #[cfg(not(feature = "trace"))]
+            let _ = trace;
+            enqueue.await?;
         }
         let entries: Vec<_> = fx
             .history
@@ -884,10 +910,11 @@ impl<D: SagaData> Typed<D> {
     async fn apply(
         &self,
         conn: &mut PgConnection,
-        row: Row,
+        mut row: Row,
         event: Event<'_, D>,
     ) -> Result<Result<(), Ignored>, SagaError> {
         let on_step = row.on_step;
+        let trace = std::mem::take(&mut row.trace);
         let Some(mut inst) = self.instance(conn, row).await? else {
             return Ok(Ok(()));
         };
@@ -895,8 +922,8 @@ impl<D: SagaData> Typed<D> {
         if let Err(ignored) = Machine::new(&self.0).handle(&mut inst, event, &mut fx) {
             return Ok(Err(ignored));
         }
-        self.run_locals(conn, &mut inst, &mut fx).await?;
-        self.write(conn, &inst, &fx, on_step).await?;
+        self.run_locals(conn, &mut inst, &mut fx, &trace).await?;
+        self.write(conn, &inst, &fx, on_step, &trace).await?;
         Ok(Ok(()))
     }
 }
@@ -954,24 +981,25 @@ impl<D: SagaData> Definition for Typed<D> {
     fn due<'a>(
         &'a self,
         conn: &'a mut PgConnection,
-        row: Row,
+        mut row: Row,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<BoxFuture<'static, Called>>, SagaError>> {
         Box::pin(async move {
             let on_step = row.on_step;
+            let trace = std::mem::take(&mut row.trace);
             let Some(mut inst) = self.instance(conn, row).await? else {
                 return Ok(None);
             };
             let machine = Machine::new(&self.0);
             let mut fx = Effects::default();
             if let Some(ctx) = machine.claim_call(&mut inst, lease, &mut fx) {
-                self.write(conn, &inst, &fx, on_step).await?;
+                self.write(conn, &inst, &fx, on_step, &trace).await?;
                 let Some(Action::Call(call)) = machine.current(&inst).map(|s| s.action.clone())
                 else {
                     return Ok(None);
                 };
                 let (data, id, attempt) = (inst.data.clone(), inst.id.clone(), inst.attempt);
-                let span = tracing::info_span!("saga.step", saga = self.0.name, saga.instance = %id, action = ctx.action, phase = ctx.phase.as_str(), attempt);
+                let span = trace.continued(tracing::info_span!("saga.step", saga = self.0.name, saga.instance = %id, action = ctx.action, phase = ctx.phase.as_str(), attempt));
                 let started = Instant::now();
                 let (saga, action, phase) = (self.0.name, ctx.action, ctx.phase);
                 let call = async move {
@@ -996,8 +1024,8 @@ impl<D: SagaData> Definition for Typed<D> {
                             Metrics::timeout(self.0.name, step.name);
                         }
                     }
-                    self.run_locals(conn, &mut inst, &mut fx).await?;
-                    self.write(conn, &inst, &fx, on_step).await?;
+                    self.run_locals(conn, &mut inst, &mut fx, &trace).await?;
+                    self.write(conn, &inst, &fx, on_step, &trace).await?;
                 }
                 Err(ignored) => {
                     // Nothing to do at this timer (a stale one): clear it.
@@ -1006,7 +1034,7 @@ impl<D: SagaData> Definition for Typed<D> {
                         timer: Timer::Clear,
                         ..Effects::default()
                     };
-                    self.write(conn, &inst, &fx, on_step).await?;
+                    self.write(conn, &inst, &fx, on_step, &trace).await?;
                 }
             }
             Ok(None)

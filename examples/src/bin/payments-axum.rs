@@ -159,6 +159,8 @@ async fn run(args: PaymentsArgs) -> Result<(), StartError> {
             async move { ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text) }
         }),
     );
+    // Outermost: every request runs in its span, the root of its trace.
+    let router = router.layer(axum::middleware::from_fn(examples::in_request_span));
     let listeners = bind(&args.listen).await?;
     let addrs = listeners
         .iter()

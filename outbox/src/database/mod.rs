@@ -15,6 +15,29 @@ use crate::event::Event;
 use crate::publisher::Outgoing;
 use crate::settle::Failure;
 
+/// The column and the parameter of the `traceparent` in the inserts:
+/// written only with the feature `trace` (without it, the statements are
+/// those of before). The relays read the column in any case, so that a
+/// relay built without the feature forwards what a producer stored.
+#[cfg(feature = "trace")]
+macro_rules! traceparent {
+    (column) => {
+        ", traceparent"
+    };
+    (value) => {
+        ", $6"
+    };
+}
+#[cfg(not(feature = "trace"))]
+macro_rules! traceparent {
+    (column) => {
+        ""
+    };
+    (value) => {
+        ""
+    };
+}
+
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]
@@ -108,10 +131,11 @@ pub struct Claimed<C> {
 }
 
 /// The event of a row with the columns `seq`, `id`, `destination`,
-/// `ordering_key`, `headers` (JSON text), `payload` and `attempts` (64-bit),
-/// on its next attempt.
+/// `ordering_key`, `headers` (JSON text), `payload`, `attempts` (64-bit)
+/// and `traceparent`, on its next attempt. A stored `traceparent` becomes
+/// the header of that name, unless the event has one of its own.
 pub(crate) fn outgoing<DB: Dialect>(row: &DB::Row) -> Result<Outgoing, OutboxError> {
-    let event = Event::from_row(
+    let mut event = Event::from_row(
         &DB::get::<String>(row, "id")?,
         DB::get(row, "destination")?,
         DB::get(row, "ordering_key")?,
@@ -119,6 +143,9 @@ pub(crate) fn outgoing<DB: Dialect>(row: &DB::Row) -> Result<Outgoing, OutboxErr
         DB::get(row, "payload")?,
     )
     .map_err(OutboxError::Corrupt)?;
+    if let Some(traceparent) = DB::get::<Option<String>>(row, "traceparent")? {
+        event.add_traceparent(traceparent);
+    }
     let attempts: i64 = DB::get(row, "attempts")?;
     Ok(Outgoing {
         seq: seq_of::<DB>(row)?,

@@ -47,8 +47,11 @@ macro_rules! insert_through {
             "WITH gate AS (SELECT ",
             $gate,
             "pg_current_xact_id() AS txid, pg_notify('outbox', '')) \
-             INSERT INTO outbox.events (id, destination, ordering_key, headers, payload, txid) \
-             SELECT $1::uuid, $2, $3, $4::jsonb, $5, gate.txid FROM gate"
+             INSERT INTO outbox.events (id, destination, ordering_key, headers, payload, txid",
+            traceparent!(column),
+            ") SELECT $1::uuid, $2, $3, $4::jsonb, $5, gate.txid",
+            traceparent!(value),
+            " FROM gate"
         )
     };
 }
@@ -246,7 +249,8 @@ pub async fn purged_through(conn: &mut PgConnection) -> Result<i64, OutboxError>
 
 /// The columns of a claimed row, with whether it is due (`ready`).
 const COLUMNS: &str = "seq, id::text AS id, destination, ordering_key, headers::text AS headers, \
-                       payload, attempts::int8 AS attempts, available_at <= now() AS ready";
+                       payload, attempts::int8 AS attempts, traceparent, \
+                       available_at <= now() AS ready";
 
 /// The heads (oldest waiting event) of the keys among the oldest `$1`
 /// waiting keyed events: within that window, a key's first event is its

@@ -29,8 +29,11 @@ macro_rules! now_ms {
 /// The insert, for events with and without a key alike.
 const INSERT: &str = concat!(
     "INSERT INTO outbox_events \
-     (id, destination, ordering_key, headers, payload, created_at, available_at) \
-     SELECT $1, $2, $3, $4, $5, now, now FROM (SELECT ",
+     (id, destination, ordering_key, headers, payload, created_at, available_at",
+    traceparent!(column),
+    ") SELECT $1, $2, $3, $4, $5, now, now",
+    traceparent!(value),
+    " FROM (SELECT ",
     now_ms!(),
     " AS now)"
 );
@@ -62,7 +65,7 @@ impl OutboxDatabase for Sqlite {
     /// (a key whose head is in backoff waits with it): a plain read.
     async fn claim(pool: &SqlitePool, cfg: &RelayConfig) -> Result<Claimed<()>, OutboxError> {
         let rows = Statement::<Sqlite>::new(concat!(
-            "SELECT seq, id, destination, ordering_key, headers, payload, attempts \
+            "SELECT seq, id, destination, ordering_key, headers, payload, attempts, traceparent \
              FROM outbox_events AS e \
              WHERE published_at IS NULL AND dead_at IS NULL AND available_at <= ",
             now_ms!(),
