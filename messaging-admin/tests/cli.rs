@@ -642,3 +642,52 @@ async fn a_retry_of_thousands_runs_in_audited_batches_once_each_from_two_process
     assert!(run.stdout.contains("nothing to retry"), "{run:?}");
     db.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_record_in_flight_past_its_lease_is_listed_and_discarded() {
+    let Some(db) = PgDatabase::create("admin_records").await else {
+        return;
+    };
+    let url = db.url.clone();
+    // The SQL store's table (idempotency-sqlx's migrations), with one
+    // record in flight past its lease and one still leased.
+    for statement in [
+        "CREATE SCHEMA idempotency",
+        "CREATE TABLE idempotency.idempotency_records (id BYTEA PRIMARY KEY, \
+         fingerprint BYTEA NOT NULL, token BYTEA NOT NULL, lease_until TIMESTAMPTZ NOT NULL, \
+         expires_at TIMESTAMPTZ NOT NULL, outcome BYTEA, watched BOOLEAN NOT NULL DEFAULT false)",
+        "INSERT INTO idempotency.idempotency_records VALUES \
+         (decode(repeat('ab', 32), 'hex'), '\\x01', '\\x02', now() - interval '1 minute', \
+          now() + interval '1 day', NULL, false), \
+         (decode(repeat('cd', 32), 'hex'), '\\x01', '\\x02', now() + interval '1 minute', \
+          now() + interval '1 day', NULL, false)",
+    ] {
+        sqlx::query(statement)
+            .execute(&db.pool)
+            .await
+            .expect(statement);
+    }
+    let stuck = "ab".repeat(32);
+    let leased = "cd".repeat(32);
+    let listed = admin_json(&url, &["idempotency", "list", "--json"]).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["id"], stuck.as_str());
+    assert_eq!(listed[0]["state"], "in-flight");
+    // One still within its lease is left alone (its request may be running).
+    let run = admin(&url, &["idempotency", "discard", &leased]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let run = admin(&url, &["idempotency", "discard", &stuck]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM idempotency.idempotency_records"
+        )
+        .await,
+        1
+    );
+    let run = admin(&url, &["idempotency", "show", &stuck]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("no idempotency record"), "{run:?}");
+    db.finish().await;
+}
