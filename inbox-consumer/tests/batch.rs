@@ -108,7 +108,7 @@ macro_rules! batch_cases {
         }
 
         fn config(max: u32) -> InboxConfig {
-            InboxConfig::builder(common::unique("consumer"))
+            InboxConfig::builder(common::consumer("consumer"))
                 .max_attempts(max)
                 .build()
                 .unwrap()
@@ -346,7 +346,7 @@ macro_rules! batch_cases {
             let inbox = Arc::new($new(pool.clone(), config(5)).await.unwrap());
             let ids: Vec<String> = (0..20).map(|i| format!("c-{i:02}")).collect();
             let tasks = (0..4).map(|n| {
-                let (inbox, table) = (inbox.clone(), table.clone());
+                let (inbox, table) = (inbox.clone(), table.to_string());
                 // Each batch holds every id, in an order of its own.
                 let mut order: Vec<&str> = ids.iter().map(String::as_str).collect();
                 order.rotate_left(n * 5);
@@ -387,20 +387,15 @@ mod postgres {
     use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
     use sqlx::PgPool;
 
-    async fn setup(test: &str) -> Option<(PgPool, String)> {
+    async fn setup(test: &str) -> Option<(PgPool, crate::common::PgTable)> {
         let url = crate::common::service_url("DATABASE_URL", test)?;
         let pool = PgPoolOptions::new()
             .max_connections(6)
             .connect(&url)
             .await
             .expect("DATABASE_URL is set but PostgreSQL does not answer");
-        let table = crate::common::unique("ledger");
-        sqlx::query(&format!(
-            "CREATE TABLE {table} (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)"
-        ))
-        .execute(&pool)
-        .await
-        .unwrap();
+        let columns = "account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL";
+        let table = crate::common::PgTable::create(&pool, &url, columns).await;
         Some((pool, table))
     }
 
@@ -478,7 +473,7 @@ mod postgres {
         };
         common::bounded("the holder has x2", entered.notified()).await;
         let batch = |ids: &'static [&'static str], calls: Calls| {
-            let (inbox, table) = (inbox.clone(), table.clone());
+            let (inbox, table) = (inbox.clone(), table.to_string());
             tokio::spawn(async move {
                 names(&inbox.process_batch(&msgs(ids), whole(&table, &calls)).await)
             })

@@ -62,15 +62,11 @@ async fn insert(table: &str, tx: &mut Tx, m: &InboxMessage) -> Result<(), Handle
     Ok(())
 }
 
-async fn ledger(pool: &PgPool) -> String {
-    let table = common::unique("ledger");
-    sqlx::query(&format!(
-        "CREATE TABLE {table} (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)"
-    ))
-    .execute(pool)
-    .await
-    .unwrap();
-    table
+/// A ledger table that is dropped, with the test's inbox rows, when the
+/// test ends.
+async fn ledger(pool: &PgPool, url: &str) -> common::PgTable {
+    let columns = "account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL";
+    common::PgTable::create(pool, url, columns).await
 }
 
 async fn rows(pool: &PgPool, table: &str) -> i64 {
@@ -91,6 +87,7 @@ async fn effects(pool: &PgPool, table: &str, id: &str) -> i64 {
 }
 
 fn config(consumer: &str, max: u32) -> InboxConfig {
+    common::remember(consumer);
     InboxConfig::builder(consumer)
         .max_attempts(max)
         .retry_delay(Duration::from_millis(10), Duration::from_millis(50))
@@ -396,6 +393,7 @@ mod rabbitmq {
         db: String,
         pool: PgPool,
         table: String,
+        _clean: common::PgTable,
         queue: String,
         conn: Connection,
         ch: Channel,
@@ -405,7 +403,8 @@ mod rabbitmq {
         let amqp = common::service_url("AMQP_URL", test)?;
         let db = common::service_url("DATABASE_URL", test)?;
         let pool = PgPool::connect(&db).await.expect("PostgreSQL answers");
-        let table = ledger(&pool).await;
+        let clean = ledger(&pool, &db).await;
+        let table = clean.to_string();
         let conn = Connection::connect(&amqp, ConnectionProperties::default())
             .await
             .expect("RabbitMQ answers");
@@ -437,6 +436,7 @@ mod rabbitmq {
             db,
             pool,
             table,
+            _clean: clean,
             queue,
             conn,
             ch,
@@ -607,7 +607,7 @@ mod rabbitmq {
             db: env.db.clone(),
             source: env.queue.clone(),
             table: env.table.clone(),
-            consumer: common::unique("ledger"),
+            consumer: common::consumer("ledger"),
             crash,
             batch: 10,
         };
@@ -670,6 +670,7 @@ mod nats {
         db: String,
         pool: PgPool,
         table: String,
+        _clean: common::PgTable,
         stream: String,
         js: jetstream::Context,
         client: async_nats::Client,
@@ -679,7 +680,8 @@ mod nats {
         let url = common::service_url("NATS_URL", test)?;
         let db = common::service_url("DATABASE_URL", test)?;
         let pool = PgPool::connect(&db).await.expect("PostgreSQL answers");
-        let table = ledger(&pool).await;
+        let clean = ledger(&pool, &db).await;
+        let table = clean.to_string();
         let client = async_nats::connect(&url).await.expect("NATS answers");
         let js = jetstream::new(client.clone());
         let stream = common::unique("BATCH").to_uppercase();
@@ -698,6 +700,7 @@ mod nats {
             db,
             pool,
             table,
+            _clean: clean,
             stream,
             js,
             client,
@@ -775,7 +778,7 @@ mod nats {
         // Past the stream's duplicate window: `a` is stored twice.
         tokio::time::sleep(Duration::from_millis(200)).await;
         env.publish(&["a".into(), "c".into()]).await;
-        let name = common::unique("ledger");
+        let name = common::consumer("ledger");
         let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
             .await
             .unwrap();
@@ -811,7 +814,7 @@ mod nats {
         let mut published = ids("ok", 10);
         published.insert(5, "poison".into());
         env.publish(&published).await;
-        let name = common::unique("ledger");
+        let name = common::consumer("ledger");
         let inbox = Inbox::postgres(env.pool.clone(), config(&name, 3))
             .await
             .unwrap();
@@ -843,7 +846,7 @@ mod nats {
         let Some(env) = setup(test).await else {
             return;
         };
-        let consumer = common::unique("ledger");
+        let consumer = common::consumer("ledger");
         let spec = ChildSpec {
             broker: "nats".into(),
             url: env.url.clone(),

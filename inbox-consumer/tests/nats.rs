@@ -20,6 +20,8 @@ struct Env {
     url: String,
     pool: PgPool,
     table: String,
+    /// Drops the table and the test's inbox rows when the test ends.
+    _clean: common::PgTable,
     stream: String,
     js: jetstream::Context,
 }
@@ -30,13 +32,13 @@ async fn setup(test: &str) -> Option<Env> {
     let pool = PgPool::connect(&db)
         .await
         .expect("PostgreSQL does not answer");
-    let table = common::unique("ledger");
-    sqlx::query(&format!(
-        "CREATE TABLE {table} (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
+    let clean = common::PgTable::create(
+        &pool,
+        &db,
+        "account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL",
+    )
+    .await;
+    let table = clean.to_string();
     let client = async_nats::connect(&url)
         .await
         .expect("NATS does not answer");
@@ -46,6 +48,7 @@ async fn setup(test: &str) -> Option<Env> {
         url,
         pool,
         table,
+        _clean: clean,
         stream,
         js,
     };
@@ -164,6 +167,7 @@ fn ledger(
 }
 
 fn config(consumer: &str, max: u32) -> InboxConfig {
+    common::remember(consumer);
     InboxConfig::builder(consumer)
         .max_attempts(max)
         .retry_delay(Duration::from_millis(10), Duration::from_millis(50))
@@ -210,7 +214,7 @@ async fn the_same_id_published_five_times_gives_one_effect() {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert_eq!(env.stored().await, 5);
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
         .await
         .unwrap();
@@ -229,7 +233,7 @@ async fn without_nats_msg_id_the_key_is_the_stream_sequence_and_when_it_was_stor
     };
     let before = std::time::SystemTime::now();
     env.publish(None, common::payment("a", 5)).await;
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
         .await
         .unwrap();
@@ -259,7 +263,7 @@ async fn a_crash_between_commit_and_ack_is_acked_as_a_duplicate() {
         return;
     };
     env.publish(Some("pay-2"), common::payment("a", 5)).await;
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
         .await
         .unwrap();
@@ -317,7 +321,7 @@ async fn two_consumers_with_duplicates_give_one_effect_per_id() {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert_eq!(env.stored().await, 30);
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let env = Arc::new(env);
     let total = Arc::new(AtomicU32::new(0));
     let workers = (0..2).map(|_| {
@@ -368,7 +372,7 @@ async fn a_handler_failing_twice_then_succeeding_gives_one_effect_and_three_atte
         return;
     };
     env.publish(Some("pay-3"), common::payment("a", 5)).await;
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
         .await
         .unwrap();
@@ -392,7 +396,7 @@ async fn a_poison_message_is_termed_and_the_messages_behind_it_process() {
         env.publish(Some(&format!("ok-{i}")), common::payment("a", i))
             .await;
     }
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let inbox = Inbox::postgres(env.pool.clone(), config(&name, 3))
         .await
         .unwrap();
@@ -452,7 +456,7 @@ async fn an_id_less_message_of_a_recreated_stream_runs_though_its_sequence_repea
     let Some(env) = setup("nats_an_id_less_message_of_a_recreated_stream").await else {
         return;
     };
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
         .await
         .unwrap();
@@ -495,7 +499,7 @@ async fn the_subscription_outlives_a_cut_connection_and_every_message_runs_once(
         .connect(test_support::via(&env.url, proxy.addr))
         .await
         .unwrap();
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
         .await
         .unwrap();

@@ -7,20 +7,15 @@ mod common;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-async fn setup(test: &str) -> Option<(PgPool, String)> {
+async fn setup(test: &str) -> Option<(PgPool, common::PgTable)> {
     let url = common::service_url("DATABASE_URL", test)?;
     let pool = PgPoolOptions::new()
         .max_connections(6)
         .connect(&url)
         .await
         .expect("DATABASE_URL is set but PostgreSQL does not answer");
-    let table = common::unique("ledger");
-    sqlx::query(&format!(
-        "CREATE TABLE {table} (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
+    let columns = "account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL";
+    let table = common::PgTable::create(&pool, &url, columns).await;
     Some((pool, table))
 }
 

@@ -24,6 +24,8 @@ struct Env {
     amqp: String,
     pool: PgPool,
     table: String,
+    /// Drops the table and the test's inbox rows when the test ends.
+    _clean: common::PgTable,
     queue: String,
 }
 
@@ -33,17 +35,18 @@ async fn setup(test: &str) -> Option<Env> {
     let pool = PgPool::connect(&db)
         .await
         .expect("PostgreSQL does not answer");
-    let table = common::unique("ledger");
-    sqlx::query(&format!(
-        "CREATE TABLE {table} (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
+    let clean = common::PgTable::create(
+        &pool,
+        &db,
+        "account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL",
+    )
+    .await;
+    let table = clean.to_string();
     Some(Env {
         amqp,
         pool,
         table,
+        _clean: clean,
         queue: common::unique("q"),
     })
 }
@@ -149,6 +152,7 @@ async fn effects(env: &Env, id: &str) -> i64 {
 }
 
 fn config(consumer: &str, max: u32) -> InboxConfig {
+    common::remember(consumer);
     InboxConfig::builder(consumer)
         .max_attempts(max)
         .build()
@@ -301,7 +305,7 @@ async fn two_consumers_with_duplicates_give_one_effect_per_id() {
             .await;
         }
     }
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let env = Arc::new(env);
     let total = Arc::new(AtomicU32::new(0));
     let workers = (0..2).map(|_| {
@@ -486,7 +490,7 @@ async fn the_subscription_reconnects_after_a_cut_and_every_message_runs_once() {
         .await;
     }
     let proxy = test_support::Proxy::start(test_support::host_port(&env.amqp, 5672)).await;
-    let name = common::unique("ledger");
+    let name = common::consumer("ledger");
     let inbox = Inbox::postgres(env.pool.clone(), config(&name, 5))
         .await
         .unwrap();

@@ -157,4 +157,15 @@ async fn a_dead_message_replayed_runs_once_through_the_inbox() {
         .execute(&pool)
         .await
         .unwrap();
+    // Nothing left behind in the shared database.
+    for sql in [
+        "DELETE FROM inbox_consumer.messages WHERE consumer = $1",
+        "DELETE FROM inbox_consumer.attempts WHERE consumer = $1",
+    ] {
+        sqlx::query(sql)
+            .bind(&consumer)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
 }

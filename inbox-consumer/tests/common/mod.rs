@@ -4,6 +4,105 @@
 
 pub use test_support::{bounded, service_url, unique};
 
+thread_local! {
+    /// The consumer names this test thread made with [`consumer`].
+    static CONSUMERS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A unique consumer name, remembered for [`PgTable`]'s clean-up. (A
+/// `#[tokio::test]`'s body runs on its test's own thread, whatever the
+/// runtime's flavor, so another test's names are never in this thread's
+/// list.)
+pub fn consumer(prefix: &str) -> String {
+    let name = unique(prefix);
+    remember(&name);
+    name
+}
+
+/// Remembers a consumer name made elsewhere for [`PgTable`]'s clean-up.
+pub fn remember(consumer: &str) {
+    CONSUMERS.with(|c| c.borrow_mut().push(consumer.to_owned()));
+}
+
+/// A test's effect table in the shared PostgreSQL database. When the test
+/// ends (passed or panicked) it drops the table and deletes the inbox rows
+/// (`inbox_consumer.messages`, `.attempts`) of the consumers the test
+/// thread named with [`consumer`], so that no test leaves rows behind.
+#[cfg(feature = "postgres")]
+pub struct PgTable {
+    name: String,
+    url: String,
+}
+
+#[cfg(feature = "postgres")]
+impl PgTable {
+    /// Creates `CREATE TABLE <unique name> (<columns>)` on `pool`.
+    pub async fn create(pool: &sqlx::PgPool, url: &str, columns: &str) -> Self {
+        let name = unique("ledger");
+        sqlx::query(&format!("CREATE TABLE {name} ({columns})"))
+            .execute(pool)
+            .await
+            .unwrap();
+        Self {
+            name,
+            url: url.to_owned(),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl std::ops::Deref for PgTable {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl std::fmt::Display for PgTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for PgTable {
+    fn drop(&mut self) {
+        let consumers = CONSUMERS.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        let (url, table) = (self.url.clone(), self.name.clone());
+        // Its own thread and runtime: drop runs inside the test's runtime,
+        // whose pool cannot be used from a blocking call.
+        let cleaned = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut conn = sqlx::PgConnection::connect(&url).await?;
+                sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+                    .execute(&mut conn)
+                    .await?;
+                for sql in [
+                    "DELETE FROM inbox_consumer.messages WHERE consumer = ANY($1)",
+                    "DELETE FROM inbox_consumer.attempts WHERE consumer = ANY($1)",
+                ] {
+                    sqlx::query(sql).bind(&consumers).execute(&mut conn).await?;
+                }
+                conn.close().await
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = cleaned {
+            eprintln!(
+                "could not clean up table {} and its inbox rows: {e}",
+                self.name
+            );
+        }
+    }
+}
+
 /// A ledger message body.
 pub fn payment(account: &str, amount: i64) -> Vec<u8> {
     format!(r#"{{"account":"{account}","amount":{amount}}}"#).into_bytes()
@@ -67,7 +166,7 @@ macro_rules! transactional_cases {
         }
 
         fn config(max: u32) -> InboxConfig {
-            InboxConfig::builder(common::unique("consumer"))
+            InboxConfig::builder(common::consumer("consumer"))
                 .max_attempts(max)
                 .build()
                 .unwrap()
@@ -90,7 +189,7 @@ macro_rules! transactional_cases {
                 let o = common::bounded(
                     "process",
                     inbox.process(&msg("m-1"), |tx, m| {
-                        ledger(table.clone(), none.clone(), tx, m)
+                        ledger(table.to_string(), none.clone(), tx, m)
                     }),
                 )
                 .await;
@@ -122,8 +221,12 @@ macro_rules! transactional_cases {
             let entered = Arc::new(tokio::sync::Notify::new());
             let go = Arc::new(tokio::sync::Notify::new());
             let first = {
-                let (inbox, table, entered, go) =
-                    (inbox.clone(), table.clone(), entered.clone(), go.clone());
+                let (inbox, table, entered, go) = (
+                    inbox.clone(),
+                    table.to_string(),
+                    entered.clone(),
+                    go.clone(),
+                );
                 tokio::spawn(async move {
                     let none = Arc::new(AtomicU32::new(0));
                     inbox
@@ -132,7 +235,7 @@ macro_rules! transactional_cases {
                                 // Hold the transaction (and the inbox row) open.
                                 entered.notify_one();
                                 go.notified().await;
-                                ledger(table.clone(), none.clone(), tx, m).await
+                                ledger(table.to_string(), none.clone(), tx, m).await
                             })
                         })
                         .await
@@ -140,12 +243,12 @@ macro_rules! transactional_cases {
             };
             common::bounded("first handler starts", entered.notified()).await;
             let second = {
-                let (inbox, table) = (inbox.clone(), table.clone());
+                let (inbox, table) = (inbox.clone(), table.to_string());
                 tokio::spawn(async move {
                     let none = Arc::new(AtomicU32::new(0));
                     inbox
                         .process(&msg("m-c"), |tx, m| {
-                            ledger(table.clone(), none.clone(), tx, m)
+                            ledger(table.to_string(), none.clone(), tx, m)
                         })
                         .await
                 })
@@ -173,7 +276,7 @@ macro_rules! transactional_cases {
                 match common::bounded(
                     "process",
                     inbox.process(&msg("m-f"), |tx, m| {
-                        ledger(table.clone(), fail.clone(), tx, m)
+                        ledger(table.to_string(), fail.clone(), tx, m)
                     }),
                 )
                 .await
@@ -201,7 +304,7 @@ macro_rules! transactional_cases {
             for _ in 0..3 {
                 let o = inbox
                     .process(&msg("poison"), |tx, m| {
-                        ledger(table.clone(), always.clone(), tx, m)
+                        ledger(table.to_string(), always.clone(), tx, m)
                     })
                     .await;
                 seen.push(o.name());
@@ -216,7 +319,7 @@ macro_rules! transactional_cases {
             // A redelivery of the dead message does not run the handler.
             let again = inbox
                 .process(&msg("poison"), |tx, m| {
-                    ledger(table.clone(), none.clone(), tx, m)
+                    ledger(table.to_string(), none.clone(), tx, m)
                 })
                 .await;
             assert!(
@@ -231,7 +334,9 @@ macro_rules! transactional_cases {
             assert_eq!(effects(&pool, &table, "poison").await, 0);
             for id in ["behind-1", "behind-2"] {
                 let o = inbox
-                    .process(&msg(id), |tx, m| ledger(table.clone(), none.clone(), tx, m))
+                    .process(&msg(id), |tx, m| {
+                        ledger(table.to_string(), none.clone(), tx, m)
+                    })
                     .await;
                 assert!(matches!(o, Outcome::Processed { .. }), "{o:?}");
                 assert_eq!(effects(&pool, &table, id).await, 1);
@@ -240,7 +345,7 @@ macro_rules! transactional_cases {
             assert!(inbox.revive("poison").await.unwrap());
             let o = inbox
                 .process(&msg("poison"), |tx, m| {
-                    ledger(table.clone(), none.clone(), tx, m)
+                    ledger(table.to_string(), none.clone(), tx, m)
                 })
                 .await;
             assert!(matches!(o, Outcome::Processed { attempt: 1 }), "{o:?}");
@@ -256,7 +361,7 @@ macro_rules! transactional_cases {
             let none = Arc::new(AtomicU32::new(0));
             let bad = InboxMessage::new(Some("bad".into()), &b"not json"[..]);
             let o = inbox
-                .process(&bad, |tx, m| ledger(table.clone(), none.clone(), tx, m))
+                .process(&bad, |tx, m| ledger(table.to_string(), none.clone(), tx, m))
                 .await;
             assert!(
                 matches!(
@@ -269,7 +374,7 @@ macro_rules! transactional_cases {
             );
             assert_eq!(inbox.attempts("bad").await.unwrap(), Some(1));
             let o = inbox
-                .process(&bad, |tx, m| ledger(table.clone(), none.clone(), tx, m))
+                .process(&bad, |tx, m| ledger(table.to_string(), none.clone(), tx, m))
                 .await;
             assert!(
                 matches!(
@@ -308,7 +413,7 @@ macro_rules! transactional_cases {
             let anonymous = InboxMessage::new(None, common::payment("acct", 1));
             let o = inbox
                 .process(&anonymous, |tx, m| {
-                    ledger(table.clone(), none.clone(), tx, m)
+                    ledger(table.to_string(), none.clone(), tx, m)
                 })
                 .await;
             assert!(
@@ -324,7 +429,7 @@ macro_rules! transactional_cases {
                 assert!(reason.to_string().contains("no id"), "{reason}");
             }
 
-            let keyed = InboxConfig::builder(common::unique("consumer"))
+            let keyed = InboxConfig::builder(common::consumer("consumer"))
                 .key_extractor(|m| m.header("x-key").map(str::to_owned))
                 .build()
                 .unwrap();
@@ -333,7 +438,7 @@ macro_rules! transactional_cases {
             for expected in ["processed", "duplicate"] {
                 let o = inbox
                     .process(&with_key, |tx, m| {
-                        ledger(table.clone(), none.clone(), tx, m)
+                        ledger(table.to_string(), none.clone(), tx, m)
                     })
                     .await;
                 assert_eq!(o.name(), expected);
@@ -345,7 +450,7 @@ macro_rules! transactional_cases {
             let Some((pool, table)) = $setup("purge_removes_old_processed_rows_only").await else {
                 return;
             };
-            let cfg = InboxConfig::builder(common::unique("consumer"))
+            let cfg = InboxConfig::builder(common::consumer("consumer"))
                 .purge_batch(2)
                 .build()
                 .unwrap();
@@ -354,7 +459,7 @@ macro_rules! transactional_cases {
             for i in 0..5 {
                 inbox
                     .process(&msg(&format!("old-{i}")), |tx, m| {
-                        ledger(table.clone(), none.clone(), tx, m)
+                        ledger(table.to_string(), none.clone(), tx, m)
                     })
                     .await;
             }
@@ -362,7 +467,7 @@ macro_rules! transactional_cases {
             for i in 0..3 {
                 inbox
                     .process(&msg(&format!("new-{i}")), |tx, m| {
-                        ledger(table.clone(), none.clone(), tx, m)
+                        ledger(table.to_string(), none.clone(), tx, m)
                     })
                     .await;
             }
@@ -370,7 +475,7 @@ macro_rules! transactional_cases {
             let other = $new(pool.clone(), config(5)).await.unwrap();
             other
                 .process(&msg("old-0"), |tx, m| {
-                    ledger(table.clone(), none.clone(), tx, m)
+                    ledger(table.to_string(), none.clone(), tx, m)
                 })
                 .await;
             $age(&pool, other.consumer(), 8).await;
@@ -393,8 +498,12 @@ macro_rules! transactional_cases {
             let entered = Arc::new(tokio::sync::Notify::new());
             let go = Arc::new(tokio::sync::Notify::new());
             let running = {
-                let (inbox, table, entered, go) =
-                    (inbox.clone(), table.clone(), entered.clone(), go.clone());
+                let (inbox, table, entered, go) = (
+                    inbox.clone(),
+                    table.to_string(),
+                    entered.clone(),
+                    go.clone(),
+                );
                 tokio::spawn(async move {
                     let none = Arc::new(AtomicU32::new(0));
                     inbox
@@ -402,7 +511,7 @@ macro_rules! transactional_cases {
                             Box::pin(async move {
                                 entered.notify_one();
                                 go.notified().await;
-                                ledger(table.clone(), none.clone(), tx, m).await
+                                ledger(table.to_string(), none.clone(), tx, m).await
                             })
                         })
                         .await
