@@ -269,3 +269,47 @@ async fn sqlite_an_unreadable_row_dies_with_its_reason_and_blocks_nothing() {
     );
     assert_eq!(relay.run_once().await.unwrap().claimed, 0);
 }
+
+/// A stored `traceparent` (what `enqueue` writes with the feature `trace`)
+/// reaches the broker as the header `traceparent`, whether or not this
+/// relay was built with the feature; an event's own header of that name
+/// wins; none is added when nothing was stored.
+#[tokio::test]
+async fn sqlite_relay_sends_the_stored_traceparent_as_a_header() {
+    let pool = pool().await;
+    let traced = Event::new("payments", &b"traced"[..]).with_header("h", "v");
+    let own = Event::new("payments", &b"own"[..]).with_header("TraceParent", "the producer's");
+    let plain = Event::new("payments", &b"plain"[..]);
+    enqueue(&pool, &[traced.clone(), own.clone(), plain.clone()]).await;
+    let stored = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    sqlx::query("UPDATE outbox_events SET traceparent = ? WHERE id IN (?, ?)")
+        .bind(stored)
+        .bind(traced.id().to_string())
+        .bind(own.id().to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let broker = common::MemoryPublisher::new();
+    let relay = outbox::SqliteRelay::new(pool.clone(), broker.clone(), fast().build().unwrap());
+    assert_eq!(relay.run_once().await.unwrap().claimed, 3);
+    let headers = |id: outbox::Uuid| {
+        broker
+            .confirmed()
+            .into_iter()
+            .find(|s| s.id == id)
+            .expect("published")
+            .headers
+    };
+    assert_eq!(
+        headers(traced.id()),
+        [
+            ("h".to_owned(), "v".to_owned()),
+            ("traceparent".to_owned(), stored.to_owned())
+        ]
+    );
+    assert_eq!(
+        headers(own.id()),
+        [("TraceParent".to_owned(), "the producer's".to_owned())]
+    );
+    assert!(headers(plain.id()).is_empty());
+}
