@@ -11,9 +11,15 @@
 //!
 //! # Quick start
 //!
+//! Not on crates.io yet: depend on a clone of the repository (here beside
+//! your project). The same server, reading its port from `PORT`, is the
+//! workspace README's quick start, which the `examples` crate runs as
+//! `quickstart-actix` in `tests/quickstarts.rs`.
+//!
 //! ```toml
 //! [dependencies]
-//! idempotency-actix = "0.1"   # features: "redis", "postgres", "sqlite"
+//! # features: "redis", "postgres", "sqlite"
+//! idempotency-actix = { path = "../idempotency-rs/idempotency-actix" }
 //! actix-web = "4"
 //! ```
 //!

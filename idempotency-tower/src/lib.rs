@@ -9,9 +9,13 @@
 //!
 //! # Quick start
 //!
+//! Not on crates.io yet: depend on a clone of the repository (here beside
+//! your project).
+//!
 //! ```toml
 //! [dependencies]
-//! idempotency-tower = "0.1"   # features: "redis", "postgres", "sqlite", "axum"
+//! # features: "redis", "postgres", "sqlite", "axum"
+//! idempotency-tower = { path = "../idempotency-rs/idempotency-tower" }
 //! axum = "0.8"
 //! tokio = { version = "1", features = ["rt-multi-thread", "macros", "net"] }
 //! ```
@@ -30,6 +34,9 @@
 //! axum::serve(listener, app).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! The same server is the workspace README's quick start, which the
+//! `examples` crate runs as `quickstart-axum` in `tests/quickstarts.rs`.
 //!
 //! # Transactional mode
 //!
