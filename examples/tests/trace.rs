@@ -4,8 +4,9 @@
 //! - `POST /payments` (payments-axum's route, middleware and request span,
 //!   `--transactional --outbox` on PostgreSQL, in this process) enqueues its
 //!   event with the request's `traceparent`; the outbox relay publishes it
-//!   to a real RabbitMQ queue with that header; the ledger's inbox handles
-//!   it in a span of the same trace, and writes the ledger row there.
+//!   to a real RabbitMQ queue in a span of that trace (`outbox.publish`),
+//!   whose context the header carries; the ledger's inbox handles it in a
+//!   child span of that, and writes the ledger row there.
 //! - An order saga started in a request span: every step's span (a local
 //!   step, a command through the outbox to a participant's inbox and its
 //!   reply through the saga's inbox, a call) is in the starter's trace.
@@ -257,10 +258,19 @@ async fn one_trace_from_post_payments_through_the_broker_to_the_ledger_row() {
         handled.parent_span_is_remote,
         "the inbox continues the trace from the message's header"
     );
+    let published = spans
+        .iter()
+        .find(|s| s.name == "outbox.publish")
+        .expect("the relay's span, in the request's trace");
+    assert_eq!(
+        handled.parent_span_id,
+        published.span_context.span_id(),
+        "the inbox's span is a child of the relay's: the header is the relay's context"
+    );
     let ids: HashSet<SpanId> = spans.iter().map(|s| s.span_context.span_id()).collect();
     assert!(
-        ids.contains(&handled.parent_span_id),
-        "its parent is the request's span (or one inside it) that enqueued the event"
+        ids.contains(&published.parent_span_id),
+        "the relay's parent is the request's span (or one inside it) that enqueued the event"
     );
 
     stop.send(true).unwrap();

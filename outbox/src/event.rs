@@ -159,6 +159,18 @@ impl Event {
         }
     }
 
+    /// Sets the value of the `traceparent` header (the relay's span).
+    #[cfg(all(feature = "trace", any(feature = "postgres", feature = "sqlite")))]
+    pub(crate) fn set_traceparent(&mut self, traceparent: &str) {
+        if let Some((_, value)) = self
+            .headers
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case("traceparent"))
+        {
+            traceparent.clone_into(value);
+        }
+    }
+
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn from_row(
         id: &str,

@@ -146,8 +146,12 @@
 //! with the feature or not, sends a stored `traceparent` as the message
 //! header `traceparent` (unless the event has a header of that name), so
 //! that the consumer continues the trace ([`trace`] module; the
-//! `inbox-consumer` crate's own `trace` feature). Without the feature no
-//! OpenTelemetry crate is compiled and enqueue's statement is unchanged.
+//! `inbox-consumer` crate's own `trace` feature). A relay built with the
+//! feature is a hop of the trace: it publishes each event in a span
+//! `outbox.publish` whose parent is the event's `traceparent`, ended when
+//! the batch is marked, and sends that span's context as the header.
+//! Without the feature no OpenTelemetry crate is compiled and enqueue's
+//! statement is unchanged.
 //!
 //! # Metrics
 //!

@@ -168,6 +168,12 @@ impl<DB: OutboxDatabase, P: Publisher> Relay<DB, P> {
             inner.counters.round(&BatchReport::default(), corrupt.len());
             return Ok(BatchReport::default());
         }
+        // The relay's hop in each event's trace: ended once the batch is
+        // marked (when this is dropped).
+        #[cfg(feature = "trace")]
+        let mut batch = batch;
+        #[cfg(feature = "trace")]
+        let _publishing = crate::trace::publish_spans(&inner.name, &mut batch);
         let span = tracing::debug_span!(
             "outbox.batch",
             relay = %inner.name,
