@@ -8,12 +8,26 @@
 //!
 //! # Quick start: PostgreSQL and RabbitMQ (transactional mode)
 //!
+//! Not on crates.io yet: depend on a clone of the repository (here beside
+//! your project).
+//!
+//! ```toml
+//! [dependencies]
+//! inbox-consumer = { path = "../idempotency-rs/inbox-consumer", features = ["postgres", "rabbitmq"] }
+//! sqlx = { version = "0.8", default-features = false, features = ["postgres", "runtime-tokio"] }
+//! tokio = { version = "1", features = ["rt-multi-thread", "macros", "signal"] }
+//! ```
+//!
 //! ```no_run
 //! # #[cfg(all(feature = "postgres", feature = "rabbitmq"))]
 //! # async fn run(shutdown: impl std::future::Future<Output = ()>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! use inbox_consumer::{rabbitmq, HandlerError, Inbox, InboxConfig};
 //!
 //! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+//! // The handler's own table (the inbox creates its schema `inbox_consumer`).
+//! sqlx::query("CREATE TABLE IF NOT EXISTS ledger_entries (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)")
+//!     .execute(&pool)
+//!     .await?;
 //! let inbox = Inbox::postgres(pool, InboxConfig::builder("ledger").build()?).await?;
 //!
 //! let inbox = &inbox;

@@ -12,6 +12,16 @@
 //!
 //! # Quick start: PostgreSQL and RabbitMQ
 //!
+//! Not on crates.io yet: depend on a clone of the repository (here beside
+//! your project).
+//!
+//! ```toml
+//! [dependencies]
+//! outbox = { path = "../idempotency-rs/outbox", features = ["postgres", "rabbitmq"] }
+//! sqlx = { version = "0.8", default-features = false, features = ["postgres", "runtime-tokio"] }
+//! tokio = { version = "1", features = ["rt-multi-thread", "macros", "signal"] }
+//! ```
+//!
 //! ```no_run
 //! # #[cfg(all(feature = "postgres", feature = "rabbitmq"))]
 //! # async fn run(shutdown: impl std::future::Future<Output = ()>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -19,10 +29,13 @@
 //!
 //! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
 //! outbox::migrate_postgres(&pool).await?;
+//! sqlx::query("CREATE TABLE IF NOT EXISTS outbox_quickstart_payments (id TEXT PRIMARY KEY, amount BIGINT NOT NULL)")
+//!     .execute(&pool)
+//!     .await?;
 //!
 //! // The producer: the change and its event commit together, or not at all.
 //! let mut tx = pool.begin().await?;
-//! sqlx::query("INSERT INTO payments (id, amount) VALUES ($1, $2)")
+//! sqlx::query("INSERT INTO outbox_quickstart_payments (id, amount) VALUES ($1, $2)")
 //!     .bind("pay-1")
 //!     .bind(100_i64)
 //!     .execute(&mut *tx)
