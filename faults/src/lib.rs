@@ -692,6 +692,11 @@ impl Rabbit {
     }
 
     fn ctl(&self, action: &str) {
+        let _ = self.rabbitmqctl(&[action]);
+    }
+
+    /// `rabbitmqctl -n NODE ARGS...`: its output.
+    pub fn rabbitmqctl(&self, args: &[&str]) -> String {
         sh(
             "runuser",
             &[
@@ -704,9 +709,12 @@ impl Rabbit {
                 "/usr/lib/rabbitmq/bin/rabbitmqctl",
                 "-n",
                 &self.node,
-                action,
-            ],
-        );
+            ]
+            .iter()
+            .copied()
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>(),
+        )
     }
 
     /// `rabbitmqctl stop_app`: every connection closed, the listener gone.
