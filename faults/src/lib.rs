@@ -32,6 +32,46 @@
 //! otherwise each test prints why it skips and passes, so
 //! `cargo test --workspace` passes on a laptop. CI runs
 //! `FAULTS=1 cargo test -p faults -- --test-threads=1` after the main tests.
+//!
+//! # Quick start
+//!
+//! A scenario of your own: a private PostgreSQL, payments-axum in a
+//! namespace whose only way to it is a link the test cuts.
+//!
+//! ```no_run
+//! use faults::{enabled, Bin, Netns, Payment, Postgres, Services};
+//! use std::time::Duration;
+//!
+//! # async fn scenario() {
+//! if !enabled("my_scenario") {
+//!     return;
+//! }
+//! let services = Services::new();
+//! let pg = Postgres::start(&services.postgres()).await;
+//! let mut ns = Netns::new("api");
+//! let store_link = ns.link_to(&[services.postgres()]);
+//! let store = pg.url("postgres");
+//! let args = ["--listen", "0.0.0.0:3000", "--transactional", "--store", &store];
+//! let _api = Bin::start(&ns, "payments-axum", &args, "serving").await;
+//! let addr = format!("{}:3000", ns.addr());
+//! ns.link(store_link).cut();
+//! let answer = Payment::new(0).send(&addr, Duration::from_secs(10)).await;
+//! assert_eq!(answer.expect("an answer").status, 503);
+//! ns.link(store_link).restore();
+//! # }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - It never stops, restarts or connects to the shared services on
+//!   `127.0.0.1`; it changes no host setting (no sysctl, `ip_forward` left
+//!   as it is): namespaces reach the servers, and the test reaches the
+//!   namespaces, through the host's own addresses.
+//! - Every server, process, namespace, veth and route it makes is named
+//!   after the test process's id and removed on drop, panics included.
+//! - Every wait is bounded ([`STARTUP`], and each scenario's own limits):
+//!   a broken scenario fails with the logs of the binaries involved, it
+//!   never hangs.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
