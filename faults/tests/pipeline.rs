@@ -201,9 +201,25 @@ async fn broker_restart(broker: Broker) {
     let payments = exactly_once(&p.db).await;
     assert_eq!(payments, ids.len() as i64);
     p.assert_running();
+    // The fault reached them: the consumer lost its subscription and came
+    // back on its own (RabbitMQ; async-nats reconnects inside the client).
+    let mentions = |log: String| {
+        log.lines()
+            .filter(|l| l.to_ascii_lowercase().contains("reconnect"))
+            .count()
+    };
+    let (relay_reconnects, inbox_reconnects) = (mentions(p.relay.log()), mentions(p.inbox.log()));
+    if broker == Broker::Rabbitmq {
+        assert!(
+            p.inbox.log().contains("lost the RabbitMQ subscription"),
+            "the restart did not reach the consumer; its log:\n{}",
+            faults::tail(&p.inbox.log(), 20)
+        );
+    }
     let tally = tally.lock().unwrap().clone();
     println!(
-        "FIGURES | {label} | payments {payments}, requests {}, 503s {}, ledger rows = payments \
+        "FIGURES | {label} | log lines saying reconnect: relay {relay_reconnects}, \
+         inbox {inbox_reconnects} | payments {payments}, requests {}, 503s {}, ledger rows = payments \
          (exactly once), ledger moving again {:.1} s after the broker came back, drained {:.1} s \
          after the last payment, no process restarted | {:.0} s in all",
         tally.requests,
