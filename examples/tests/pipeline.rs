@@ -266,10 +266,21 @@ async fn pipeline_nats_20_payments_one_ledger_row_each_actix() {
 /// ledger row its payment.
 #[tokio::test(flavor = "multi_thread")]
 async fn pipeline_chaos_300_payments_kills_and_restarts_exactly_one_ledger_row_each() {
+    pipeline_chaos("pipeline_chaos", &[]).await;
+}
+
+/// The same chaos with consumers that commit batches of up to 100
+/// messages (`--batch 100`): a consumer killed between a batch's commit and
+/// its ack leaves duplicates only, one killed before the commit none of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipeline_chaos_with_batch_100_consumers_exactly_one_ledger_row_each() {
+    pipeline_chaos("pipeline_chaos_batch", &["--batch", "100"]).await;
+}
+
+async fn pipeline_chaos(test: &str, inbox_extra: &[&str]) {
     const PAYMENTS: u32 = 300;
     const WORKERS: u32 = 12;
     const KILLS: u32 = 3;
-    let test = "pipeline_chaos";
     let Some(amqp) = service_url("AMQP_URL", test) else {
         return;
     };
@@ -280,7 +291,8 @@ async fn pipeline_chaos_300_payments_kills_and_restarts_exactly_one_ledger_row_e
     let queue = format!("chaos_q_{}", unique_name());
     let consumer = format!("ledger_{}", unique_name());
     let relay_args = relay_rabbitmq(&db.url, &amqp, &queue);
-    let inbox_args = inbox_rabbitmq(&db.url, &amqp, &queue, &consumer);
+    let mut inbox_args = inbox_rabbitmq(&db.url, &amqp, &queue, &consumer);
+    inbox_args.extend(inbox_extra.iter().map(|s| (*s).to_owned()));
     let server_args = server_args(&db.url, &["--handler-delay", "5ms"]);
 
     let server = Proc::start(AXUM, &strs(&server_args), "serving").await;
