@@ -69,6 +69,8 @@
 //!   namespaces, through the host's own addresses.
 //! - Every server, process, namespace, veth and route it makes is named
 //!   after the test process's id and removed on drop, panics included.
+//!   A run killed before its guards ran (SIGKILL) leaves its namespaces and
+//!   veths behind; the next run deletes those of processes that are gone.
 //! - Every wait is bounded ([`STARTUP`], and each scenario's own limits):
 //!   a broken scenario fails with the logs of the binaries involved, it
 //!   never hangs.
@@ -265,6 +267,40 @@ impl Drop for Link {
     }
 }
 
+/// The pid in a name this harness made (`fz<pid>h3`, `fz<pid>-api-4`), when
+/// that process is gone.
+fn dead_run(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("fz") else {
+        return false;
+    };
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    !digits.is_empty()
+        && digits != std::process::id().to_string()
+        && !Path::new(&format!("/proc/{digits}")).exists()
+}
+
+/// Deletes the namespaces and host veths of runs killed before their
+/// guards ran (SIGKILL, a CI timeout); only names of this harness whose
+/// process is gone.
+fn sweep_dead_runs() {
+    for line in sh("ip", &["netns", "list"]).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if dead_run(name) {
+            sh_quiet("ip", &["netns", "del", name]);
+        }
+    }
+    for line in sh("ip", &["-o", "link", "show"]).lines() {
+        let name = line
+            .split(": ")
+            .nth(1)
+            .and_then(|n| n.split('@').next())
+            .unwrap_or("");
+        if dead_run(name) {
+            sh_quiet("ip", &["link", "del", name]);
+        }
+    }
+}
+
 /// The host-only interface that holds the private servers' addresses:
 /// `10.B.K.1` (PostgreSQL), `.11` (RabbitMQ), `.12` (NATS), `.13` (Redis),
 /// `.14` (a proxy). Reached from every namespace by its routes.
@@ -273,8 +309,10 @@ pub struct Services {
 }
 
 impl Services {
-    /// Creates the interface.
+    /// Creates the interface (after removing the namespaces and veths of
+    /// earlier runs that were killed before their guards ran).
     pub fn new() -> Self {
+        sweep_dead_runs();
         let link = Link::new(None);
         for last in [11, 12, 13, 14] {
             sh(
