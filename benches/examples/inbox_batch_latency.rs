@@ -1,0 +1,217 @@
+//! The inbox's batch mode at a low, steady load (issue 23): messages
+//! published to RabbitMQ at `--rate` per second for `--seconds`, consumed by
+//! `rabbitmq::Subscription::run_batch` through `Inbox::process_batch` into
+//! PostgreSQL; the latency of each message from its publish to its batch's
+//! commit, p50 / p99 / max, for one message per batch (the baseline) and for
+//! batches of `--batch` (window `--window-ms`), in the same run.
+//!
+//! ```sh
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
+//! AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
+//! cargo run --release -p benches --example inbox_batch_latency -- --rate 1000 --seconds 5 --batch 100
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use inbox_consumer::{rabbitmq, Inbox, InboxConfig, InboxMessage, PostgresInbox};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use sqlx::PgPool;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number, not {v:?}"))
+        })
+}
+
+fn now_nanos() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap()
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}_{}", std::process::id(), now_nanos())
+}
+
+#[tokio::main]
+async fn main() {
+    let db = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let amqp = std::env::var("AMQP_URL").expect("AMQP_URL");
+    let (rate, seconds) = (arg("--rate", 1000), arg("--seconds", 5));
+    let (batch, window) = (arg("--batch", 100), arg("--window-ms", 5));
+    let pool = PgPool::connect(&db).await.expect("PostgreSQL answers");
+    let table = unique("latency_ledger");
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (message_id TEXT NOT NULL, published BIGINT NOT NULL)"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    println!("{rate} msgs/s for {seconds} s, RabbitMQ -> PostgreSQL, publish to commit:");
+    for size in [1, batch] {
+        let inbox = Inbox::postgres(
+            pool.clone(),
+            InboxConfig::builder(unique("latency")).build().unwrap(),
+        )
+        .await
+        .unwrap();
+        let mut latencies = run(&amqp, &inbox, &table, rate, seconds, size, window).await;
+        latencies.sort_unstable();
+        let at = |q: f64| {
+            let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len());
+            latencies[i - 1] as f64 / 1e6
+        };
+        println!(
+            "  batch {size:>4} (window {window} ms): {} messages, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            latencies.len(),
+            at(0.50),
+            at(0.99),
+            at(1.0),
+        );
+        for sql in [
+            "DELETE FROM inbox_consumer.messages WHERE consumer = $1",
+            "DELETE FROM inbox_consumer.attempts WHERE consumer = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(inbox.consumer())
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
+/// Publishes `rate * seconds` messages at a steady rate while one
+/// subscription consumes them in batches of `size`; each message's
+/// nanoseconds from its publish to its batch's commit.
+async fn run(
+    amqp: &str,
+    inbox: &PostgresInbox,
+    table: &str,
+    rate: u64,
+    seconds: u64,
+    size: u64,
+    window_ms: u64,
+) -> Vec<u64> {
+    let total = rate * seconds;
+    let conn = lapin::Connection::connect(amqp, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ answers");
+    let ch = conn.create_channel().await.unwrap();
+    let queue = unique("latency_q");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let consumer = {
+        let (amqp, queue, inbox, table) = (
+            amqp.to_owned(),
+            queue.clone(),
+            inbox.clone(),
+            Arc::<str>::from(table),
+        );
+        let (latencies, stop) = (latencies.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (inbox, latencies) = (&inbox, &latencies);
+            let table = &table;
+            rabbitmq::Subscription::new(amqp.as_str(), queue.as_str())
+                .batch(size as usize, Duration::from_millis(window_ms))
+                .run_batch(
+                    |messages: Vec<InboxMessage>| async move {
+                        let table = table.clone();
+                        let outcomes = inbox
+                            .process_batch(&messages, move |tx, new| {
+                                let table = table.clone();
+                                Box::pin(async move {
+                                    let ids: Vec<&str> =
+                                        new.iter().map(|m| m.id().unwrap_or_default()).collect();
+                                    let published: Vec<i64> = new
+                                        .iter()
+                                        .map(|m| {
+                                            std::str::from_utf8(m.payload())
+                                                .ok()
+                                                .and_then(|s| s.parse().ok())
+                                                .unwrap_or(0)
+                                        })
+                                        .collect();
+                                    sqlx::query(&format!(
+                                        "INSERT INTO {table} (message_id, published) \
+                                         SELECT * FROM unnest($1::text[], $2::bigint[])"
+                                    ))
+                                    .bind(ids)
+                                    .bind(published)
+                                    .execute(&mut **tx)
+                                    .await?;
+                                    Ok(())
+                                })
+                            })
+                            .await;
+                        let committed = now_nanos();
+                        let mut seen = latencies.lock().unwrap();
+                        for m in &messages {
+                            let published: u64 = std::str::from_utf8(m.payload())
+                                .ok()
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(committed);
+                            seen.push(committed.saturating_sub(published));
+                        }
+                        outcomes
+                    },
+                    stop.notified(),
+                )
+                .await
+                .expect("the subscription starts");
+        })
+    };
+    // Let the subscription start before the clock does.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = tokio::time::Instant::now();
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_nanos(i * 1_000_000_000 / rate)).await;
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            now_nanos().to_string().as_bytes(),
+            BasicProperties::default().with_message_id(format!("m{i}").as_str().into()),
+        )
+        .await
+        .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while latencies.lock().unwrap().len() < total as usize {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every message was committed within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.notify_one();
+    consumer.await.unwrap();
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+    Arc::try_unwrap(latencies).unwrap().into_inner().unwrap()
+}
