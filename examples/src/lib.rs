@@ -631,6 +631,32 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Runs the `CREATE ... IF NOT EXISTS` statements of an example's own
+/// tables in one transaction, under an advisory lock that every example
+/// takes for its tables: two processes starting at once on a fresh database
+/// would otherwise race, and PostgreSQL answers one of them with a unique
+/// violation on its catalog (`pg_type_typname_nsp_index`). `what` names the
+/// tables in the error (`"the ledger_entries table"`).
+pub async fn create_tables(
+    pool: &sqlx::PgPool,
+    statements: &[&str],
+    what: &str,
+) -> Result<(), StartError> {
+    let what = format!("could not create {what}");
+    let mut tx = pool.begin().await.context(what.as_str())?;
+    sqlx::query("SELECT pg_advisory_xact_lock(7355608112234)")
+        .execute(&mut *tx)
+        .await
+        .context(what.as_str())?;
+    for statement in statements {
+        sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .context(what.as_str())?;
+    }
+    tx.commit().await.context(what)
+}
+
 /// A PostgreSQL pool of `max_connections` on `url`, for the flag `what`
 /// names (`"the ledger database (PostgreSQL, --database)"`). One connection is opened
 /// first, bounded by [`CONNECT_TIMEOUT`], so that a refusal is reported
@@ -761,13 +787,13 @@ pub mod ledger {
     ) -> Result<PostgresInbox, StartError> {
         let what = "the ledger database (PostgreSQL, --database)";
         let pool = super::connect_postgres(database, what, 4).await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS ledger_entries \
-             (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)",
+        super::create_tables(
+            &pool,
+            &["CREATE TABLE IF NOT EXISTS ledger_entries \
+               (account TEXT NOT NULL, amount BIGINT NOT NULL, message_id TEXT NOT NULL)"],
+            "the ledger_entries table",
         )
-        .execute(&pool)
-        .await
-        .context("could not create the ledger_entries table")?;
+        .await?;
         let inbox = Inbox::postgres(pool, config)
             .await
             .context("could not set up the inbox")?;

@@ -466,10 +466,8 @@ pub enum PaymentsTable {
 }
 
 /// Creates the tables on PostgreSQL (and adds `reference` to a table of an
-/// older version); concurrent `CREATE TABLE IF NOT EXISTS` can fail on the
-/// catalog's unique index, hence the lock around it.
-const CREATE_POSTGRES: [&str; 4] = [
-    "SELECT pg_advisory_xact_lock(7355608112234)",
+/// older version), through [`crate::create_tables`].
+const CREATE_POSTGRES: [&str; 3] = [
     "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, amount BIGINT NOT NULL, \
      currency TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())",
     "ALTER TABLE payments ADD COLUMN IF NOT EXISTS reference TEXT",
@@ -554,14 +552,7 @@ impl PaymentsTable {
                     .await
                     .map_err(failed("postgres"))?;
                 let pool = store.pool().clone();
-                let mut tx = pool.begin().await.context(what)?;
-                for statement in CREATE_POSTGRES {
-                    sqlx::query(statement)
-                        .execute(&mut *tx)
-                        .await
-                        .context(what)?;
-                }
-                tx.commit().await.context(what)?;
+                crate::create_tables(&pool, &CREATE_POSTGRES, "the payments tables").await?;
                 Ok((
                     Idempotency::transactional(store, config),
                     Self::Postgres(pool),

@@ -48,10 +48,8 @@ struct Args {
     metrics_listen: Option<SocketAddr>,
 }
 
-/// Creates the tables (under a lock: concurrent `CREATE TABLE IF NOT
-/// EXISTS` can fail on the catalog's unique index).
-const CREATE: [&str; 3] = [
-    "SELECT pg_advisory_xact_lock(7355608112236)",
+/// Creates the tables, through [`examples::create_tables`].
+const CREATE: [&str; 2] = [
     "CREATE TABLE IF NOT EXISTS inventory_stock (sku TEXT PRIMARY KEY, available BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS inventory_reservations (order_id TEXT PRIMARY KEY, sku TEXT, \
      quantity BIGINT NOT NULL, state TEXT NOT NULL \
@@ -140,15 +138,7 @@ async fn migrate(pool: &sqlx::PgPool) -> Result<(), StartError> {
     outbox::migrate_postgres(pool)
         .await
         .context("could not create the outbox table")?;
-    let what = "could not create the inventory tables";
-    let mut tx = pool.begin().await.context(what)?;
-    for statement in CREATE {
-        sqlx::query(statement)
-            .execute(&mut *tx)
-            .await
-            .context(what)?;
-    }
-    tx.commit().await.context(what)
+    examples::create_tables(pool, &CREATE, "the inventory tables").await
 }
 
 /// One command, in the inbox's transaction: its effect, then its reply

@@ -216,10 +216,8 @@ fn order_saga(
         .build()
 }
 
-/// Creates table `orders` (under a lock: concurrent `CREATE TABLE IF NOT
-/// EXISTS` can fail on the catalog's unique index).
-const CREATE_ORDERS: [&str; 2] = [
-    "SELECT pg_advisory_xact_lock(7355608112235)",
+/// Creates table `orders`, through [`examples::create_tables`].
+const CREATE_ORDERS: [&str; 1] = [
     "CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, sku TEXT NOT NULL, \
      quantity BIGINT NOT NULL, amount BIGINT NOT NULL, \
      created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())",
@@ -526,17 +524,7 @@ async fn migrate(pool: &sqlx::PgPool) -> Result<(), StartError> {
     saga::migrate(pool)
         .await
         .context("could not create the saga tables")?;
-    let mut tx = pool
-        .begin()
-        .await
-        .context("could not create table orders")?;
-    for statement in CREATE_ORDERS {
-        sqlx::query(statement)
-            .execute(&mut *tx)
-            .await
-            .context("could not create table orders")?;
-    }
-    tx.commit().await.context("could not create table orders")
+    examples::create_tables(pool, &CREATE_ORDERS, "table orders").await
 }
 
 /// Purges processed inbox rows past their retention, hourly.
