@@ -49,3 +49,12 @@ fn rabbitmq_tests_ran() {
 fn nats_tests_ran() {
     assert!(!url("NATS_URL").is_empty());
 }
+
+#[test]
+#[cfg_attr(
+    not(has_faults),
+    ignore = "FAULTS is unset: the fault-injection scenarios (crate faults) passed without running (run them as root: FAULTS=1 cargo test -p faults -- --test-threads=1)"
+)]
+fn fault_scenarios_ran() {
+    assert!(!url("FAULTS").is_empty());
+}

@@ -7,6 +7,7 @@ fn main() {
         ("DATABASE_URL", "has_database_url"),
         ("AMQP_URL", "has_amqp_url"),
         ("NATS_URL", "has_nats_url"),
+        ("FAULTS", "has_faults"),
     ] {
         println!("cargo::rustc-check-cfg=cfg({cfg})");
         println!("cargo::rerun-if-env-changed={var}");
