@@ -117,6 +117,7 @@ struct Env {
     inbox: PostgresInbox,
     payments: Arc<Payments>,
     name: &'static str,
+    url: String,
 }
 
 async fn env(test: &str) -> Option<Env> {
@@ -150,7 +151,54 @@ async fn env(test: &str) -> Option<Env> {
         inbox,
         payments,
         name,
+        url,
     })
+}
+
+/// A test leaves nothing behind in the shared database, passed or failed:
+/// its inbox rows, and its saga's instances and their history.
+impl Drop for Env {
+    fn drop(&mut self) {
+        let (url, consumer, name) = (
+            self.url.clone(),
+            self.inbox.consumer().to_owned(),
+            self.name,
+        );
+        // Drop runs inside the test's runtime, where nothing can be awaited:
+        // a thread of its own with a runtime and a connection of its own.
+        let cleaned = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async move {
+                use sqlx::Connection as _;
+                let mut conn = sqlx::PgConnection::connect(&url).await?;
+                for sql in [
+                    "DELETE FROM inbox_consumer.messages WHERE consumer = $1",
+                    "DELETE FROM inbox_consumer.attempts WHERE consumer = $1",
+                ] {
+                    sqlx::query(sql).bind(&consumer).execute(&mut conn).await?;
+                }
+                sqlx::query(
+                    "DELETE FROM saga.history WHERE instance_id IN \
+                     (SELECT id FROM saga.instances WHERE name = $1)",
+                )
+                .bind(name)
+                .execute(&mut conn)
+                .await?;
+                sqlx::query("DELETE FROM saga.instances WHERE name = $1")
+                    .bind(name)
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = cleaned {
+            eprintln!("could not clean up after the test: {e}");
+        }
+    }
 }
 
 /// The commands the saga enqueued for instance `id`, oldest first, as the
