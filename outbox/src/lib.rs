@@ -34,13 +34,14 @@
 //!     .await?;
 //!
 //! // The producer: the change and its event commit together, or not at all.
+//! let id = outbox::Uuid::now_v7().to_string();
 //! let mut tx = pool.begin().await?;
 //! sqlx::query("INSERT INTO outbox_quickstart_payments (id, amount) VALUES ($1, $2)")
-//!     .bind("pay-1")
+//!     .bind(&id)
 //!     .bind(100_i64)
 //!     .execute(&mut *tx)
 //!     .await?;
-//! let event = Event::new("payments", &br#"{"id":"pay-1","amount":100}"#[..])
+//! let event = Event::new("payments", format!(r#"{{"id":"{id}","amount":100}}"#))
 //!     .with_ordering_key("acct-1")
 //!     .with_header("content-type", "application/json");
 //! outbox::enqueue(&mut *tx, &event).await?;
