@@ -266,7 +266,7 @@ async fn pipeline_nats_20_payments_one_ledger_row_each_actix() {
 /// ledger row its payment.
 #[tokio::test(flavor = "multi_thread")]
 async fn pipeline_chaos_300_payments_kills_and_restarts_exactly_one_ledger_row_each() {
-    pipeline_chaos("pipeline_chaos", &[]).await;
+    pipeline_chaos("pipeline_chaos", Broker::RabbitMq, &[]).await;
 }
 
 /// The same chaos with consumers that commit batches of up to 100
@@ -274,24 +274,65 @@ async fn pipeline_chaos_300_payments_kills_and_restarts_exactly_one_ledger_row_e
 /// its ack leaves duplicates only, one killed before the commit none of it.
 #[tokio::test(flavor = "multi_thread")]
 async fn pipeline_chaos_with_batch_100_consumers_exactly_one_ledger_row_each() {
-    pipeline_chaos("pipeline_chaos_batch", &["--batch", "100"]).await;
+    pipeline_chaos(
+        "pipeline_chaos_batch",
+        Broker::RabbitMq,
+        &["--batch", "100"],
+    )
+    .await;
 }
 
-async fn pipeline_chaos(test: &str, inbox_extra: &[&str]) {
+/// The same chaos through NATS JetStream (outbox-relay `--broker nats`,
+/// inbox-nats), with consumers that commit batches of up to 100 messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipeline_chaos_nats_with_batch_100_consumers_exactly_one_ledger_row_each() {
+    pipeline_chaos(
+        "pipeline_chaos_nats_batch",
+        Broker::Nats,
+        &["--batch", "100"],
+    )
+    .await;
+}
+
+/// The broker of a chaos run: its relays and consumers.
+#[derive(Clone, Copy)]
+enum Broker {
+    RabbitMq,
+    Nats,
+}
+
+async fn pipeline_chaos(test: &str, broker: Broker, inbox_extra: &[&str]) {
     const PAYMENTS: u32 = 300;
     const WORKERS: u32 = 12;
     const KILLS: u32 = 3;
-    let Some(amqp) = service_url("AMQP_URL", test) else {
+    let var = match broker {
+        Broker::RabbitMq => "AMQP_URL",
+        Broker::Nats => "NATS_URL",
+    };
+    let Some(broker_url) = service_url(var, test) else {
         return;
     };
     let Some(db) = Db::new(test).await else {
         return;
     };
     let started = Instant::now();
+    // The queue, or the stream (upper case) with its subject.
     let queue = format!("chaos_q_{}", unique_name());
+    let stream = queue.to_uppercase();
+    let subject = format!("chaos.{}.created", unique_name());
     let consumer = format!("ledger_{}", unique_name());
-    let relay_args = relay_rabbitmq(&db.url, &amqp, &queue);
-    let mut inbox_args = inbox_rabbitmq(&db.url, &amqp, &queue, &consumer);
+    let (relay_args, mut inbox_args, inbox_binary) = match broker {
+        Broker::RabbitMq => (
+            relay_rabbitmq(&db.url, &broker_url, &queue),
+            inbox_rabbitmq(&db.url, &broker_url, &queue, &consumer),
+            INBOX_RABBITMQ,
+        ),
+        Broker::Nats => (
+            relay_nats(&db.url, &broker_url, &stream, &subject),
+            inbox_nats(&db.url, &broker_url, &stream, &subject, &consumer),
+            INBOX_NATS,
+        ),
+    };
     inbox_args.extend(inbox_extra.iter().map(|s| (*s).to_owned()));
     let server_args = server_args(&db.url, &["--handler-delay", "5ms"]);
 
@@ -299,8 +340,8 @@ async fn pipeline_chaos(test: &str, inbox_extra: &[&str]) {
     let addr = Arc::new(Mutex::new(server.addr()));
     let relay_a = Proc::start(RELAY, &strs(&relay_args), "relaying to").await;
     let relay_b = Proc::start(RELAY, &strs(&relay_args), "relaying to").await;
-    let inbox_a = Proc::start(INBOX_RABBITMQ, &strs(&inbox_args), "consuming").await;
-    let inbox_b = Proc::start(INBOX_RABBITMQ, &strs(&inbox_args), "consuming").await;
+    let inbox_a = Proc::start(inbox_binary, &strs(&inbox_args), "consuming").await;
+    let inbox_b = Proc::start(inbox_binary, &strs(&inbox_args), "consuming").await;
 
     // The traffic: WORKERS tasks share the payments; each payment is sent
     // 1-3 times at once, every copy retried until it gets its 201.
@@ -392,7 +433,7 @@ async fn pipeline_chaos(test: &str, inbox_extra: &[&str]) {
                 inbox.kill().await;
                 kills.push(started.elapsed());
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                inbox = Proc::start(INBOX_RABBITMQ, &strs(&args), "consuming").await;
+                inbox = Proc::start(inbox_binary, &strs(&args), "consuming").await;
             }
             (inbox, kills)
         })
@@ -420,8 +461,13 @@ async fn pipeline_chaos(test: &str, inbox_extra: &[&str]) {
     let chaos = started.elapsed();
     assert_eq!(ids.len(), PAYMENTS as usize, "one id per payment");
 
-    db.drained(i64::from(PAYMENTS), Duration::from_secs(30))
-        .await;
+    // Messages pulled by a killed inbox-nats come back after the JetStream
+    // consumer's ack_wait (30 s, the default), RabbitMQ's at once.
+    let drain = match broker {
+        Broker::RabbitMq => Duration::from_secs(30),
+        Broker::Nats => Duration::from_secs(30 + 30),
+    };
+    db.drained(i64::from(PAYMENTS), drain).await;
     let payments: HashSet<String> = sqlx::query_scalar("SELECT id FROM payments")
         .fetch_all(&db.pool)
         .await
@@ -436,7 +482,10 @@ async fn pipeline_chaos(test: &str, inbox_extra: &[&str]) {
         .count("SELECT count(*) FROM outbox.events WHERE attempts > 0")
         .await;
     drop((relay_b, inbox_b));
-    delete_queue(&amqp, &queue).await;
+    match broker {
+        Broker::RabbitMq => delete_queue(&broker_url, &queue).await,
+        Broker::Nats => delete_stream(&broker_url, &stream).await,
+    }
     db.finish().await;
     println!(
         "{test}: traffic {traffic:?} ({} client retries), chaos done {chaos:?}, \
@@ -493,6 +542,46 @@ fn inbox_rabbitmq(url: &str, amqp: &str, queue: &str, consumer: &str) -> Vec<Str
         amqp,
         "--queue",
         queue,
+        "--consumer",
+        consumer,
+        "--handler-delay",
+        "2ms",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn relay_nats(url: &str, nats: &str, stream: &str, subject: &str) -> Vec<String> {
+    [
+        "--database",
+        url,
+        "--broker",
+        "nats",
+        "--nats",
+        nats,
+        "--stream",
+        stream,
+        "--subject",
+        subject,
+        "--poll-interval",
+        "100ms",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn inbox_nats(url: &str, nats: &str, stream: &str, subject: &str, consumer: &str) -> Vec<String> {
+    [
+        "--database",
+        url,
+        "--nats",
+        nats,
+        "--stream",
+        stream,
+        "--subject",
+        subject,
         "--consumer",
         consumer,
         "--handler-delay",
