@@ -5,6 +5,13 @@
 //! commit, p50 / p99 / max, for one message per batch (the baseline) and for
 //! batches of `--batch` (window `--window-ms`), in the same run.
 //!
+//! Two floors for batches of `--batch`, in the same run, beside the inbox:
+//! the same publisher, subscription, batching and multi-row insert committed
+//! in a transaction of its own without the inbox (`insert only`), and the
+//! same without any database (`no database`: publish to the handler's
+//! return). The inbox's p50 and p99 are printed as ratios to the first.
+//! RabbitMQ only (the example has no JetStream source).
+//!
 //! ```sh
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
 //! AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
@@ -14,11 +21,22 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use inbox_consumer::{rabbitmq, Inbox, InboxConfig, InboxMessage, PostgresInbox};
+use inbox_consumer::{rabbitmq, Inbox, InboxConfig, InboxMessage, Outcome, PostgresInbox};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
+
+/// What a batch does between its delivery and its return (the ack).
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// `Inbox::process_batch` with the multi-row insert as its handler.
+    Inbox,
+    /// The same insert in a transaction of its own, no inbox: the floor.
+    InsertOnly,
+    /// No database at all: the broker and the batching window.
+    NoDatabase,
+}
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -60,26 +78,33 @@ async fn main() {
     .await
     .unwrap();
     println!("{rate} msgs/s for {seconds} s, RabbitMQ -> PostgreSQL, publish to commit:");
-    for size in [1, batch] {
+    let mut figures = Vec::new();
+    for (size, mode, what) in [
+        (1, Mode::Inbox, "inbox"),
+        (batch, Mode::Inbox, "inbox"),
+        (batch, Mode::InsertOnly, "insert only (floor)"),
+        (batch, Mode::NoDatabase, "no database"),
+    ] {
         let inbox = Inbox::postgres(
             pool.clone(),
             InboxConfig::builder(unique("latency")).build().unwrap(),
         )
         .await
         .unwrap();
-        let mut latencies = run(&amqp, &inbox, &table, rate, seconds, size, window).await;
+        let mut latencies = run(&amqp, &inbox, &table, rate, seconds, size, window, mode).await;
         latencies.sort_unstable();
         let at = |q: f64| {
             let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len());
             latencies[i - 1] as f64 / 1e6
         };
         println!(
-            "  batch {size:>4} (window {window} ms): {} messages, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            "  batch {size:>4} (window {window} ms), {what:<19}: {} messages, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             latencies.len(),
             at(0.50),
             at(0.99),
             at(1.0),
         );
+        figures.push((at(0.50), at(0.99)));
         for sql in [
             "DELETE FROM inbox_consumer.messages WHERE consumer = $1",
             "DELETE FROM inbox_consumer.attempts WHERE consumer = $1",
@@ -91,6 +116,14 @@ async fn main() {
                 .unwrap();
         }
     }
+    let (inbox_p50, inbox_p99) = figures[1];
+    for ((p50, p99), what) in [(figures[2], "insert only"), (figures[3], "no database")] {
+        println!(
+            "  batch {batch}: inbox / {what}: p50 {:.2}x, p99 {:.2}x",
+            inbox_p50 / p50,
+            inbox_p99 / p99,
+        );
+    }
     sqlx::query(&format!("DROP TABLE {table}"))
         .execute(&pool)
         .await
@@ -99,7 +132,9 @@ async fn main() {
 
 /// Publishes `rate * seconds` messages at a steady rate while one
 /// subscription consumes them in batches of `size`; each message's
-/// nanoseconds from its publish to its batch's commit.
+/// nanoseconds from its publish to its batch's commit (to the handler's
+/// return with [`Mode::NoDatabase`]).
+#[allow(clippy::too_many_arguments)]
 async fn run(
     amqp: &str,
     inbox: &PostgresInbox,
@@ -108,6 +143,7 @@ async fn run(
     seconds: u64,
     size: u64,
     window_ms: u64,
+    mode: Mode,
 ) -> Vec<u64> {
     let total = rate * seconds;
     let conn = lapin::Connection::connect(amqp, lapin::ConnectionProperties::default())
@@ -134,39 +170,41 @@ async fn run(
         let (latencies, stop) = (latencies.clone(), stop.clone());
         tokio::spawn(async move {
             let (inbox, latencies) = (&inbox, &latencies);
+            let pool = inbox.pool().clone();
+            let pool = &pool;
             let table = &table;
             rabbitmq::Subscription::new(amqp.as_str(), queue.as_str())
                 .batch(size as usize, Duration::from_millis(window_ms))
                 .run_batch(
                     |messages: Vec<InboxMessage>| async move {
                         let table = table.clone();
-                        let outcomes = inbox
-                            .process_batch(&messages, move |tx, new| {
-                                let table = table.clone();
-                                Box::pin(async move {
-                                    let ids: Vec<&str> =
-                                        new.iter().map(|m| m.id().unwrap_or_default()).collect();
-                                    let published: Vec<i64> = new
-                                        .iter()
-                                        .map(|m| {
-                                            std::str::from_utf8(m.payload())
-                                                .ok()
-                                                .and_then(|s| s.parse().ok())
-                                                .unwrap_or(0)
+                        let processed = || {
+                            messages
+                                .iter()
+                                .map(|_| Outcome::Processed { attempt: 1 })
+                                .collect()
+                        };
+                        let outcomes = match mode {
+                            Mode::Inbox => {
+                                inbox
+                                    .process_batch(&messages, move |tx, new| {
+                                        let table = table.clone();
+                                        Box::pin(async move {
+                                            insert(tx, &table, new).await?;
+                                            Ok(())
                                         })
-                                        .collect();
-                                    sqlx::query(&format!(
-                                        "INSERT INTO {table} (message_id, published) \
-                                         SELECT * FROM unnest($1::text[], $2::bigint[])"
-                                    ))
-                                    .bind(ids)
-                                    .bind(published)
-                                    .execute(&mut **tx)
-                                    .await?;
-                                    Ok(())
-                                })
-                            })
-                            .await;
+                                    })
+                                    .await
+                            }
+                            Mode::InsertOnly => {
+                                let mut tx = pool.begin().await.expect("a transaction");
+                                let all: Vec<&InboxMessage> = messages.iter().collect();
+                                insert(&mut tx, &table, &all).await.expect("the insert");
+                                tx.commit().await.expect("the commit");
+                                processed()
+                            }
+                            Mode::NoDatabase => processed(),
+                        };
                         let committed = now_nanos();
                         let mut seen = latencies.lock().unwrap();
                         for m in &messages {
@@ -214,4 +252,35 @@ async fn run(
         .await;
     let _ = conn.close(200, "done".into()).await;
     Arc::try_unwrap(latencies).unwrap().into_inner().unwrap()
+}
+
+/// The batch's effect: one multi-row insert of the messages' ids and
+/// publish times.
+async fn insert(
+    tx: &mut Transaction<'static, Postgres>,
+    table: &str,
+    messages: &[&InboxMessage],
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<&str> = messages
+        .iter()
+        .map(|m| m.id().unwrap_or_default())
+        .collect();
+    let published: Vec<i64> = messages
+        .iter()
+        .map(|m| {
+            std::str::from_utf8(m.payload())
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    sqlx::query(&format!(
+        "INSERT INTO {table} (message_id, published) \
+         SELECT * FROM unnest($1::text[], $2::bigint[])"
+    ))
+    .bind(ids)
+    .bind(published)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
