@@ -321,9 +321,15 @@ async fn exactly_once_under_concurrent_producers_and_two_tails() {
     assert_eq!(seen(&db.pool, &v).await, (events, 1));
     let applied: u64 = tails.iter().map(|t| t.metrics().applied).sum();
     assert_eq!(applied, events.unsigned_abs());
-    assert!(
-        tails.iter().all(|t| t.metrics().applied > 0),
-        "both tails worked"
+    // Which tail applies what is the partitions' locks' business: most runs
+    // share the work, but one tail may take every partition for the whole run
+    // (seen on a loaded machine), so only the sum is asserted.
+    eprintln!(
+        "applied per tail: {:?}",
+        tails
+            .iter()
+            .map(|t| t.metrics().applied)
+            .collect::<Vec<_>>()
     );
     halt.send(true).unwrap();
     for r in runs {
