@@ -831,6 +831,45 @@ pub mod ledger {
         Ok(())
     }
 
+    /// The inbox's settings of the consumer binaries: `--consumer`,
+    /// `--max-attempts`, and `--retry-delay` doubled after each further
+    /// failure up to 60 s (or that delay when it is longer).
+    pub fn config(
+        consumer: &str,
+        max_attempts: u32,
+        retry_delay: Duration,
+    ) -> Result<InboxConfig, StartError> {
+        InboxConfig::builder(consumer.to_owned())
+            .max_attempts(max_attempts)
+            .retry_delay(retry_delay, retry_delay.max(Duration::from_secs(60)))
+            .build()
+            .map_err(|e| super::usage_error(format!("the inbox settings are invalid: {e}")))
+    }
+
+    /// Runs `consuming` (a subscription's run) and, beside it, the replays
+    /// of dead messages an operator asked for (`messaging-admin inbox
+    /// retry`), through the inbox with the same handler, looked for every
+    /// `interval` until `shutdown`. Returns what `consuming` returns: once
+    /// signalled, the delivery in hand is finished first.
+    pub async fn consume_with_replays<T>(
+        inbox: &PostgresInbox,
+        consuming: impl std::future::Future<Output = T>,
+        delay: Duration,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> T {
+        let replays = inbox.run_replays(
+            move |message| async move { process(inbox, &message, delay).await },
+            interval,
+            shutdown,
+        );
+        let (mut consuming, mut replays) = (std::pin::pin!(consuming), std::pin::pin!(replays));
+        tokio::select! {
+            consumed = &mut consuming => consumed,
+            () = &mut replays => consuming.await,
+        }
+    }
+
     /// Processes one message through the inbox; settle (ack) only after this.
     pub async fn process(
         inbox: &PostgresInbox,

@@ -26,10 +26,6 @@ use inbox_consumer::nats::Subscription;
 const STREAM: &str = "PAYMENTS";
 const SUBJECTS: &str = "payments.>";
 
-/// The longest redelivery delay of a failing message (unless
-/// `--retry-delay` is longer).
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
-
 /// Consume a JetStream stream into a PostgreSQL ledger, once per message.
 #[derive(Debug, Parser)]
 #[command(
@@ -111,7 +107,10 @@ async fn run(args: Args) -> Result<(), StartError> {
     };
     examples::serve_metrics(args.metrics_listen).await?;
     let Some(inbox) = shutdown
-        .during(ledger::open_with(&args.database, inbox_config(&args)?))
+        .during(ledger::open_with(
+            &args.database,
+            ledger::config(&args.consumer, args.max_attempts, args.retry_delay)?,
+        ))
         .await
         .transpose()?
     else {
@@ -153,32 +152,19 @@ async fn run(args: Args) -> Result<(), StartError> {
         }
     };
     // Beside the deliveries: the replays of dead messages an operator asked
-    // for, through the inbox with the same handler. They stop when the
-    // consumption ends (a signal, or an error).
-    let replays = inbox.run_replays(
-        move |message| async move { ledger::process(inbox, &message, delay).await },
+    // for, through the inbox with the same handler.
+    let consumed = ledger::consume_with_replays(
+        inbox,
+        consuming,
+        delay,
         args.replay_interval,
         shutdown.requested(),
-    );
-    let (mut consuming, mut replays) = (std::pin::pin!(consuming), std::pin::pin!(replays));
-    let consumed = tokio::select! {
-        consumed = &mut consuming => consumed,
-        // Signalled: the delivery in hand is finished first.
-        () = &mut replays => consuming.await,
-    };
+    )
+    .await;
     consumed.context(format!(
         "could not consume the stream {} (--nats, --stream)",
         args.stream
     ))?;
     tracing::info!(metrics = ?inbox.metrics(), "stopped");
     Ok(())
-}
-
-/// The inbox's settings: `--consumer`, `--max-attempts`, `--retry-delay`.
-fn inbox_config(args: &Args) -> Result<inbox_consumer::InboxConfig, StartError> {
-    inbox_consumer::InboxConfig::builder(args.consumer.clone())
-        .max_attempts(args.max_attempts)
-        .retry_delay(args.retry_delay, args.retry_delay.max(MAX_RETRY_DELAY))
-        .build()
-        .map_err(|e| examples::usage_error(format!("the inbox settings are invalid: {e}")))
 }
