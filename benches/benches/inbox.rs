@@ -15,7 +15,10 @@
 //!   from JetStream into PostgreSQL: acking only (the broker's floor: no
 //!   database), the batch's rows in one insert with no inbox (the issue's
 //!   baseline) and through `process_batch`, one insert per message with no
-//!   inbox and through `process_each`. Timed from the first batch in hand
+//!   inbox and through `process_each`; and the floor of any inbox: the
+//!   baseline's insert plus a plain insert of the batch's inbox rows into a
+//!   copy of the inbox's table (same columns, primary key and index) in the
+//!   same transaction, with no dedup, attempt check or outcome. Timed from the first batch in hand
 //!   to the last batch committed; publishing is not timed.
 //!
 //! The batch sizes are `INBOX_BATCH_SIZES` (comma-separated, default
@@ -72,7 +75,7 @@ async fn ledger_table(pool: &PgPool) -> String {
 /// Leaves nothing behind in the shared database: the ledger table and the
 /// inbox rows of the consumer.
 async fn clean_up(pool: &PgPool, table: &str, inbox: &PostgresInbox) {
-    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}, {table}_rows"))
         .execute(pool)
         .await
         .unwrap();
@@ -399,15 +402,17 @@ fn assert_processed(outcomes: &[inbox_consumer::Outcome]) {
 enum Write {
     AckOnly,
     OneWithoutInbox,
+    OnePlusRowsWithoutInbox,
     OneWithInbox,
     EachWithoutInbox,
     EachWithInbox,
 }
 
 impl Write {
-    const ALL: [Write; 5] = [
+    const ALL: [Write; 6] = [
         Write::AckOnly,
         Write::OneWithoutInbox,
+        Write::OnePlusRowsWithoutInbox,
         Write::OneWithInbox,
         Write::EachWithoutInbox,
         Write::EachWithInbox,
@@ -417,6 +422,7 @@ impl Write {
         match self {
             Write::AckOnly => "ack_only_no_database",
             Write::OneWithoutInbox => "one_insert_without_inbox",
+            Write::OnePlusRowsWithoutInbox => "one_insert_plus_inbox_rows_floor",
             Write::OneWithInbox => "one_insert_with_inbox_process_batch",
             Write::EachWithoutInbox => "insert_each_without_inbox",
             Write::EachWithInbox => "insert_each_with_inbox_process_each",
@@ -436,6 +442,22 @@ impl Write {
             Write::OneWithoutInbox => {
                 let mut tx = pool.begin().await.unwrap();
                 let ids = messages.iter().map(|m| m.id().unwrap()).collect();
+                insert_all(&mut tx, table, ids).await.unwrap();
+                tx.commit().await.unwrap();
+                all_processed(messages)
+            }
+            Write::OnePlusRowsWithoutInbox => {
+                let mut tx = pool.begin().await.unwrap();
+                let ids: Vec<&str> = messages.iter().map(|m| m.id().unwrap()).collect();
+                sqlx::query(&format!(
+                    "INSERT INTO {table}_rows (consumer, message_id, attempts) \
+                     SELECT $1, unnest($2::text[]), 1"
+                ))
+                .bind(inbox.consumer())
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
                 insert_all(&mut tx, table, ids).await.unwrap();
                 tx.commit().await.unwrap();
                 all_processed(messages)
@@ -479,7 +501,10 @@ impl Write {
     }
 }
 
-/// The pool, a fresh ledger table and an inbox with a fresh consumer name.
+/// The pool, a fresh ledger table, a fresh copy of the inbox's table (the
+/// floor's) and an inbox with a fresh consumer name. The inbox's tables are
+/// vacuumed first: the rows earlier runs deleted would otherwise weigh on
+/// its inserts and not on the floor's where autovacuum is off.
 async fn batch_setup(url: &str) -> (PgPool, Arc<str>, PostgresInbox) {
     let pool = PgPool::connect(url).await.unwrap();
     let table: Arc<str> = ledger_table(&pool).await.into();
@@ -489,6 +514,12 @@ async fn batch_setup(url: &str) -> (PgPool, Arc<str>, PostgresInbox) {
     )
     .await
     .unwrap();
+    for sql in [
+        format!("CREATE TABLE {table}_rows (LIKE inbox_consumer.messages INCLUDING ALL)"),
+        "VACUUM inbox_consumer.messages, inbox_consumer.attempts".to_owned(),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.unwrap();
+    }
     (pool, table, inbox)
 }
 

@@ -17,6 +17,7 @@
 //!    attempt and the others commit without it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use idempotency_core::BoxFuture;
@@ -336,60 +337,57 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
             Ok(tx) => tx,
             Err(e) => return Ran::Unavailable(e),
         };
-        let mut decided = Decided {
-            inserted: HashMap::with_capacity(distinct.len()),
-            dead: HashSet::new(),
-        };
-        let claimed = Statement::<DB>::new(DB::SQL.claim_batch)
-            .bind(consumer)
-            .bind(json_array(distinct.iter().map(|&i| key(i))))
-            .bind(max)
-            .fetch_all(&mut tx)
-            .await
-            .and_then(|rows| {
-                rows.iter()
-                    .map(|row| {
-                        Ok((
-                            DB::get::<String>(row, "message_id")?,
-                            DB::get::<i64>(row, "attempts")?,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
-            });
-        match claimed {
-            Ok(rows) => decided.inserted.extend(rows),
-            Err(e) => return self.refused(e, "claiming", distinct.len()),
-        }
-        if decided.inserted.len() < distinct.len() {
-            let others = distinct
-                .iter()
-                .map(|&i| key(i))
-                .filter(|k| !decided.inserted.contains_key(*k));
-            let known = Statement::<DB>::new(DB::SQL.failures_batch)
+        let ids = || json_array(distinct.iter().map(|&i| key(i)));
+        let fresh = DB::SQL
+            .claim_fresh_batch
+            .filter(|_| !self.backend.seen_duplicates.load(Ordering::Relaxed));
+        let mut decided = None;
+        if let Some(fresh) = fresh {
+            let claimed = Statement::<DB>::new(fresh)
                 .bind(consumer)
-                .bind(json_array(others))
+                .bind(ids())
+                .bind(max)
                 .fetch_all(&mut tx)
                 .await
-                .and_then(|rows| {
-                    rows.iter()
-                        .map(|row| {
-                            Ok((
-                                DB::get::<String>(row, "message_id")?,
-                                DB::get::<i64>(row, "failures")?,
-                                DB::get::<bool>(row, "dead")?,
-                            ))
-                        })
-                        .collect::<Result<Vec<_>, sqlx::Error>>()
-                });
-            match known {
-                Ok(rows) => decided.dead.extend(
-                    rows.into_iter()
-                        .filter(|(_, failures, is_dead)| *is_dead || *failures >= max)
-                        .map(|(id, _, _)| id),
-                ),
-                Err(e) => return self.refused(e, "reading the attempts of", distinct.len()),
+                .and_then(failures_of::<DB>);
+            match claimed {
+                Ok(rows) => {
+                    let mut d = Decided {
+                        inserted: distinct.iter().map(|&i| (key(i).to_owned(), 1)).collect(),
+                        dead: HashSet::new(),
+                    };
+                    for (id, failures, is_dead) in rows {
+                        if is_dead || failures >= max {
+                            d.inserted.remove(&id);
+                            d.dead.insert(id);
+                        } else {
+                            d.inserted.insert(id, failures + 1);
+                        }
+                    }
+                    decided = Some(d);
+                }
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    // Some id was recorded before: claim again, skipping
+                    // the recorded ones, in a new transaction.
+                    self.backend.seen_duplicates.store(true, Ordering::Relaxed);
+                    if let Err(e) = tx.rollback().await {
+                        return Ran::Unavailable(e);
+                    }
+                    tx = match DB::begin_write(&self.backend.pool).await {
+                        Ok(tx) => tx,
+                        Err(e) => return Ran::Unavailable(e),
+                    };
+                }
+                Err(e) => return self.refused(e, "claiming", distinct.len()),
             }
         }
+        let decided = match decided {
+            Some(decided) => decided,
+            None => match self.claim_known(&mut tx, keys, distinct).await {
+                Ok(decided) => decided,
+                Err(ran) => return ran,
+            },
+        };
         if decided.inserted.is_empty() {
             // Nothing new: nothing to run, nothing to commit (the
             // transaction rolls back when dropped).
@@ -430,6 +428,68 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
         }
     }
 
+    /// Claims the batch's ids with `ON CONFLICT`, skipping those recorded
+    /// before, then tells the dead ones from the duplicates among them. A
+    /// batch that finds every id new lets the next ones try the plain
+    /// insert again.
+    async fn claim_known(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        keys: &[Option<String>],
+        distinct: &[usize],
+    ) -> Result<Decided, Ran> {
+        let consumer = self.consumer();
+        let max = i64::from(self.config().max_attempts());
+        let key = |i: usize| keys[i].as_deref().unwrap_or_default();
+        let mut decided = Decided {
+            inserted: HashMap::with_capacity(distinct.len()),
+            dead: HashSet::new(),
+        };
+        let claimed = Statement::<DB>::new(DB::SQL.claim_batch)
+            .bind(consumer)
+            .bind(json_array(distinct.iter().map(|&i| key(i))))
+            .bind(max)
+            .fetch_all(&mut *tx)
+            .await
+            .and_then(|rows| {
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            DB::get::<String>(row, "message_id")?,
+                            DB::get::<i64>(row, "attempts")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+            });
+        match claimed {
+            Ok(rows) => decided.inserted.extend(rows),
+            Err(e) => return Err(self.refused(e, "claiming", distinct.len())),
+        }
+        if decided.inserted.len() == distinct.len() {
+            self.backend.seen_duplicates.store(false, Ordering::Relaxed);
+            return Ok(decided);
+        }
+        let others = distinct
+            .iter()
+            .map(|&i| key(i))
+            .filter(|k| !decided.inserted.contains_key(*k));
+        let known = Statement::<DB>::new(DB::SQL.failures_batch)
+            .bind(consumer)
+            .bind(json_array(others))
+            .fetch_all(&mut *tx)
+            .await
+            .and_then(failures_of::<DB>);
+        match known {
+            Ok(rows) => decided.dead.extend(
+                rows.into_iter()
+                    .filter(|(_, failures, is_dead)| *is_dead || *failures >= max)
+                    .map(|(id, _, _)| id),
+            ),
+            Err(e) => return Err(self.refused(e, "reading the attempts of", distinct.len())),
+        }
+        Ok(decided)
+    }
+
     /// A statement of the batch failed (its transaction rolls back when
     /// dropped). Refused by the database (a deadlock, an id it cannot
     /// store): every message on its own. Anything else (the connection):
@@ -459,6 +519,21 @@ impl<DB: InboxDatabase> Inbox<Transactional<DB>> {
         let result = run_guarded(handler.run(&mut tx, &single)).await;
         self.conclude_one(key, message, tx, attempt, result).await
     }
+}
+
+/// The rows `message_id, failures, dead` of ids with failures counted.
+fn failures_of<DB: InboxDatabase>(
+    rows: Vec<DB::Row>,
+) -> Result<Vec<(String, i64, bool)>, sqlx::Error> {
+    rows.iter()
+        .map(|row| {
+            Ok((
+                DB::get::<String>(row, "message_id")?,
+                DB::get::<i64>(row, "failures")?,
+                DB::get::<bool>(row, "dead")?,
+            ))
+        })
+        .collect()
 }
 
 /// `ids` as a JSON array of strings: one bound parameter, whatever the

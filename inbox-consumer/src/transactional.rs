@@ -11,6 +11,8 @@
 //! 4. The handler failed: `ROLLBACK`, then count the failure in the attempts
 //!    table in its own statement, so the count survives the rollback.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use idempotency_core::BoxFuture;
@@ -37,12 +39,26 @@ pub(crate) fn unavailable(e: sqlx::Error) -> Outcome {
 /// [`SqliteTransactional`]. Holds the pool; clones share it.
 pub struct Transactional<DB: InboxDatabase> {
     pub(crate) pool: Pool<DB>,
+    /// A batch of this inbox met an id already recorded, and no batch
+    /// claimed with `ON CONFLICT` since found every id new: batches skip
+    /// the plain insert (which would fail) until then. Shared by clones.
+    pub(crate) seen_duplicates: Arc<AtomicBool>,
+}
+
+impl<DB: InboxDatabase> Transactional<DB> {
+    pub(crate) fn new(pool: Pool<DB>) -> Self {
+        Self {
+            pool,
+            seen_duplicates: Arc::new(AtomicBool::new(false)),
+        }
+    }
 }
 
 impl<DB: InboxDatabase> Clone for Transactional<DB> {
     fn clone(&self) -> Self {
         Self {
             pool: self.pool.clone(),
+            seen_duplicates: Arc::clone(&self.seen_duplicates),
         }
     }
 }
@@ -90,6 +106,15 @@ pub struct Statements {
     /// `message_id, attempts` per id inserted: the batch's dedup in one
     /// statement.
     pub(crate) claim_batch: &'static str,
+    /// `(consumer, JSON array of distinct ids, max attempts)` → one row
+    /// `message_id, failures, dead` per id that has failures counted:
+    /// inserts the batch's rows with a plain insert (no `ON CONFLICT`, no
+    /// `RETURNING` of every row), so an id already recorded fails the
+    /// whole statement with a unique violation, and the batch is claimed
+    /// again with `claim_batch`. Every id not returned, and every id
+    /// returned that is neither dead nor out of attempts, was inserted.
+    /// `None` where the database has no cheaper form than `claim_batch`.
+    pub(crate) claim_fresh_batch: Option<&'static str>,
     /// `(consumer, id)` → `failures, dead`.
     failures: &'static str,
     /// `(consumer, JSON array of ids)` → `message_id, failures, dead` of
@@ -395,6 +420,21 @@ mod postgres {
                 ORDER BY ids.id \
                 ON CONFLICT (consumer, message_id) DO NOTHING \
                 RETURNING message_id, attempts::int8 AS attempts",
+            // The ids with failures counted are looked up once and returned
+            // (normally none); the others are inserted with attempt 1.
+            claim_fresh_batch: Some("\
+                WITH ids AS ( \
+                  SELECT ids.id, a.failures, a.dead \
+                  FROM json_array_elements_text($2::text::json) AS ids(id) \
+                  LEFT JOIN inbox_consumer.attempts a \
+                    ON a.consumer = $1 AND a.message_id = ids.id), \
+                inserted AS ( \
+                  INSERT INTO inbox_consumer.messages (consumer, message_id, attempts) \
+                  SELECT $1, id, 1 + COALESCE(failures, 0) FROM ids \
+                  WHERE failures IS NULL OR (NOT dead AND failures < $3) \
+                  ORDER BY id) \
+                SELECT id AS message_id, failures::int8 AS failures, dead FROM ids \
+                WHERE failures IS NOT NULL"),
             failures: "\
                 SELECT failures::int8 AS failures, dead FROM inbox_consumer.attempts \
                 WHERE consumer = $1 AND message_id = $2",
@@ -463,7 +503,7 @@ mod postgres {
 
         /// An inbox on `pool` whose tables [`migrate_postgres`] created before.
         pub fn postgres_unmigrated(pool: PgPool, config: crate::InboxConfig) -> Self {
-            Self::from_parts(Transactional { pool }, config)
+            Self::from_parts(Transactional::new(pool), config)
         }
     }
 
@@ -522,6 +562,9 @@ mod sqlite {
                  ON CONFLICT (consumer, message_id) DO NOTHING \
                  RETURNING message_id, attempts"
             ),
+            // SQLite has no insert inside `WITH`; one writer at a time
+            // anyway.
+            claim_fresh_batch: None,
             failures: "\
                 SELECT failures, dead FROM inbox_consumer_attempts \
                 WHERE consumer = $1 AND message_id = $2",
@@ -590,7 +633,7 @@ mod sqlite {
             config: crate::InboxConfig,
         ) -> Result<Self, InboxError> {
             migrate_sqlite(&pool).await?;
-            Ok(Self::from_parts(Transactional { pool }, config))
+            Ok(Self::from_parts(Transactional::new(pool), config))
         }
     }
 

@@ -185,8 +185,31 @@ macro_rules! batch_cases {
                 ["duplicate", "processed 1", "duplicate", "processed 1"]
             );
             assert_eq!(calls.take(), strings(&[&["n-1", "n-2"]]));
+            // All new again, then one recorded before among new ones (a
+            // batch tries the cheaper plain insert first, and claims again
+            // skipping the recorded ids when it meets one).
+            for (batch, want) in [
+                (&["p-1", "p-2"][..], &["processed 1", "processed 1"][..]),
+                (
+                    &["q-1", "p-2", "q-2"],
+                    &["processed 1", "duplicate", "processed 1"],
+                ),
+                (&["r-1"], &["processed 1"]),
+            ] {
+                let outcomes = inbox
+                    .process_batch(&msgs(batch), whole(&table, &calls))
+                    .await;
+                assert_eq!(names(&outcomes), want, "{batch:?}");
+            }
+            assert_eq!(
+                calls.take(),
+                strings(&[&["p-1", "p-2"], &["q-1", "q-2"], &["r-1"]])
+            );
+            for id in ["p-1", "p-2", "q-1", "q-2", "r-1"] {
+                assert_eq!(effects(&pool, &table, id).await, 1, "{id}");
+            }
             let m = inbox.metrics();
-            assert_eq!((m.processed, m.duplicate), (12, 12));
+            assert_eq!((m.processed, m.duplicate), (17, 13));
             // An empty batch is nothing.
             assert!(inbox
                 .process_each(&[], each(&table, &calls))
