@@ -15,9 +15,26 @@
 //! the timing).
 //! Target: the tail at ≥ 0.8× the bare loop's events per second.
 //!
-//! Then the lag under a steady load: producers commit 400 payments a second
-//! for 5 s while the tail runs; from each event's `created_at` to its
-//! apply, p50, p99 and max are printed.
+//! The broker sources (`broker/rabbitmq`, `broker/nats`, each when its
+//! `AMQP_URL` / `NATS_URL` is set): 2 000 payments already in a fresh queue
+//! or stream, consumed with `Subscription::batch(size, 5 ms)` and
+//! `run_batch`:
+//! - `projector`: [`Projector::apply_batch`] through the transactional
+//!   inbox (the version's consumer): per batch one transaction that records
+//!   every message in the inbox, applies the new ones and commits once;
+//! - `bare`: the same subscription and batches, the same applies in one
+//!   transaction per batch, no inbox.
+//!
+//! For batches of 100 and of 1 (one transaction per message), timed from
+//! the first batch in hand to the last commit, in interleaved pairs; the
+//! medians and their ratio are printed. Target ≥ 0.8×.
+//!
+//! Then the lag under a steady load: producers commit
+//! `PROJECTION_LAG_RATE` payments a second (default 1 000), one per
+//! transaction, for 5 s while the tail runs; from each event's
+//! `created_at` (its transaction's start) to its apply, p50, p99 and max are
+//! printed, beside the floor in the same run: the producers' own latency
+//! from `BEGIN` to the end of `COMMIT`.
 //!
 //! `DATABASE_URL` is read at run time; the bench is skipped when it is
 //! unset.
@@ -263,6 +280,7 @@ fn main() {
     group.finish();
 
     rt.block_on(interleaved(&pool, bare_version, version));
+    rt.block_on(brokers(&pool, bare_version + PAIRS as u32 + 1));
     rt.block_on(steady_lag(&pool));
     c.final_summary();
     rt.block_on(async {
@@ -276,8 +294,9 @@ fn main() {
 /// The two paths run alternately (the order flipped every pair), so a
 /// machine whose load changes during the run weighs on both alike: the
 /// median events per second of each, and their ratio.
+const PAIRS: usize = 12;
+
 async fn interleaved(pool: &PgPool, mut bare_version: u32, mut version: u32) {
-    const PAIRS: usize = 12;
     let totals = PaymentTotals::default();
     let mut tail_rates = Vec::new();
     let mut bare_rates = Vec::new();
@@ -312,11 +331,19 @@ async fn interleaved(pool: &PgPool, mut bare_version: u32, mut version: u32) {
     );
 }
 
-/// The lag under a steady load: 400 payments a second for 5 s, one per
-/// transaction, while the tail runs (its own version, caught up first).
+/// The lag under a steady load: `PROJECTION_LAG_RATE` payments a second
+/// (default 1 000) for 5 s, one per transaction, while the tail runs (its
+/// own version, caught up first); beside it, the producers' own latency
+/// from `BEGIN` to the end of `COMMIT` (the floor: an event is not even
+/// visible before it).
 async fn steady_lag(pool: &PgPool) {
-    const RATE: u64 = 400;
     const SECONDS: u64 = 5;
+    let rate: u64 = std::env::var("PROJECTION_LAG_RATE")
+        .ok()
+        .map_or(1_000, |r| {
+            r.parse().expect("PROJECTION_LAG_RATE: payments per second")
+        });
+    let commits = Arc::new(Mutex::new(Vec::new()));
     let delays = Arc::new(Mutex::new(Vec::new()));
     let p = Projector::builder(
         pool.clone(),
@@ -350,19 +377,21 @@ async fn steady_lag(pool: &PgPool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     delays.lock().unwrap().clear();
-    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     let start = Instant::now();
     let mut sent = 0;
     while start.elapsed() < Duration::from_secs(SECONDS) {
         ticker.tick().await;
-        let pool = pool.clone();
+        let (pool, commits) = (pool.clone(), commits.clone());
         tokio::spawn(async move {
+            let began = Instant::now();
             let payload = serde_json::json!({"account": format!("acct-{}", sent % 20), "amount": 1, "currency": "EUR"});
             let event = outbox::Event::new("payments", payload.to_string().into_bytes())
                 .with_ordering_key(format!("acct-{}", sent % 20));
             let mut tx = pool.begin().await.expect("begin");
             outbox::enqueue(&mut *tx, &event).await.expect("enqueue");
             tx.commit().await.expect("commit");
+            commits.lock().unwrap().push(began.elapsed());
         });
         sent += 1;
     }
@@ -374,18 +403,274 @@ async fn steady_lag(pool: &PgPool) {
     stop.send(true).expect("stop");
     tail.await.expect("tail").expect("run");
     let mut d = delays.lock().unwrap().clone();
+    let mut c = commits.lock().unwrap().clone();
     d.sort();
-    let at = |q: f64| {
-        d.get(((d.len() as f64 - 1.0) * q).round() as usize)
+    c.sort();
+    let at = |v: &[Duration], q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
             .copied()
             .unwrap_or_default()
     };
     println!(
-        "{GROUP}/steady_lag: {sent} payments at {RATE}/s over {SECONDS} s, {} applied; \
-         created_at to applied: p50 {:?}, p99 {:?}, max {:?}",
+        "{GROUP}/steady_lag: {sent} payments at {rate}/s over {SECONDS} s, {} applied; \
+         created_at to applied: p50 {:?}, p99 {:?}, max {:?}; floor, the producers' BEGIN to COMMIT: \
+         p50 {:?}, p99 {:?}, max {:?}",
         d.len(),
-        at(0.5),
-        at(0.99),
-        d.last().copied().unwrap_or_default()
+        at(&d, 0.5),
+        at(&d, 0.99),
+        d.last().copied().unwrap_or_default(),
+        at(&c, 0.5),
+        at(&c, 0.99),
+        c.last().copied().unwrap_or_default()
     );
+}
+
+/// The broker the messages come from.
+enum Broker {
+    RabbitMq(String),
+    Nats(async_nats::jetstream::Context),
+}
+
+impl Broker {
+    fn name(&self) -> &'static str {
+        match self {
+            Broker::RabbitMq(_) => "rabbitmq",
+            Broker::Nats(_) => "nats",
+        }
+    }
+
+    /// A fresh queue or stream holding `EVENTS` payments with unique ids
+    /// (published outside the timing); its name.
+    async fn fill(&self, leg: &str) -> String {
+        let name = format!("PROJ_BENCH_{}_{leg}", std::process::id()).to_uppercase();
+        let bodies = (0..EVENTS).map(|k| {
+            let currency = ["EUR", "USD", "GBP"][usize::try_from(k % 3).unwrap()];
+            let body = serde_json::json!({"account": format!("acct-{}", k % 20), "amount": 1 + k % 100, "currency": currency});
+            (format!("{name}-{k}"), body.to_string())
+        });
+        match self {
+            Broker::RabbitMq(url) => {
+                use lapin::options::{
+                    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+                };
+                let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+                    .await
+                    .expect("RabbitMQ answers");
+                let ch = conn.create_channel().await.expect("channel");
+                ch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .expect("confirms");
+                ch.queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions::default(),
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .expect("queue");
+                let mut confirms = Vec::with_capacity(EVENTS as usize);
+                for (id, body) in bodies {
+                    confirms.push(
+                        ch.basic_publish(
+                            "".into(),
+                            name.as_str().into(),
+                            BasicPublishOptions::default(),
+                            body.as_bytes(),
+                            lapin::BasicProperties::default().with_message_id(id.as_str().into()),
+                        )
+                        .await
+                        .expect("publish"),
+                    );
+                }
+                for confirm in confirms {
+                    confirm.await.expect("confirmed");
+                }
+                let _ = conn.close(200, "filled".into()).await;
+            }
+            Broker::Nats(js) => {
+                js.create_stream(async_nats::jetstream::stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("{name}.>")],
+                    ..Default::default()
+                })
+                .await
+                .expect("stream");
+                let mut acks = Vec::with_capacity(256);
+                for (id, body) in bodies {
+                    if acks.len() == 256 {
+                        for ack in acks.drain(..) {
+                            let ack: async_nats::jetstream::context::PublishAckFuture = ack;
+                            ack.await.expect("stored");
+                        }
+                    }
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                    acks.push(
+                        js.publish_with_headers(format!("{name}.payments"), headers, body.into())
+                            .await
+                            .expect("publish"),
+                    );
+                }
+                for ack in acks {
+                    ack.await.expect("stored");
+                }
+            }
+        }
+        name
+    }
+
+    /// Consumes `name` in batches of `size` with `handle` until it returned
+    /// `EVENTS` outcomes; from the first batch in hand to the last return.
+    async fn drain<F, Fut>(&self, name: &str, size: usize, mut handle: F) -> Duration
+    where
+        F: FnMut(Vec<inbox_consumer::InboxMessage>) -> Fut,
+        Fut: std::future::Future<Output = Vec<inbox_consumer::Outcome>>,
+    {
+        let first = Mutex::new(None::<Instant>);
+        let done = Mutex::new(0_u64);
+        let stop = tokio::sync::Notify::new();
+        let (first_ref, done_ref, stop_ref) = (&first, &done, &stop);
+        let timed = |messages: Vec<inbox_consumer::InboxMessage>| {
+            first_ref.lock().unwrap().get_or_insert_with(Instant::now);
+            let n = messages.len() as u64;
+            let handled = handle(messages);
+            async move {
+                let outcomes = handled.await;
+                assert!(
+                    outcomes.iter().all(|o| o.name() == "processed"),
+                    "{outcomes:?}"
+                );
+                let mut d = done_ref.lock().unwrap();
+                *d += n;
+                if *d >= EVENTS {
+                    stop_ref.notify_one();
+                }
+                outcomes
+            }
+        };
+        let window = Duration::from_millis(5);
+        match self {
+            Broker::RabbitMq(url) => {
+                inbox_consumer::rabbitmq::Subscription::new(url.as_str(), name)
+                    .batch(size, window)
+                    .run_batch(timed, stop.notified())
+                    .await
+                    .expect("consume")
+            }
+            Broker::Nats(js) => inbox_consumer::nats::Subscription::new(js.clone(), name, "bench")
+                .batch(size, window)
+                .run_batch(timed, stop.notified())
+                .await
+                .expect("consume"),
+        }
+        let started = first.lock().unwrap().expect("a batch");
+        started.elapsed()
+    }
+
+    async fn remove(&self, name: &str) {
+        match self {
+            Broker::RabbitMq(url) => {
+                if let Ok(conn) =
+                    lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
+                {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch
+                            .queue_delete(
+                                name.into(),
+                                lapin::options::QueueDeleteOptions::default(),
+                            )
+                            .await;
+                    }
+                    let _ = conn.close(200, "done".into()).await;
+                }
+            }
+            Broker::Nats(js) => {
+                let _ = js.delete_stream(name).await;
+            }
+        }
+    }
+}
+
+/// The broker sources against the same applies with no inbox, in
+/// interleaved pairs per broker and batch size.
+async fn brokers(pool: &PgPool, mut bare_version: u32) {
+    let mut available = Vec::new();
+    match std::env::var("AMQP_URL") {
+        Ok(url) if !url.is_empty() => available.push(Broker::RabbitMq(url)),
+        _ => eprintln!("{GROUP}/broker/rabbitmq skipped: AMQP_URL is not set"),
+    }
+    match std::env::var("NATS_URL") {
+        Ok(url) if !url.is_empty() => available.push(Broker::Nats(async_nats::jetstream::new(
+            async_nats::connect(&url).await.expect("NATS answers"),
+        ))),
+        _ => eprintln!("{GROUP}/broker/nats skipped: NATS_URL is not set"),
+    }
+    let totals = PaymentTotals::default();
+    let mut version = 0;
+    for broker in &available {
+        for (size, pairs) in [(100_usize, 6_usize), (1, 2)] {
+            let mut with = Vec::new();
+            let mut without = Vec::new();
+            for pair in 0..pairs {
+                for leg in 0..2 {
+                    #[allow(clippy::cast_precision_loss)] // 2 000 events
+                    let rate = |d: Duration| EVENTS as f64 / d.as_secs_f64();
+                    if (pair + leg) % 2 == 0 {
+                        version += 1;
+                        let p = Projector::builder(
+                            pool.clone(),
+                            format!("bench_{}_{size}", broker.name()),
+                            PaymentTotals::default(),
+                        )
+                        .version(version)
+                        .source(projection::Source::Inbox)
+                        .build()
+                        .expect("projector");
+                        let inbox = p.inbox().await.expect("inbox");
+                        let name = broker.fill(&format!("p{version}")).await;
+                        let (p, inbox) = (&p, &inbox);
+                        let took = broker
+                            .drain(&name, size, |messages| async move {
+                                p.apply_batch(inbox, &messages).await
+                            })
+                            .await;
+                        with.push(rate(took));
+                        broker.remove(&name).await;
+                    } else {
+                        bare_version += 1;
+                        let v = fresh_tables(pool, bare_version).await;
+                        let name = broker.fill(&format!("b{bare_version}")).await;
+                        let (v, totals) = (&v, &totals);
+                        let took = broker
+                            .drain(&name, size, |messages| async move {
+                                let mut tx = pool.begin().await.expect("begin");
+                                for m in &messages {
+                                    let event =
+                                        Event::new(m.id().unwrap_or_default(), m.payload().clone());
+                                    totals.apply(&mut tx, v, &event).await.expect("apply");
+                                }
+                                tx.commit().await.expect("commit");
+                                messages
+                                    .iter()
+                                    .map(|_| inbox_consumer::Outcome::Processed { attempt: 1 })
+                                    .collect()
+                            })
+                            .await;
+                        without.push(rate(took));
+                        broker.remove(&name).await;
+                    }
+                }
+            }
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (with, without) = (median(&mut with), median(&mut without));
+            println!(
+                "{GROUP}/broker/{}: batches of {size}, {pairs} pairs of 2 000 events; median projector {with:.0} events/s, \
+                 bare {without:.0} events/s: {:.2}x",
+                broker.name(),
+                with / without
+            );
+        }
+    }
 }

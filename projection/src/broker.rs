@@ -57,12 +57,7 @@ impl<P: Projection> Projector<P> {
     /// JetStream consumer sequentially to keep it).
     pub async fn apply_message(&self, inbox: &PostgresInbox, message: &InboxMessage) -> Outcome {
         if let Err(e) = self.registration().await {
-            // Not registered (the database is down, say): nothing decided.
-            self.inner.counters.database_error();
-            return Outcome::Unavailable {
-                error: InboxError::Database(sqlx::Error::Configuration(Box::new(e))),
-                retry_after: self.inner.config.outage_delay,
-            };
+            return self.unregistered(&e);
         }
         let inner = Arc::clone(&self.inner);
         let outcome = inbox
@@ -73,14 +68,67 @@ impl<P: Projection> Projector<P> {
                 })
             })
             .await;
+        self.count(message, &outcome).await;
+        outcome
+    }
+
+    /// [`apply_message`](Self::apply_message) for a batch of messages
+    /// (from `inbox_consumer::rabbitmq::Subscription::batch` or
+    /// `nats::Subscription::batch` and their `run_batch`): every new message
+    /// is applied in turn inside **one** transaction, which also records
+    /// them all in the inbox, committed once
+    /// ([`Inbox::process_each`](inbox_consumer::Inbox::process_each)).
+    /// Returns one outcome per message, in order; ack after this returns.
+    ///
+    /// - A redelivered copy, or an id twice in the batch, is a
+    ///   [`Outcome::Duplicate`] and is not applied again.
+    /// - An event whose apply fails does not hold the batch back: the batch
+    ///   is rolled back and its messages applied one at a time, so only the
+    ///   failing one counts an attempt (and is parked after the last).
+    /// - Order: the batch's, which is the broker's.
+    pub async fn apply_batch(
+        &self,
+        inbox: &PostgresInbox,
+        messages: &[InboxMessage],
+    ) -> Vec<Outcome> {
+        if let Err(e) = self.registration().await {
+            return messages.iter().map(|_| self.unregistered(&e)).collect();
+        }
+        let inner = Arc::clone(&self.inner);
+        let outcomes = inbox
+            .process_each(messages, move |tx, m| {
+                let inner = Arc::clone(&inner);
+                Box::pin(async move {
+                    let event = Event::from_message(m);
+                    guarded(inner.projection.apply(tx, &inner.version, &event)).await
+                })
+            })
+            .await;
+        for (message, outcome) in messages.iter().zip(&outcomes) {
+            self.count(message, outcome).await;
+        }
+        outcomes
+    }
+
+    /// The outcome of a message while the version cannot be registered
+    /// (the database is down, say): nothing decided.
+    fn unregistered(&self, e: &ProjectionError) -> Outcome {
+        self.inner.counters.database_error();
+        Outcome::Unavailable {
+            error: InboxError::Database(sqlx::Error::Configuration(e.to_string().into())),
+            retry_after: self.inner.config.outage_delay,
+        }
+    }
+
+    /// Counts a message's outcome; parks it when the inbox dead-lettered it.
+    async fn count(&self, message: &InboxMessage, outcome: &Outcome) {
         let counters = &self.inner.counters;
-        match &outcome {
+        match outcome {
             Outcome::Processed { .. } => counters.applied(1),
             Outcome::Failed { .. } => counters.failure(),
             Outcome::Dead { reason } => self.park(message, reason).await,
             _ => {}
         }
-        outcome
     }
 
     /// Records a dead-lettered message in `projection.parked`.

@@ -255,3 +255,96 @@ async fn a_broker_fed_projection_records_the_lag_it_measures() {
     let m = p.metrics();
     assert_eq!((m.events_behind, m.seconds_behind), (Some(7), Some(1.5)));
 }
+
+/// Batch mode from RabbitMQ: a batch holding a duplicate and an event that
+/// cannot apply commits the others once, and parks the bad one.
+#[tokio::test]
+async fn rabbitmq_a_batch_applies_each_new_event_once_and_parks_the_bad_one() {
+    const TEST: &str = "rabbitmq_a_batch_applies_each_new_event_once";
+    let Some(amqp) = service_url("AMQP_URL", TEST) else {
+        return;
+    };
+    let Some(db) = Db::new(TEST).await else {
+        return;
+    };
+    let p = projector(&db, "amqp_batch_totals");
+    let inbox = p.inbox().await.unwrap();
+    let conn = Connection::connect(&amqp, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ does not answer");
+    let ch = conn.create_channel().await.unwrap();
+    let queue = unique("projection_batch_q");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let sent = [
+        ("evt-1", payment()),
+        ("evt-2", payment()),
+        ("evt-1", payment()),
+        ("evt-bad", b"not json".to_vec()),
+        ("evt-3", payment()),
+    ];
+    for (id, body) in &sent {
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_message_id((*id).into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let total = sent.len();
+    let outcomes = std::sync::Mutex::new(Vec::new());
+    let done = tokio::sync::Notify::new();
+    let (p_ref, inbox_ref, outcomes_ref, done_ref) = (&p, &inbox, &outcomes, &done);
+    bounded(
+        "the batches",
+        rabbitmq::Subscription::new(amqp.as_str(), queue.as_str())
+            .batch(10, Duration::from_millis(200))
+            .run_batch(
+                |messages| async move {
+                    let got = p_ref.apply_batch(inbox_ref, &messages).await;
+                    let mut all = outcomes_ref.lock().unwrap();
+                    for (m, o) in messages.iter().zip(&got) {
+                        all.push((m.id().unwrap_or_default().to_owned(), o.name()));
+                    }
+                    if all.len() >= total {
+                        done_ref.notify_one();
+                    }
+                    got
+                },
+                done.notified(),
+            ),
+    )
+    .await
+    .unwrap();
+    let outcomes = outcomes.into_inner().unwrap();
+    let named = |want: &str| outcomes.iter().filter(|(_, o)| *o == want).count();
+    assert_eq!(
+        (named("processed"), named("duplicate"), named("dead")),
+        (3, 1, 1),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        model_totals(&db.pool, p.version()).await,
+        [("EUR".to_owned(), (3 * 42, 3))].into_iter().collect()
+    );
+    assert_eq!(seen(&db.pool, p.version()).await, (3, 1));
+    let parked = p.parked().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].event_id, "evt-bad");
+    let m = p.metrics();
+    assert_eq!((m.applied, m.parked), (3, 1), "{m:?}");
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    db.finish().await;
+}
