@@ -3,12 +3,18 @@
 //!
 //! Per batch:
 //! 1. `BEGIN`; insert the inbox rows of the batch's distinct ids with one
-//!    statement that returns the ids it inserted (the new messages), unless
-//!    a dead mark or the attempt limit forbids it, as
-//!    [`process`](Inbox::process) does. A concurrent copy of one of them
-//!    blocks on its primary key until the first transaction ends.
-//! 2. Some ids not inserted: one more statement tells the dead ones from
-//!    the duplicates.
+//!    plain multi-row insert (PostgreSQL), unless a dead mark or the attempt
+//!    limit forbids it, as [`process`](Inbox::process) does; it returns
+//!    only the ids with failures counted (normally none). A concurrent copy
+//!    of one of them blocks on its primary key until the first transaction
+//!    ends.
+//! 2. An id recorded before makes that insert fail with a unique violation
+//!    (PostgreSQL logs it as an error): `ROLLBACK`, `BEGIN`, and the batch
+//!    is claimed with `INSERT ... ON CONFLICT DO NOTHING RETURNING` (always
+//!    so on SQLite), plus one statement telling the dead ones from the
+//!    duplicates when some were not inserted. After a unique violation the
+//!    next batches go straight to `ON CONFLICT`, until one finds every id
+//!    new: a stream of redeliveries costs no failed statement per batch.
 //! 3. The handler runs once for the new messages, in the same transaction,
 //!    then `COMMIT`.
 //! 4. The handler failed or panicked, or the database refused a statement

@@ -11,7 +11,9 @@
 //!   tail](#the-outbox-tail));
 //! - **a broker** (RabbitMQ, NATS JetStream) through the transactional
 //!   [inbox](inbox_consumer): [`Projector::apply_message`] runs the
-//!   projection inside the inbox's transaction.
+//!   projection inside the inbox's transaction; [`Projector::apply_batch`]
+//!   applies a batch of messages (the subscriptions' `batch` and
+//!   `run_batch`) in one transaction with one commit.
 //!
 //! A projection has a name and versions. Each version keeps its tables in a
 //! schema of its own, `<name>_v<version>`; a new version builds from the
