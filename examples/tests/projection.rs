@@ -80,24 +80,38 @@ async fn chaos(src: Src, test: &str) {
     let slow = Proc::server(&env.db.url, &["--handler-delay", "150ms"]).await;
     let _relay = env.relay().await;
     let args = env.projection_args(1);
-    let mut projections = vec![Proc::projection(&args).await, Proc::projection(&args).await];
+    // With a broker, one process applies a message per transaction and the
+    // other batches of up to 20 (`--batch`); a restart takes the mode of
+    // the process it replaces.
+    let batched = if src == Src::Outbox {
+        args.clone()
+    } else {
+        let mut batched = args.clone();
+        batched.extend(["--batch".to_owned(), "20".to_owned()]);
+        batched
+    };
+    let mut projections = vec![
+        (Proc::projection(&args).await, false),
+        (Proc::projection(&batched).await, true),
+    ];
 
     let traffic = Traffic::new(vec![fast.addr(), slow.addr()]);
     let clients = traffic.clients(CLIENTS, Some(PAYMENTS), Duration::ZERO);
     let done = Arc::new(AtomicBool::new(false));
     let chaos = {
         let done = done.clone();
-        let args = args.clone();
+        let (args, batched) = (args.clone(), batched.clone());
         tokio::spawn(async move {
             let mut kills = Vec::new();
             while !done.load(Ordering::SeqCst) || kills.len() < KILLS as usize {
                 tokio::time::sleep(jitter(600, 600)).await;
                 let i = rand::random::<u32>() as usize % projections.len();
-                let victim = projections.swap_remove(i);
+                let (victim, batches) = projections.swap_remove(i);
                 victim.kill().await;
                 kills.push(started.elapsed());
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                projections.push(Proc::projection(&args).await);
+                let again = if batches { &batched } else { &args };
+                projections.push((Proc::projection(again).await, batches));
             }
             (projections, kills)
         })
@@ -117,12 +131,12 @@ async fn chaos(src: Src, test: &str) {
         expected.values().map(|(_, n)| n).sum::<i64>(),
         i64::from(PAYMENTS)
     );
-    for p in &projections {
+    for (p, _) in &projections {
         p.serves(&expected, 1).await;
     }
     // Stays so: no copy applied late.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for p in &projections {
+    for (p, _) in &projections {
         let (version, totals) = p.totals().await.expect("GET /totals");
         assert_eq!((version, &totals), (1, &expected), "{test}: later");
     }
@@ -347,6 +361,8 @@ fn help_documents_the_flags_and_the_routes() {
         "--queue",
         "--stream",
         "--subject",
+        "--batch",
+        "--batch-window",
         "GET /totals",
         "Projection-Version",
         "SIGKILL",

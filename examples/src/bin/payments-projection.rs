@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p examples --bin payments-projection
 //! cargo run --release -p examples --bin payments-projection -- --source nats
+//! cargo run --release -p examples --bin payments-projection -- --source nats --batch 100
 //! cargo run --release -p examples --bin payments-projection -- --version 2 --listen 127.0.0.1:3201
 //! ```
 //!
@@ -15,7 +16,8 @@
 //!   `PAYMENTS`, subjects `payments.>`) through a durable pull consumer from
 //!   the stream's start named after the version (`payment_totals_v<N>`),
 //!   both through the transactional inbox of `--database` (`outbox-relay`
-//!   publishes the events there).
+//!   publishes the events there); `--batch N` applies up to N messages per
+//!   transaction (`Projector::apply_batch`), one commit for all.
 //!
 //! Each event's change to the totals commits with its record that it was
 //! applied (the tail's mark, the inbox's row), so an event counts once
@@ -135,6 +137,23 @@ struct Args {
     /// The subjects of the stream when it is created and is not `PAYMENTS`.
     #[arg(long)]
     subject: Option<String>,
+    /// With a broker: apply up to N messages per transaction, those that
+    /// arrived within `--batch-window` of the first, recorded in the inbox
+    /// by one statement and committed once, then acked. A message that
+    /// cannot apply sends its batch back through one message at a time. 1
+    /// (the default): one message per transaction.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch: u32,
+    /// With `--batch N`: how long a batch waits for more messages after its first.
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+    batch_window: Duration,
+}
+
+/// `--batch` and `--batch-window`.
+#[derive(Clone, Copy)]
+struct Batching {
+    size: usize,
+    window: Duration,
 }
 
 /// A payment event: `{"account", "amount", "currency", "reference"}`.
@@ -422,7 +441,11 @@ async fn run(args: Args) -> Result<(), StartError> {
         Ok::<_, StartError>(())
     };
     let following = follow_switches(&app, shutdown.requested());
-    let feeding = feed_versions(&app, &feed, projector, &shutdown);
+    let batching = Batching {
+        size: args.batch as usize,
+        window: args.batch_window,
+    };
+    let feeding = feed_versions(&app, &feed, batching, projector, &shutdown);
     tokio::try_join!(serving, following, feeding)?;
     tracing::info!("payments-projection stopped");
     Ok(())
@@ -452,6 +475,7 @@ enum Ended {
 async fn feed_versions(
     app: &App,
     feed: &Feed,
+    batching: Batching,
     first: Projector<Totals>,
     shutdown: &Shutdown,
 ) -> Result<(), StartError> {
@@ -465,7 +489,9 @@ async fn feed_versions(
                 Ok(_) => Ok(Ended::Shutdown),
                 Err(e) => Err(Box::new(e) as StartError),
             },
-            Feed::Rabbitmq { .. } | Feed::Nats { .. } => consume(feed, &projector, shutdown).await,
+            Feed::Rabbitmq { .. } | Feed::Nats { .. } => {
+                consume(feed, batching, &projector, shutdown).await
+            }
         };
         let served = match ended {
             Ok(Ended::Shutdown) => return Ok(()),
@@ -618,6 +644,7 @@ impl InHand {
 /// and recorded, and the version is switched to once caught up.
 async fn consume(
     feed: &Feed,
+    batching: Batching,
     projector: &Projector<Totals>,
     shutdown: &Shutdown,
 ) -> Result<Ended, StartError> {
@@ -641,35 +668,54 @@ async fn consume(
         hand_ref.done();
         outcome
     };
+    let process_batch = move |messages: Vec<InboxMessage>| async move {
+        if let Some(first) = messages.first() {
+            hand_ref.take(first);
+        }
+        let outcomes: Vec<Outcome> = projector.apply_batch(inbox, &messages).await;
+        hand_ref.done();
+        outcomes
+    };
+    let Batching { size, window } = batching;
     let consumer = projector.consumer().to_owned();
     let consuming = async {
         match feed {
             Feed::Rabbitmq { url, queue, .. } => {
-                inbox_consumer::rabbitmq::Subscription::new(url.as_str(), queue.as_str())
-                    .consumer_tag(consumer.as_str())
-                    .prefetch(PREFETCH)
-                    .declare_when_missing()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .run(process, stopping)
-                    .await
-                    .context(format!(
-                        "could not consume the queue {queue} (--amqp, --queue)"
-                    ))
+                let subscription =
+                    inbox_consumer::rabbitmq::Subscription::new(url.as_str(), queue.as_str())
+                        .consumer_tag(consumer.as_str())
+                        .prefetch(PREFETCH)
+                        .declare_when_missing()
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .batch(size, window);
+                if size > 1 {
+                    subscription.run_batch(process_batch, stopping).await
+                } else {
+                    subscription.run(process, stopping).await
+                }
+                .context(format!(
+                    "could not consume the queue {queue} (--amqp, --queue)"
+                ))
             }
             Feed::Nats { js, stream } => {
-                inbox_consumer::nats::Subscription::new(js.clone(), &stream.name, &consumer)
-                    .consumer_config(jetstream::consumer::pull::Config {
-                        durable_name: Some(consumer.clone()),
-                        ack_wait: ACK_WAIT,
-                        ..Default::default()
-                    })
-                    .create_stream_when_missing((**stream).clone())
-                    .run(process, stopping)
-                    .await
-                    .context(format!(
-                        "could not consume the stream {} (--nats, --stream)",
-                        stream.name
-                    ))
+                let subscription =
+                    inbox_consumer::nats::Subscription::new(js.clone(), &stream.name, &consumer)
+                        .consumer_config(jetstream::consumer::pull::Config {
+                            durable_name: Some(consumer.clone()),
+                            ack_wait: ACK_WAIT,
+                            ..Default::default()
+                        })
+                        .create_stream_when_missing((**stream).clone())
+                        .batch(size, window);
+                if size > 1 {
+                    subscription.run_batch(process_batch, stopping).await
+                } else {
+                    subscription.run(process, stopping).await
+                }
+                .context(format!(
+                    "could not consume the stream {} (--nats, --stream)",
+                    stream.name
+                ))
             }
             Feed::Outbox => Ok(()),
         }
