@@ -291,19 +291,29 @@ fn main() {
     });
 }
 
+/// Interleaved pairs of the outbox tail and the bare loop.
+const PAIRS: usize = 12;
+
+/// Events per second of a leg of `EVENTS`.
+#[allow(clippy::cast_precision_loss)] // 2 000 events
+fn rate(took: Duration) -> f64 {
+    EVENTS as f64 / took.as_secs_f64()
+}
+
+fn median(rates: &mut [f64]) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
 /// The two paths run alternately (the order flipped every pair), so a
 /// machine whose load changes during the run weighs on both alike: the
 /// median events per second of each, and their ratio.
-const PAIRS: usize = 12;
-
 async fn interleaved(pool: &PgPool, mut bare_version: u32, mut version: u32) {
     let totals = PaymentTotals::default();
     let mut tail_rates = Vec::new();
     let mut bare_rates = Vec::new();
     for pair in 0..PAIRS {
         for leg in 0..2 {
-            #[allow(clippy::cast_precision_loss)] // 2 000 events
-            let rate = |d: Duration| EVENTS as f64 / d.as_secs_f64();
             if (pair + leg) % 2 == 0 {
                 version += 1;
                 let p = fresh_projector(pool, "bench_totals", version).await;
@@ -319,10 +329,6 @@ async fn interleaved(pool: &PgPool, mut bare_version: u32, mut version: u32) {
             }
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (tail, bare) = (median(&mut tail_rates), median(&mut bare_rates));
     println!(
         "{GROUP}/interleaved: {PAIRS} pairs of 2 000 events; median outbox_tail {tail:.0} events/s, \
@@ -612,8 +618,6 @@ async fn brokers(pool: &PgPool, mut bare_version: u32) {
             let mut without = Vec::new();
             for pair in 0..pairs {
                 for leg in 0..2 {
-                    #[allow(clippy::cast_precision_loss)] // 2 000 events
-                    let rate = |d: Duration| EVENTS as f64 / d.as_secs_f64();
                     if (pair + leg) % 2 == 0 {
                         version += 1;
                         let p = Projector::builder(
@@ -660,10 +664,6 @@ async fn brokers(pool: &PgPool, mut bare_version: u32) {
                     }
                 }
             }
-            let median = |v: &mut Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
             let (with, without) = (median(&mut with), median(&mut without));
             println!(
                 "{GROUP}/broker/{}: batches of {size}, {pairs} pairs of 2 000 events; median projector {with:.0} events/s, \
