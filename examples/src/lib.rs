@@ -120,68 +120,19 @@ pub async fn resolve_listen(listen: &str) -> Result<Vec<SocketAddr>, StartError>
     Ok(addrs)
 }
 
-/// How long a client may take to send a request's headers: both payments
-/// binaries end the connection past it (actix answers 408 first). The same
-/// as actix's default, and as its keep-alive: a client that holds a
-/// connection without sending a whole request costs a socket and a buffer.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request's headers, and an idle
+/// keep-alive connection's life: [`serve_axum`]'s bound, and actix's
+/// (`payments-actix` answers 408 first).
+pub use http_serve::HEADER_READ_TIMEOUT;
 
 /// How long a request body may take to arrive: the engine's bound for
 /// covered requests (`IdempotencyConfig::request_body_timeout`), and the
 /// handler's own for `POST /payments` with `--no-idempotency`.
 pub const BODY_READ_TIMEOUT: Duration = idempotency_core::DEFAULT_REQUEST_BODY_TIMEOUT;
 
-/// How long an axum server's open connections may take to finish after its
-/// shutdown signal ([`serve_axum`]).
-pub const DRAIN: Duration = Duration::from_secs(10);
-
-/// Serves `router` on `listeners` over HTTP/1 until `shutdown` resolves, then
-/// lets open connections finish for up to [`DRAIN`]. A client must send a
-/// request's headers within [`HEADER_READ_TIMEOUT`] (hyper closes the
-/// connection otherwise; the same bound holds an idle keep-alive
-/// connection); a covered request's body is bounded by the engine.
-pub async fn serve_axum(
-    listeners: Vec<tokio::net::TcpListener>,
-    router: axum::Router,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let accept =
-            futures_util::future::select_all(listeners.iter().map(|l| Box::pin(l.accept())));
-        let stream = tokio::select! {
-            (accepted, _, _) = accept => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors, say: let some close.
-                    tracing::warn!(error = %e, "could not accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let conn =
-            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listeners);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(drain = ?DRAIN, "connections still open after the drain; closing them");
-    }
-}
+/// The axum servers' serving loop (header read timeout, drain) and their
+/// shutdown signal: one crate for every server of the workspace.
+pub use http_serve::{serve_axum, shutdown_signal, DRAIN};
 
 /// Runs each request in the span `request` (its method and path), the root
 /// of the request's trace: with the `trace` feature (outbox's), a payment's
@@ -523,25 +474,6 @@ fn colour(stream: &impl std::io::IsTerminal) -> bool {
 /// The media type of problem responses.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { () = ctrl_c => {}, () = term => {} }
-}
-
 /// How long the messaging binaries wait for a broker or a database to
 /// answer a connect (TCP, TLS, the protocol's handshake) before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -740,11 +672,9 @@ pub async fn serve_metrics(listen: Option<SocketAddr>) -> Result<(), StartError>
             async move { ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text) }
         }),
     );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the metrics endpoint stopped");
-        }
-    });
+    // With the servers' bounds (a scraper that never sends its headers
+    // holds no connection), until the process ends.
+    tokio::spawn(serve_axum(vec![listener], app, std::future::pending()));
     tracing::info!(listen = %local, "serving metrics on GET /metrics");
     Ok(())
 }

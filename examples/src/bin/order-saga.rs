@@ -488,8 +488,8 @@ async fn run(args: Args) -> Result<(), StartError> {
         "order-saga serving"
     );
 
-    // Through hyper's HTTP/1 builder, as payments-axum: a client must send
-    // its request's headers within 5 s (axum::serve sets no such bound).
+    // Through http-serve, as payments-axum: a client must send its
+    // request's headers within 5 s (axum::serve sets no such bound).
     let serving = async {
         examples::serve_axum(vec![listener], router, shutdown.requested()).await;
         Ok::<_, StartError>(())

@@ -2,8 +2,8 @@
 //!
 //! `cargo run --release -p examples --bin payments-axum -- --help`
 //!
-//! It serves through hyper's HTTP/1 connection builder (`examples::serve_axum`,
-//! which order-saga shares) rather than
+//! It serves through hyper's HTTP/1 connection builder (`http_serve::serve_axum`,
+//! which every server of the workspace shares) rather than
 //! `axum::serve`, which sets no timer and so cannot bound how long a client
 //! takes to send its headers: a client that sends half of them held a
 //! connection for as long as it liked. hyper-util's `TowerToHyperService`
