@@ -164,34 +164,14 @@ pub async fn serve(
     let addr = listener.local_addr().unwrap_or(listen);
     tracing::info!(%addr, tokens = ?tokens, "messaging-admin console serving");
     eprintln!("messaging-admin: console on http://{addr}/");
-    axum::serve(listener, router(admin, tokens))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| AdminError::Usage(format!("serving failed: {e}")))?;
+    // A client must send its headers within http_serve::HEADER_READ_TIMEOUT:
+    // one that never does cannot hold connections of the console open.
+    http_serve::serve_axum(vec![listener], router(admin, tokens), shutdown).await;
     Ok(())
 }
 
 /// SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-}
+pub use http_serve::shutdown_signal;
 
 /// Every request under `/api/` shows a token of the file, or is a 401
 /// before any handler runs (an unknown path, any method).

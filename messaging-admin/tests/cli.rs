@@ -691,3 +691,38 @@ async fn an_idempotency_record_in_flight_past_its_lease_is_listed_and_discarded(
     assert!(run.stderr.contains("no idempotency record"), "{run:?}");
     db.finish().await;
 }
+
+/// The console bounds how long a client may take to send its headers: a
+/// connection that sends half of them and then nothing is closed after
+/// `http_serve::HEADER_READ_TIMEOUT` (5 s), and cannot pin the console's
+/// sockets; a whole request still gets its answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_closes_a_connection_that_never_finishes_its_headers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(db) = PgDatabase::create("admin_slow_headers").await else {
+        return;
+    };
+    let console = Console::start(&db.url).await;
+    let addr = console.base.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /api/outbox/list HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), slow.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the half-sent request still held its connection after {:?}",
+        started.elapsed()
+    );
+    let answer = reqwest::Client::new()
+        .get(format!("{}/api/outbox/list", console.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(answer.status(), reqwest::StatusCode::UNAUTHORIZED);
+    console.stop().await;
+    db.finish().await;
+}
