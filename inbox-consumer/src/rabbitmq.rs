@@ -584,7 +584,7 @@ where
 {
     async fn serve<S: Future<Output = ()>>(
         &mut self,
-        _subscription: &Subscription,
+        subscription: &Subscription,
         session: &mut Session,
         shutdown: &mut Pin<&mut Fuse<S>>,
     ) -> Served {
@@ -593,6 +593,7 @@ where
                 biased;
                 () = &mut *shutdown => return Served::Shutdown,
                 next = session.consumer.next() => next,
+                lost = closed(&session.connection) => return lost,
             };
             let delivery = match received(next) {
                 Ok(delivery) => delivery,
@@ -601,8 +602,12 @@ where
             let outcome = (self.0)(message(&delivery)).await;
             // Ack only now, after the inbox committed. A failure leaves the
             // delivery unacked: the broker redelivers it, the inbox dedupes it.
-            if let Err(e) = settle(&delivery, &outcome).await {
-                return Served::Lost(format!("settling a delivery failed: {e}"));
+            let settled =
+                tokio::time::timeout(subscription.connect_timeout, settle(&delivery, &outcome));
+            match settled.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Served::Lost(format!("settling a delivery failed: {e}")),
+                Err(_) => return Served::Lost("settling a delivery did not finish in time".into()),
             }
         }
     }
@@ -627,6 +632,7 @@ where
                 biased;
                 () = &mut *shutdown => return Served::Shutdown,
                 next = session.consumer.next() => next,
+                lost = closed(&session.connection) => return lost,
             };
             let mut deliveries = match received(first) {
                 Ok(delivery) => vec![delivery],
@@ -654,12 +660,32 @@ where
             let messages = deliveries.iter().map(message).collect();
             let outcomes = (self.0)(messages).await;
             // Ack only now, after the inbox committed.
-            if let Err(e) = settle_batch(&deliveries, &outcomes).await {
-                return Served::Lost(format!("settling a batch failed: {e}"));
+            let settled = tokio::time::timeout(
+                subscription.connect_timeout,
+                settle_batch(&deliveries, &outcomes),
+            );
+            match settled.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Served::Lost(format!("settling a batch failed: {e}")),
+                Err(_) => return Served::Lost("settling a batch did not finish in time".into()),
             }
             if stopping {
                 return Served::Shutdown;
             }
+        }
+    }
+}
+
+/// Resolves once the session's connection is no longer connected, checked
+/// twice a second: a watchdog beside the consumer's stream, so that a
+/// connection that died without the stream saying so (seen once, under
+/// load, as a consumer that waited for ever after its broker link was cut)
+/// still ends the session and reconnects.
+async fn closed(connection: &Connection) -> Served {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if !connection.status().connected() {
+            return Served::Lost("the connection is no longer connected".into());
         }
     }
 }
