@@ -75,56 +75,14 @@ async fn lease_quick_start() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The visible lines of the first code block (not ```` ```toml ````) after
-/// `heading` in a crate doc, as rustdoc shows them: `//! ` stripped, hidden
-/// `# ` lines left out.
-fn doc_block(source: &str, heading: &str) -> String {
-    let lines = source
-        .lines()
-        .map(|l| {
-            l.strip_prefix("//! ")
-                .unwrap_or(l.strip_prefix("//!").unwrap_or(l))
-        })
-        .skip_while(|l| *l != heading);
-    // (the block's opening fence, its lines)
-    let mut block: Option<(&str, String)> = None;
-    for line in lines {
-        match &mut block {
-            None if line.starts_with("```") => block = Some((line, String::new())),
-            None => {}
-            Some((fence, text)) if line == "```" && *fence != "```toml" => {
-                return std::mem::take(text);
-            }
-            Some(_) if line == "```" => block = None,
-            // Hidden lines are not shown.
-            Some(_) if line == "#" || line.starts_with("# ") => {}
-            Some((_, text)) => {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-    }
-    String::new()
-}
-
 /// The lines between the markers `// quick start: begin {name}` and
 /// `// quick start: end {name}` of this file, unindented by 4.
 fn function_body(source: &str, name: &str) -> String {
-    let (begin, end) = (
-        format!("// quick start: begin {name}"),
-        format!("// quick start: end {name}"),
-    );
-    let mut out = String::new();
-    for line in source
-        .lines()
-        .skip_while(|l| l.trim() != begin)
-        .skip(1)
-        .take_while(|l| l.trim() != end)
-    {
-        out.push_str(line.strip_prefix("    ").unwrap_or(line));
-        out.push('\n');
-    }
-    out
+    test_support::quickstart::between_markers(
+        source,
+        &format!("// quick start: begin {name}"),
+        &format!("// quick start: end {name}"),
+    )
 }
 
 #[test]
@@ -136,7 +94,7 @@ fn the_quick_start_functions_are_the_doc_blocks() {
         ),
         ("# Quick start: any idempotency store (lease mode)", "lease"),
     ] {
-        let doc = doc_block(include_str!("../src/lib.rs"), heading);
+        let doc = test_support::quickstart::doc_block(include_str!("../src/lib.rs"), heading);
         let body = function_body(include_str!("quickstart.rs"), name);
         assert!(!doc.is_empty() && !body.is_empty(), "{name}: nothing found");
         assert!(

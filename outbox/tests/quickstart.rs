@@ -57,59 +57,17 @@ async fn quick_start(shutdown: impl std::future::Future<Output = ()>) -> Result<
     Ok(())
 }
 
-/// The visible lines of the first ```` ``` ```` block after `heading` in a
-/// crate doc, as rustdoc shows them: `//! ` stripped, hidden `# ` lines left out.
-fn doc_block(source: &str, heading: &str) -> String {
-    let lines = source
-        .lines()
-        .map(|l| {
-            l.strip_prefix("//! ")
-                .unwrap_or(l.strip_prefix("//!").unwrap_or(l))
-        })
-        .skip_while(|l| *l != heading);
-    // (the block's opening fence, its lines)
-    let mut block: Option<(&str, String)> = None;
-    for line in lines {
-        match &mut block {
-            None if line.starts_with("```") => block = Some((line, String::new())),
-            None => {}
-            Some((fence, text)) if line == "```" && *fence != "```toml" => {
-                return std::mem::take(text);
-            }
-            Some(_) if line == "```" => block = None,
-            // Hidden lines are not shown.
-            Some(_) if line == "#" || line.starts_with("# ") => {}
-            Some((_, text)) => {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-    }
-    String::new()
-}
-
-/// The lines between the markers in this file, unindented by 4.
-fn function_body(source: &str) -> String {
-    let mut out = String::new();
-    for line in source
-        .lines()
-        .skip_while(|l| l.trim() != "// quick start: begin")
-        .skip(1)
-        .take_while(|l| l.trim() != "// quick start: end")
-    {
-        out.push_str(line.strip_prefix("    ").unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
 #[test]
 fn the_quick_start_function_is_the_doc_block() {
-    let doc = doc_block(
+    let doc = test_support::quickstart::doc_block(
         include_str!("../src/lib.rs"),
         "# Quick start: PostgreSQL and RabbitMQ",
     );
-    let body = function_body(include_str!("quickstart.rs"));
+    let body = test_support::quickstart::between_markers(
+        include_str!("quickstart.rs"),
+        "// quick start: begin",
+        "// quick start: end",
+    );
     assert!(!doc.is_empty() && !body.is_empty());
     assert!(
         doc == body,

@@ -16,6 +16,7 @@
 mod database;
 mod env;
 pub mod model;
+pub mod quickstart;
 pub mod recorder;
 pub mod records;
 mod redis_server;
